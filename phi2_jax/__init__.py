@@ -1,0 +1,18 @@
+"""phi2_jax: Microsoft's Phi-2 in JAX / Flax NNX, exact to transformers' PhiForCausalLM.
+
+Notebook API:
+    import phi2_jax
+    model = phi2_jax.from_pretrained("path/to/phi-2", mesh=phi2_jax.make_mesh())
+    logits = model(input_ids, attention_mask)          # float32 [batch, time, vocab]
+"""
+
+from phi2_jax.config import PRESETS, PhiConfig, preset
+from phi2_jax.errors import ConfigError, UserInputError, WeightsError
+from phi2_jax.loading import from_pretrained
+from phi2_jax.model import Phi, abstract_model, create_model, param_count
+from phi2_jax.sharding import MeshConfig, make_mesh
+
+__all__ = [
+    "PRESETS", "PhiConfig", "preset", "ConfigError", "UserInputError", "WeightsError", "from_pretrained",
+    "Phi", "abstract_model", "create_model", "param_count", "MeshConfig", "make_mesh",
+]

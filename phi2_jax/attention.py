@@ -1,0 +1,147 @@
+"""Scaled dot-product attention with a plain-XLA backend and a cuDNN fused backend.
+
+Shapes: B batch, T query length, S key length, N query heads, K key/value heads
+(N a multiple of K), D head dim.
+
+Masking is expressed by slot indices so that the same function serves training
+(T == S), prefill and KV-cache decoding (queries at slots `q_offset + t` of an
+S-slot cache):
+  * causal: query slot i sees key slots j <= i;
+  * `kv_mask` [B, S]: False for padding (and unfilled cache) slots;
+  * `q_segment_ids` [B, T] / `kv_segment_ids` [B, S]: packed documents never
+    attend across each other.
+A query row with no visible key (a left-padding position) yields garbage but
+finite values: padded outputs are implementation-defined, and NaNs there would
+poison gradients through the sum.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import jax
+import jax.numpy as jnp
+
+from phi2_jax.errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+_CUDNN_DTYPES = (jnp.bfloat16, jnp.float16)
+_fallback_reported: set[str] = set()
+
+
+def attention_mask(
+    batch: int,
+    q_len: int,
+    kv_len: int,
+    *,
+    q_offset: jax.Array | int = 0,
+    kv_mask: jax.Array | None = None,
+    q_segment_ids: jax.Array | None = None,
+    kv_segment_ids: jax.Array | None = None,
+) -> jax.Array:
+    """Boolean [B, 1, T, S] mask, True where a query may attend to a key."""
+    q_slot = jnp.arange(q_len)[:, None] + jnp.asarray(q_offset)
+    kv_slot = jnp.arange(kv_len)[None, :]
+    mask = jnp.broadcast_to((kv_slot <= q_slot)[None, None], (batch, 1, q_len, kv_len))
+    if kv_mask is not None:
+        mask = mask & kv_mask.astype(bool)[:, None, None, :]
+    if q_segment_ids is not None or kv_segment_ids is not None:
+        assert q_segment_ids is not None and kv_segment_ids is not None, "pass both segment id arrays"
+        mask = mask & (q_segment_ids[:, None, :, None] == kv_segment_ids[:, None, None, :])
+    return mask
+
+
+def xla_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Array:
+    """Reference attention in jnp: scores and softmax in float32, output in q's dtype.
+
+    q [B, T, N, D], k/v [B, S, K, D], mask [B, 1, T, S] -> [B, T, N, D].
+    """
+    batch, q_len, num_heads, head_dim = q.shape
+    num_kv_heads = k.shape[2]
+    groups = num_heads // num_kv_heads
+    # Group query heads by the key/value head they share instead of repeating k and v.
+    q = q.reshape(batch, q_len, num_kv_heads, groups, head_dim)
+    scores = jnp.einsum("btkgd,bskd->bkgts", q, k, preferred_element_type=jnp.float32)
+    scores = scores * (1.0 / jnp.sqrt(jnp.float32(head_dim)))
+    scores = jnp.where(mask[:, :, None], scores, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(scores, axis=-1)
+    out = jnp.einsum("bkgts,bskd->btkgd", probs.astype(v.dtype), v, preferred_element_type=jnp.float32)
+    return out.reshape(batch, q_len, num_heads, head_dim).astype(q.dtype)
+
+
+def attention_probs(q: jax.Array, k: jax.Array, mask: jax.Array) -> jax.Array:
+    """Float32 attention probabilities [B, N, T, S] (for inspection; the xla backend's softmax)."""
+    batch, q_len, num_heads, head_dim = q.shape
+    k = jnp.repeat(k, num_heads // k.shape[2], axis=2)
+    scores = jnp.einsum("btnd,bsnd->bnts", q, k, preferred_element_type=jnp.float32) / jnp.sqrt(jnp.float32(head_dim))
+    scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
+    return jax.nn.softmax(scores, axis=-1)
+
+
+def cudnn_supported(dtype, head_dim: int) -> tuple[bool, str]:
+    """Whether cuDNN fused attention can run here, and if not, why (one phrase)."""
+    try:
+        devices = jax.devices()
+    except RuntimeError:
+        return False, "no JAX devices"
+    device = devices[0]
+    if device.platform != "gpu":
+        return False, f"the default device is {device.platform}, not a GPU"
+    capability = getattr(device, "compute_capability", None)
+    if capability is not None and float(capability) < 8.0:
+        return False, f"GPU compute capability {capability} is below 8.0 (sm80)"
+    if jnp.dtype(dtype) not in [jnp.dtype(d) for d in _CUDNN_DTYPES]:
+        return False, f"compute dtype {jnp.dtype(dtype).name} is not bfloat16/float16"
+    if head_dim % 8 or head_dim > 256:
+        return False, f"head_dim {head_dim} is not a multiple of 8 up to 256"
+    return True, ""
+
+
+def resolve_backend(backend: str, dtype, head_dim: int) -> str:
+    """Maps 'auto' to 'cudnn' or 'xla' (logging the reason for a fallback once); checks 'cudnn'."""
+    if backend == "xla":
+        return "xla"
+    ok, why = cudnn_supported(dtype, head_dim)
+    if backend == "cudnn":
+        if not ok:
+            raise ConfigError(f"attention_backend 'cudnn' cannot run here: {why}; use 'auto' or 'xla'.")
+        return "cudnn"
+    assert backend == "auto", backend
+    if ok:
+        return "cudnn"
+    if why not in _fallback_reported:
+        _fallback_reported.add(why)
+        log.info("attention: using the xla backend because %s", why)
+    return "xla"
+
+
+def attention(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    *,
+    backend: str = "auto",
+    q_offset: jax.Array | int = 0,
+    kv_mask: jax.Array | None = None,
+    q_segment_ids: jax.Array | None = None,
+    kv_segment_ids: jax.Array | None = None,
+) -> jax.Array:
+    """Causal attention. q [B, T, N, D], k/v [B, S, K, D] -> [B, T, N, D] in q's dtype.
+
+    `backend`: 'xla' (plain jnp, the reference and CPU path), 'cudnn' (fused
+    flash attention, bf16/fp16 on sm80+), or 'auto' (cuDNN where supported).
+    """
+    batch, q_len, _, head_dim = q.shape
+    kv_len = k.shape[1]
+    chosen = resolve_backend(backend, q.dtype, head_dim)
+    only_causal = kv_mask is None and q_segment_ids is None and isinstance(q_offset, int) and q_offset == 0
+    if chosen == "cudnn":
+        if only_causal and q_len == kv_len:
+            return jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation="cudnn")
+        mask = attention_mask(batch, q_len, kv_len, q_offset=q_offset, kv_mask=kv_mask,
+                              q_segment_ids=q_segment_ids, kv_segment_ids=kv_segment_ids)
+        return jax.nn.dot_product_attention(q, k, v, mask=mask, implementation="cudnn")
+    mask = attention_mask(batch, q_len, kv_len, q_offset=q_offset, kv_mask=kv_mask,
+                          q_segment_ids=q_segment_ids, kv_segment_ids=kv_segment_ids)
+    return xla_attention(q, k, v, mask)

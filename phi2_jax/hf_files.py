@@ -1,0 +1,126 @@
+"""Reading the weight files of a Hugging Face model folder, one tensor at a time.
+
+Handles a single `model.safetensors`, shards listed by
+`model.safetensors.index.json`, and (only when torch is installed, and only
+through `torch.load(weights_only=True)`, never a full unpickle)
+`pytorch_model.bin`. Every problem a downloaded folder can have is reported as
+a `WeightsError` naming the file.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+from safetensors import SafetensorError, safe_open
+
+from phi2_jax.errors import WeightsError
+
+SAFETENSORS = "model.safetensors"
+SAFETENSORS_INDEX = "model.safetensors.index.json"
+TORCH_BIN = "pytorch_model.bin"
+
+
+class HFWeights:
+    """Lazy view of the tensors in a Hugging Face folder: `names`, `shape(name)`, `dtype(name)`, `read(name)`."""
+
+    def __init__(self, folder: str | Path):
+        self.folder = Path(folder)
+        if not self.folder.is_dir():
+            raise WeightsError(f"{self.folder} is not a folder; expected a Hugging Face model folder.")
+        self._file_of: dict[str, Path] = {}
+        self._handles: dict[Path, object] = {}
+        self._torch_state: dict | None = None
+        index, single = self.folder / SAFETENSORS_INDEX, self.folder / SAFETENSORS
+        if index.is_file():
+            self._read_index(index)
+        elif single.is_file():
+            for name in self._open(single).keys():
+                self._file_of[name] = single
+        elif (self.folder / TORCH_BIN).is_file():
+            self._read_torch_bin(self.folder / TORCH_BIN)
+        else:
+            raise WeightsError(
+                f"{self.folder} holds no weights; expected {SAFETENSORS}, {SAFETENSORS_INDEX} with its shards, or {TORCH_BIN}.")
+        self.format = "pytorch_model.bin" if self._torch_state is not None else "safetensors"
+        self.files = sorted(set(self._file_of.values()))
+
+    def _read_index(self, index: Path) -> None:
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError, TypeError) as error:
+            raise WeightsError(f"{index} is not a safetensors index ({error}); expected a JSON object with 'weight_map'.") from None
+        for name, shard in weight_map.items():
+            path = self.folder / shard
+            if not path.is_file():
+                raise WeightsError(f"{index} names shard {shard} for '{name}', but {path} does not exist.")
+            self._file_of[name] = path
+        # Check every shard actually holds what the index promises.
+        for path in set(self._file_of.values()):
+            held = set(self._open(path).keys())
+            missing = [n for n, p in self._file_of.items() if p == path and n not in held]
+            if missing:
+                raise WeightsError(f"{index} says '{missing[0]}' is in {path.name}, but that shard does not hold it.")
+
+    def _read_torch_bin(self, path: Path) -> None:
+        try:
+            import torch
+        except ImportError:
+            raise WeightsError(f"{path} is a pickle-based torch file and torch is not installed; "
+                               f"expected {SAFETENSORS} (or install torch to read it safely).") from None
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except Exception as error:  # torch raises many types for a bad file
+            raise WeightsError(f"{path} could not be read as a weights-only torch file ({error}).") from None
+        self._torch_state = state
+        self._file_of = {name: path for name in state}
+
+    def _open(self, path: Path):
+        if path not in self._handles:
+            try:
+                self._handles[path] = safe_open(str(path), framework="numpy")
+            except (SafetensorError, OSError) as error:
+                raise WeightsError(f"{path} is not a readable safetensors file ({error}); it may be truncated or corrupt.") from None
+        return self._handles[path]
+
+    @property
+    def names(self) -> list[str]:
+        return list(self._file_of)
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        if self._torch_state is not None:
+            return tuple(self._torch_state[name].shape)
+        return tuple(self._open(self._file_of[name]).get_slice(name).get_shape())
+
+    def dtype(self, name: str) -> str:
+        if self._torch_state is not None:
+            return str(self._torch_state[name].dtype).removeprefix("torch.")
+        return {"F32": "float32", "F16": "float16", "BF16": "bfloat16", "F64": "float64"}.get(
+            d := self._open(self._file_of[name]).get_slice(name).get_dtype(), d)
+
+    def read(self, name: str) -> np.ndarray:
+        """The tensor as a numpy array in its stored dtype (bfloat16 via ml_dtypes)."""
+        if name not in self._file_of:
+            raise WeightsError(f"{self.folder} has no tensor '{name}'.")
+        if self._torch_state is not None:
+            tensor = self._torch_state[name]
+            if str(tensor.dtype) == "torch.bfloat16":
+                import ml_dtypes
+                return tensor.view(dtype=__import__("torch").int16).numpy().view(ml_dtypes.bfloat16)
+            return tensor.numpy()
+        path = self._file_of[name]
+        try:
+            return self._open(path).get_tensor(name)
+        except (SafetensorError, OSError) as error:
+            raise WeightsError(f"{path}: tensor '{name}' could not be read ({error}); the file may be truncated.") from None
+
+    def total_bytes(self) -> int:
+        return sum(int(np.prod(self.shape(n))) * np.dtype(_np_dtype(self.dtype(n))).itemsize for n in self.names)
+
+
+def _np_dtype(name: str):
+    if name == "bfloat16":
+        import ml_dtypes
+        return ml_dtypes.bfloat16
+    return np.dtype(name)

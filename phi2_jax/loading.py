@@ -1,0 +1,91 @@
+"""`from_pretrained`: a model from a Hugging Face Phi folder, placed on a mesh.
+
+The folder is what a user downloaded: `config.json` in any dialect plus
+safetensors weights (single file or shards) in the transformers or phi-msft
+layout. Names, shapes and completeness are checked against the config before
+any weight is placed, so a bad folder fails with one sentence and no half-built model.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import jax
+import ml_dtypes
+import numpy as np
+from flax import nnx
+from jax.sharding import Mesh
+
+from phi2_jax.config import PhiConfig
+from phi2_jax.errors import WeightsError
+from phi2_jax.hf_files import HFWeights
+from phi2_jax.hf_layout import detect_layout, hf_names_and_shapes, to_params, unflatten, flatten
+from phi2_jax.model import Phi, abstract_model, place_state
+
+
+def default_compute_dtype() -> str:
+    """bfloat16 on accelerators (tensor cores), float32 on the CPU (where bf16 matmuls are slow and inexact)."""
+    return "float32" if jax.default_backend() == "cpu" else "bfloat16"
+
+
+def numpy_dtype(name: str):
+    return ml_dtypes.bfloat16 if name == "bfloat16" else np.dtype(name)
+
+
+def our_shapes(config: PhiConfig) -> dict[str, tuple[int, ...]]:
+    """'/'-joined parameter path -> shape, with no arrays allocated."""
+    state = nnx.state(abstract_model(config), nnx.Param)
+    return {path: tuple(x.shape) for path, x in flatten(nnx.to_pure_dict(state)).items()}
+
+
+def check_hf_tensors(weights: HFWeights, config: PhiConfig, layout: str) -> None:
+    """Refuses a folder whose tensors are missing, unexpected, or shaped unlike its config.json."""
+    expected = hf_names_and_shapes(config, layout, our_shapes(config))
+    present = set(weights.names)
+    missing = [n for n in expected if n not in present]
+    if missing:
+        raise WeightsError(f"{weights.folder} is missing tensor '{missing[0]}' ({len(missing)} missing in all) "
+                           f"that config.json implies for the {layout} layout.")
+    unexpected = sorted(present - set(expected))
+    if unexpected:
+        raise WeightsError(f"{weights.folder} has unexpected tensor '{unexpected[0]}' ({len(unexpected)} in all); "
+                           f"expected only the {layout} layout's tensors for this config.json.")
+    for name, shape in expected.items():
+        found = weights.shape(name)
+        if found != shape:
+            raise WeightsError(f"{weights.folder}: tensor '{name}' has shape {list(found)} but config.json implies {list(shape)}.")
+
+
+def load_hf_params(path: str | Path, config: PhiConfig) -> dict[str, np.ndarray]:
+    """Our flat parameter dict (numpy, `config.param_dtype`) from a Hugging Face folder."""
+    weights = HFWeights(path)
+    layout = detect_layout(weights.names, str(weights.folder))
+    check_hf_tensors(weights, config, layout)
+    return to_params(config, layout, weights.read, our_shapes(config), numpy_dtype(config.param_dtype))
+
+
+def from_pretrained(
+    path: str | Path,
+    *,
+    dtype: str = "float32",
+    compute_dtype: str | None = None,
+    mesh: Mesh | None = None,
+    **config_changes: Any,
+) -> Phi:
+    """Loads a Phi model from a Hugging Face folder.
+
+    dtype: parameter dtype ('float32' default, or 'bfloat16' / 'float16').
+    compute_dtype: matmul dtype; default bfloat16 on accelerators, float32 on the CPU.
+    mesh: a `phi2_jax.make_mesh(...)` mesh; weights go straight to their shards.
+    config_changes: run-time fields of `PhiConfig`, e.g. remat='full', attention_backend='xla'.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise WeightsError(f"{path} does not exist; expected a Hugging Face model folder.")
+    if not (path / "config.json").is_file():
+        raise WeightsError(f"{path} has no config.json; expected a Hugging Face model folder.")
+    config = PhiConfig.from_hf_file(path, param_dtype=dtype, compute_dtype=compute_dtype or default_compute_dtype(),
+                                    **config_changes)
+    flat = load_hf_params(path, config)
+    return place_state(abstract_model(config, mesh), unflatten(flat), mesh)

@@ -1,0 +1,324 @@
+"""Phi (phi-1, phi-1.5, phi-2) causal language model in Flax NNX.
+
+    h = embed(ids)                                   # then embedding dropout
+    for each layer (one `lax.scan` over stacked weights):
+        x = LayerNorm(h)                             # ONE norm per parallel block
+        h = h + dropout(Attention(x)) + dropout(MLP(x))
+    logits = lm_head(LayerNorm(h))                   # lm_head has a bias, untied
+
+Attention rotates only the first `rotary_dim` dims of each head (NeoX
+rotate-half); MLP is fc1 -> gelu_new -> fc2. Parameters live in
+`config.param_dtype`; matmuls run in `config.compute_dtype`; LayerNorm,
+rotary, softmax and logits run in float32.
+
+All layers' weights are stacked along a leading 'layers' axis and the forward
+pass scans over them, so compile time does not grow with depth. Every weight
+carries `logical_axes` metadata read by `phi2_jax.sharding`.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from jax.sharding import Mesh
+
+from phi2_jax.attention import attention
+from phi2_jax.config import PhiConfig
+from phi2_jax.sharding import constrain, state_shardings
+
+Array = jax.Array
+
+
+# ----------------------------------------------------------------------------- pieces
+def gelu_new(x: Array) -> Array:
+    """GPT-2 / Phi gelu, tanh approximation: 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3)))."""
+    return 0.5 * x * (1.0 + jnp.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * x**3)))
+
+
+ACTIVATION_FNS = {
+    "gelu_new": gelu_new,
+    "gelu_pytorch_tanh": gelu_new,
+    "gelu_fast": gelu_new,
+    "gelu": functools.partial(jax.nn.gelu, approximate=False),
+    "relu": jax.nn.relu,
+    "silu": jax.nn.silu,
+}
+
+
+def rotary_tables(positions: Array, rotary_dim: int, theta: float) -> tuple[Array, Array]:
+    """Float32 cos/sin [B, T, rotary_dim] for integer positions [B, T] (NeoX layout: halves repeated)."""
+    inv_freq = 1.0 / (theta ** (jnp.arange(0, rotary_dim, 2, dtype=jnp.float32) / rotary_dim))
+    freqs = positions.astype(jnp.float32)[..., None] * inv_freq
+    emb = jnp.concatenate([freqs, freqs], axis=-1)
+    return jnp.cos(emb), jnp.sin(emb)
+
+
+def apply_rotary(x: Array, cos: Array, sin: Array) -> Array:
+    """Rotates the first cos.shape[-1] dims of x [B, T, H, D] (rotate-half); the rest pass through."""
+    rotary_dim = cos.shape[-1]
+    x_rot, x_pass = x[..., :rotary_dim].astype(jnp.float32), x[..., rotary_dim:]
+    half = rotary_dim // 2
+    rotated = jnp.concatenate([-x_rot[..., half:], x_rot[..., :half]], axis=-1)
+    cos, sin = cos[:, :, None, :], sin[:, :, None, :]
+    x_rot = x_rot * cos + rotated * sin
+    return jnp.concatenate([x_rot.astype(x.dtype), x_pass], axis=-1)
+
+
+def default_positions(batch: int, length: int, attention_mask: Array | None, segment_ids: Array | None) -> Array:
+    """Position ids when none are given.
+
+    Plain batch: 0..T-1. With a padding mask: the count of real tokens before
+    each token, so a left-padded row gets the positions it would have alone
+    (what transformers' `generate` does). With segment ids (packed documents):
+    the offset inside each document.
+    """
+    if segment_ids is not None:
+        index = jnp.arange(length)[None, :]
+        starts = jnp.concatenate(
+            [jnp.ones((batch, 1), bool), segment_ids[:, 1:] != segment_ids[:, :-1]], axis=1)
+        return index - jax.lax.cummax(jnp.where(starts, index, 0), axis=1)
+    if attention_mask is not None:
+        return jnp.maximum(jnp.cumsum(attention_mask.astype(jnp.int32), axis=1) - 1, 0)
+    return jnp.broadcast_to(jnp.arange(length)[None, :], (batch, length))
+
+
+def dropout(x: Array, rate: float, rng: Array | None) -> Array:
+    """Inverted dropout; identity when `rng` is None (evaluation) or rate is 0."""
+    if rng is None or rate == 0.0:
+        return x
+    keep = jax.random.bernoulli(rng, 1.0 - rate, x.shape)
+    return jnp.where(keep, x / (1.0 - rate), 0).astype(x.dtype)
+
+
+# ----------------------------------------------------------------------------- parameter modules
+def _normal(std: float):
+    return jax.nn.initializers.normal(std)
+
+
+class Linear(nnx.Module):
+    """y = x @ kernel + bias, kernel [*stack, in, out] in param dtype, computed in `compute_dtype`."""
+
+    def __init__(self, d_in: int, d_out: int, names: tuple[str, str], *, stack: tuple[int, ...], config: PhiConfig,
+                 rngs: nnx.Rngs):
+        pdt = jnp.dtype(config.param_dtype)
+        stack_names = ("layers",) * len(stack)
+        self.kernel = nnx.Param(_normal(config.initializer_range)(rngs.params(), (*stack, d_in, d_out), pdt),
+                                logical_axes=(*stack_names, *names))
+        self.bias = nnx.Param(jnp.zeros((*stack, d_out), pdt), logical_axes=(*stack_names, names[1]))
+        self.compute_dtype = jnp.dtype(config.compute_dtype)
+
+    def __call__(self, x: Array, out_dtype=None) -> Array:
+        dtype = self.compute_dtype
+        y = jnp.einsum("...i,io->...o", x.astype(dtype), self.kernel.value.astype(dtype),
+                       preferred_element_type=out_dtype or dtype)
+        return y + self.bias.value.astype(y.dtype)
+
+
+class LayerNorm(nnx.Module):
+    """LayerNorm over the last axis, computed in float32, with the config's epsilon (not Flax's 1e-6)."""
+
+    def __init__(self, dim: int, name: str, *, stack: tuple[int, ...], config: PhiConfig):
+        pdt = jnp.dtype(config.param_dtype)
+        stack_names = ("layers",) * len(stack)
+        self.scale = nnx.Param(jnp.ones((*stack, dim), pdt), logical_axes=(*stack_names, name))
+        self.bias = nnx.Param(jnp.zeros((*stack, dim), pdt), logical_axes=(*stack_names, name))
+        self.eps = config.layer_norm_eps
+
+    def __call__(self, x: Array, out_dtype) -> Array:
+        x32 = x.astype(jnp.float32)
+        mean = x32.mean(-1, keepdims=True)
+        var = jnp.square(x32 - mean).mean(-1, keepdims=True)
+        y = (x32 - mean) * jax.lax.rsqrt(var + self.eps)
+        return (y * self.scale.value.astype(jnp.float32) + self.bias.value.astype(jnp.float32)).astype(out_dtype)
+
+
+class Attention(nnx.Module):
+    def __init__(self, config: PhiConfig, *, stack: tuple[int, ...], rngs: nnx.Rngs):
+        h = config.hidden_size
+        self.config = config
+        self.q_proj = Linear(h, h, ("embed", "heads"), stack=stack, config=config, rngs=rngs)
+        self.k_proj = Linear(h, config.kv_dim, ("embed", "kv_heads"), stack=stack, config=config, rngs=rngs)
+        self.v_proj = Linear(h, config.kv_dim, ("embed", "kv_heads"), stack=stack, config=config, rngs=rngs)
+        self.dense = Linear(h, h, ("heads", "embed"), stack=stack, config=config, rngs=rngs)
+        if config.qk_layernorm:
+            self.q_layernorm = LayerNorm(config.head_dim, "head_dim", stack=stack, config=config)
+            self.k_layernorm = LayerNorm(config.head_dim, "head_dim", stack=stack, config=config)
+
+    def __call__(self, x: Array, ctx: dict[str, Any], mesh: Mesh | None) -> Array:
+        cfg = self.config
+        batch, length, _ = x.shape
+        q = self.q_proj(x).reshape(batch, length, cfg.num_attention_heads, cfg.head_dim)
+        k = self.k_proj(x).reshape(batch, length, cfg.num_key_value_heads, cfg.head_dim)
+        v = self.v_proj(x).reshape(batch, length, cfg.num_key_value_heads, cfg.head_dim)
+        if cfg.qk_layernorm:
+            q = self.q_layernorm(q, q.dtype)
+            k = self.k_layernorm(k, k.dtype)
+        q = apply_rotary(q, ctx["cos"], ctx["sin"])
+        k = apply_rotary(k, ctx["cos"], ctx["sin"])
+        q = constrain(q, ("act_batch", "act_length", "act_heads", "act_head_dim"), mesh)
+        k = constrain(k, ("act_batch", "act_length", "act_kv_heads", "act_head_dim"), mesh)
+        out = attention(q, k, v, backend=cfg.attention_backend, kv_mask=ctx["attention_mask"],
+                        q_segment_ids=ctx["segment_ids"], kv_segment_ids=ctx["segment_ids"])
+        return self.dense(out.reshape(batch, length, -1))
+
+
+class MLP(nnx.Module):
+    def __init__(self, config: PhiConfig, *, stack: tuple[int, ...], rngs: nnx.Rngs):
+        self.fc1 = Linear(config.hidden_size, config.intermediate_size, ("embed", "mlp"), stack=stack, config=config, rngs=rngs)
+        self.fc2 = Linear(config.intermediate_size, config.hidden_size, ("mlp", "embed"), stack=stack, config=config, rngs=rngs)
+        self.activation = config.hidden_act
+
+    def __call__(self, x: Array, mesh: Mesh | None) -> Array:
+        y = self.fc1(x)
+        y = constrain(y, ("act_batch", "act_length", "act_mlp"), mesh)
+        return self.fc2(ACTIVATION_FNS[self.activation](y))
+
+
+class DecoderLayer(nnx.Module):
+    """The parallel block. Built with `stack=(L,)` it holds all L layers' weights stacked."""
+
+    def __init__(self, config: PhiConfig, *, stack: tuple[int, ...], rngs: nnx.Rngs):
+        self.input_layernorm = LayerNorm(config.hidden_size, "norm", stack=stack, config=config)
+        self.self_attn = Attention(config, stack=stack, rngs=rngs)
+        self.mlp = MLP(config, stack=stack, rngs=rngs)
+        self.resid_pdrop = config.resid_pdrop
+
+    def __call__(self, h: Array, ctx: dict[str, Any], rng: Array | None, mesh: Mesh | None) -> Array:
+        x = self.input_layernorm(h, h.dtype)
+        attn_rng, mlp_rng = jax.random.split(rng) if rng is not None else (None, None)
+        attn_out = dropout(self.self_attn(x, ctx, mesh), self.resid_pdrop, attn_rng)
+        mlp_out = dropout(self.mlp(x, mesh), self.resid_pdrop, mlp_rng)
+        return h + attn_out.astype(h.dtype) + mlp_out.astype(h.dtype)
+
+
+_REMAT_POLICIES = {
+    "full": None,  # save nothing inside a layer: recompute all of it in the backward pass
+    "save_dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+
+# ----------------------------------------------------------------------------- the model
+class Phi(nnx.Module):
+    """Phi causal LM. `model(input_ids, attention_mask=None, position_ids=None)` -> float32 logits [B, T, V]."""
+
+    def __init__(self, config: PhiConfig, *, rngs: nnx.Rngs, mesh: Mesh | None = None):
+        self.config = config
+        self.mesh = mesh
+        pdt = jnp.dtype(config.param_dtype)
+        self.embed_tokens = nnx.Param(
+            _normal(config.initializer_range)(rngs.params(), (config.vocab_size, config.hidden_size), pdt),
+            logical_axes=("vocab", "embed"))
+        self.layers = DecoderLayer(config, stack=(config.num_hidden_layers,), rngs=rngs)
+        self.final_layernorm = LayerNorm(config.hidden_size, "norm", stack=(), config=config)
+        self.lm_head = Linear(config.hidden_size, config.vocab_size, ("embed", "vocab"), stack=(), config=config, rngs=rngs)
+
+    # The traceable forward pass; use it inside your own jit / grad.
+    def forward(
+        self,
+        input_ids: Array,
+        attention_mask: Array | None = None,
+        position_ids: Array | None = None,
+        segment_ids: Array | None = None,
+        *,
+        dropout_rng: Array | None = None,
+    ) -> Array:
+        """Float32 logits [B, T, V] for input_ids [B, T].
+
+        attention_mask [B, T]: 1 for real tokens, 0 for padding (left or right).
+        segment_ids [B, T]: document ids of packed sequences; no attention across them.
+        dropout_rng: a PRNG key turns dropout on (training); None means deterministic.
+        """
+        cfg, mesh = self.config, self.mesh
+        batch, length = input_ids.shape
+        compute_dtype = jnp.dtype(cfg.compute_dtype)
+        if position_ids is None:
+            position_ids = default_positions(batch, length, attention_mask, segment_ids)
+        cos, sin = rotary_tables(position_ids, cfg.rotary_dim, cfg.rope_theta)
+        ctx = {"cos": cos, "sin": sin, "attention_mask": attention_mask, "segment_ids": segment_ids}
+
+        embed_rng, layers_rng = jax.random.split(dropout_rng) if dropout_rng is not None else (None, None)
+        h = jnp.take(self.embed_tokens.value, input_ids, axis=0).astype(compute_dtype)
+        h = dropout(h, cfg.embd_pdrop, embed_rng)
+        h = constrain(h, ("act_batch", "act_length", "act_embed"), mesh)
+
+        graphdef, stacked = nnx.split(self.layers)
+
+        def one_layer(h, xs):
+            layer_state, index = xs
+            layer = nnx.merge(graphdef, layer_state)
+            rng = jax.random.fold_in(layers_rng, index) if layers_rng is not None else None
+            h = layer(h, ctx, rng, mesh)
+            return constrain(h, ("act_batch", "act_length", "act_embed"), mesh), None
+
+        if cfg.remat != "none":
+            one_layer = jax.checkpoint(one_layer, policy=_REMAT_POLICIES[cfg.remat], prevent_cse=False)
+        h, _ = jax.lax.scan(one_layer, h, (stacked, jnp.arange(cfg.num_hidden_layers)))
+
+        h = self.final_layernorm(h, compute_dtype)
+        logits = self.lm_head(h, out_dtype=jnp.float32)
+        return constrain(logits, ("act_batch", "act_length", "act_vocab"), mesh)
+
+    def __call__(self, input_ids, attention_mask=None, position_ids=None, segment_ids=None, *, dropout_rng=None):
+        """Logits for numpy or jax inputs. Outside a trace it runs a cached jitted forward pass."""
+        args = [None if a is None else jnp.asarray(a) for a in (input_ids, attention_mask, position_ids, segment_ids)]
+        if args[0].ndim != 2:
+            raise ValueError(f"input_ids must be [batch, time], got shape {tuple(args[0].shape)}.")
+        if any(isinstance(a, jax.core.Tracer) for a in [*args, dropout_rng, self.embed_tokens.value]):
+            return self.forward(*args, dropout_rng=dropout_rng)
+        graphdef, state = nnx.split(self)
+        return _jitted_forward(graphdef, state, *args, dropout_rng=dropout_rng)
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _jitted_forward(graphdef, state, input_ids, attention_mask, position_ids, segment_ids, *, dropout_rng):
+    model = nnx.merge(graphdef, state)
+    return model.forward(input_ids, attention_mask, position_ids, segment_ids, dropout_rng=dropout_rng)
+
+
+# ----------------------------------------------------------------------------- creation
+def abstract_model(config: PhiConfig, mesh: Mesh | None = None) -> Phi:
+    """The model with ShapeDtypeStructs instead of arrays: full-size shapes at no memory cost."""
+    return nnx.eval_shape(lambda: Phi(config, rngs=nnx.Rngs(0), mesh=mesh))
+
+
+def create_model(config: PhiConfig, *, mesh: Mesh | None = None, seed: int = 0) -> Phi:
+    """A randomly initialised model, created directly in its sharded layout over `mesh`.
+
+    Initialisation runs under `jax.jit` with `out_shardings`, so each device
+    only ever materialises its own slice of every weight.
+    """
+    graphdef, abstract_state = nnx.split(abstract_model(config, mesh))
+    out_shardings = state_shardings(abstract_state, mesh) if mesh is not None else None
+
+    @functools.partial(jax.jit, out_shardings=out_shardings)
+    def init():
+        return nnx.state(Phi(config, rngs=nnx.Rngs(seed), mesh=mesh))
+
+    return nnx.merge(graphdef, init())
+
+
+def place_state(model_abstract: Phi, arrays: dict, mesh: Mesh | None) -> Phi:
+    """A model whose weights are `arrays` (a pure dict shaped like `nnx.to_pure_dict(state)`), placed on `mesh`.
+
+    Each array is put straight onto its sharding (host numpy -> device slices),
+    never gathered whole on one device.
+    """
+    graphdef, abstract_state = nnx.split(model_abstract)
+    if mesh is not None:
+        shardings = nnx.to_pure_dict(state_shardings(abstract_state, mesh))
+        arrays = jax.tree.map(lambda a, s: jax.device_put(a, s), arrays, shardings)
+    else:
+        arrays = jax.tree.map(jnp.asarray, arrays)
+    state = abstract_state
+    nnx.replace_by_pure_dict(state, arrays)
+    return nnx.merge(graphdef, state)
+
+
+def param_count(model: Phi) -> int:
+    return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(nnx.state(model, nnx.Param)))

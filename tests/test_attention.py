@@ -1,0 +1,72 @@
+"""attention.py against a numpy reference written from the definition, and backend selection."""
+
+import logging
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from phi2_jax import ConfigError
+from phi2_jax.attention import attention, resolve_backend
+
+
+def numpy_attention(q, k, v, kv_mask, segments, q_offset=0):
+    """Loop-per-query softmax attention in float64: the definition, nothing shared with the code under test."""
+    batch, t_len, heads, dim = q.shape
+    groups = heads // k.shape[2]
+    out = np.zeros_like(q, dtype=np.float64)
+    for b in range(batch):
+        for h in range(heads):
+            kh = h // groups
+            for t in range(t_len):
+                visible = [s for s in range(k.shape[1])
+                           if s <= t + q_offset and kv_mask[b, s] and segments[b, s] == segments[b, t + q_offset]]
+                if not visible:
+                    continue
+                scores = np.array([q[b, t, h] @ k[b, s, kh] for s in visible]) / np.sqrt(dim)
+                p = np.exp(scores - scores.max())
+                p /= p.sum()
+                out[b, t, h] = sum(pi * v[b, s, kh] for pi, s in zip(p, visible))
+    return out
+
+
+@pytest.mark.parametrize("kv_heads", [4, 2, 1])
+def test_xla_backend_equals_numpy_with_padding_and_segments(kv_heads):
+    rng = np.random.default_rng(0)
+    q = rng.normal(size=(2, 7, 4, 8)).astype(np.float32)
+    k = rng.normal(size=(2, 7, kv_heads, 8)).astype(np.float32)
+    v = rng.normal(size=(2, 7, kv_heads, 8)).astype(np.float32)
+    kv_mask = np.array([[1] * 7, [0, 0, 1, 1, 1, 1, 1]])       # row 1 is left-padded
+    segments = np.array([[1, 1, 1, 2, 2, 3, 3], [0, 0, 1, 1, 1, 1, 1]])
+    ours = attention(jnp.asarray(q), jnp.asarray(k), jnp.asarray(v), backend="xla",
+                     kv_mask=jnp.asarray(kv_mask), q_segment_ids=jnp.asarray(segments),
+                     kv_segment_ids=jnp.asarray(segments))
+    ref = numpy_attention(q, k, v, kv_mask, segments)
+    valid = np.array([[1] * 7, [0, 0, 1, 1, 1, 1, 1]], bool)
+    np.testing.assert_allclose(np.asarray(ours)[valid], ref[valid], rtol=1e-5, atol=1e-6)
+    assert np.all(np.isfinite(np.asarray(ours)))  # fully masked query rows stay finite
+
+
+def test_query_offset_attends_to_a_cache_prefix():
+    rng = np.random.default_rng(1)
+    q = rng.normal(size=(1, 2, 2, 8)).astype(np.float32)
+    k = rng.normal(size=(1, 6, 2, 8)).astype(np.float32)
+    v = rng.normal(size=(1, 6, 2, 8)).astype(np.float32)
+    mask = np.array([[1, 1, 1, 1, 0, 0]])  # slots 4, 5 of the cache not written yet
+    ours = attention(jnp.asarray(q), jnp.asarray(k), jnp.asarray(v), backend="xla", q_offset=2, kv_mask=jnp.asarray(mask))
+    # numpy reference over the 6 slots: query t sits at slot 2 + t
+    full_q = np.zeros((1, 6, 2, 8), np.float32)
+    full_q[:, 2:4] = q
+    ref = numpy_attention(full_q, k, v, mask, np.ones((1, 6), int))[:, 2:4]
+    np.testing.assert_allclose(np.asarray(ours), ref, rtol=1e-5, atol=1e-6)
+
+
+def test_auto_falls_back_to_xla_on_cpu_and_says_why(caplog):
+    with caplog.at_level(logging.INFO, logger="phi2_jax.attention"):
+        assert resolve_backend("auto", jnp.bfloat16, 80) == "xla"
+    assert "the default device is cpu, not a GPU" in caplog.text
+
+
+def test_forcing_cudnn_on_cpu_is_refused_with_the_reason():
+    with pytest.raises(ConfigError, match="attention_backend 'cudnn' cannot run here: the default device is cpu"):
+        resolve_backend("cudnn", jnp.bfloat16, 80)
