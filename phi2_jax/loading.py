@@ -1,4 +1,4 @@
-"""`from_pretrained`: a model from a Hugging Face Phi folder, placed on a mesh.
+"""`from_pretrained`: a model from a Hugging Face Phi folder or an Orbax checkpoint, placed on a mesh.
 
 The folder is what a user downloaded: `config.json` in any dialect plus
 safetensors weights (single file or shards) in the transformers or phi-msft
@@ -17,11 +17,13 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh
 
+from phi2_jax.checkpoint import read_meta, resolve_step_dir, restore_params
 from phi2_jax.config import PhiConfig
 from phi2_jax.errors import WeightsError
 from phi2_jax.hf_files import HFWeights
-from phi2_jax.hf_layout import detect_layout, hf_names_and_shapes, to_params, unflatten, flatten
+from phi2_jax.hf_layout import detect_layout, flatten, hf_names_and_shapes, to_params, unflatten
 from phi2_jax.model import Phi, abstract_model, place_state
+from phi2_jax.sharding import state_shardings
 
 
 def default_compute_dtype() -> str:
@@ -65,6 +67,20 @@ def load_hf_params(path: str | Path, config: PhiConfig) -> dict[str, np.ndarray]
     return to_params(config, layout, weights.read, our_shapes(config), numpy_dtype(config.param_dtype))
 
 
+def load_config(path: str | Path, **runtime: Any) -> PhiConfig:
+    """The model config of a Hugging Face folder, a converted checkpoint or a training run folder."""
+    path = Path(path)
+    if not path.exists():
+        raise WeightsError(f"{path} does not exist; expected a Hugging Face model folder, a checkpoint or a run folder.")
+    step_dir = resolve_step_dir(path)
+    if step_dir is not None:
+        return PhiConfig.from_dict({**read_meta(step_dir)["model_config"], **runtime})
+    if (path / "config.json").is_file():
+        return PhiConfig.from_hf_file(path, **runtime)
+    raise WeightsError(f"{path} has neither config.json nor an Orbax checkpoint; expected a Hugging Face model folder, "
+                       f"a converted checkpoint or a training run folder.")
+
+
 def from_pretrained(
     path: str | Path,
     *,
@@ -73,19 +89,26 @@ def from_pretrained(
     mesh: Mesh | None = None,
     **config_changes: Any,
 ) -> Phi:
-    """Loads a Phi model from a Hugging Face folder.
+    """Loads a Phi model from a Hugging Face folder, a converted Orbax checkpoint, or a training run folder.
 
     dtype: parameter dtype ('float32' default, or 'bfloat16' / 'float16').
     compute_dtype: matmul dtype; default bfloat16 on accelerators, float32 on the CPU.
-    mesh: a `phi2_jax.make_mesh(...)` mesh; weights go straight to their shards.
+    mesh: a `phi2_jax.make_mesh(...)` mesh; weights go straight to their shards
+      (from an Orbax checkpoint each device reads only its own slices).
     config_changes: run-time fields of `PhiConfig`, e.g. remat='full', attention_backend='xla'.
     """
-    path = Path(path)
-    if not path.exists():
-        raise WeightsError(f"{path} does not exist; expected a Hugging Face model folder.")
-    if not (path / "config.json").is_file():
-        raise WeightsError(f"{path} has no config.json; expected a Hugging Face model folder.")
-    config = PhiConfig.from_hf_file(path, param_dtype=dtype, compute_dtype=compute_dtype or default_compute_dtype(),
-                                    **config_changes)
-    flat = load_hf_params(path, config)
-    return place_state(abstract_model(config, mesh), unflatten(flat), mesh)
+    runtime = {"param_dtype": dtype, "compute_dtype": compute_dtype or default_compute_dtype(), **config_changes}
+    config = load_config(path, **runtime)
+    model_abstract = abstract_model(config, mesh)
+    step_dir = resolve_step_dir(Path(path))
+    if step_dir is None:
+        return place_state(model_abstract, unflatten(load_hf_params(path, config)), mesh)
+    graphdef, state = nnx.split(model_abstract)
+    target = nnx.to_pure_dict(state)
+    if mesh is not None:
+        target = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), target,
+                              nnx.to_pure_dict(state_shardings(state, mesh)))
+    else:
+        single = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+        target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=single), target)
+    return nnx.merge(graphdef, restore_params(step_dir, target))

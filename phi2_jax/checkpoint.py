@@ -1,0 +1,106 @@
+"""Orbax checkpoints: the training run's (async, keep K, resume) and the model-only format.
+
+A step directory holds items:
+  params     the model weights (tensorstore / OCDBT; each process writes, and on
+             restore each device reads, only its own slices)
+  opt_state  the optimiser state (training checkpoints only)
+  data       the Grain iterator state (training checkpoints only)
+  meta       JSON: the model config, the step, and the run config
+A converted checkpoint is a step directory with just `params` and `meta`, so
+`from_pretrained` and `checkpoint.init_from` read both the same way.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import jax
+import orbax.checkpoint as ocp
+
+log = logging.getLogger(__name__)
+
+TRAIN_ITEMS = ("params", "opt_state", "data", "meta")
+
+
+class RunCheckpoints:
+    """`run_dir/checkpoints/<step>/`: async saves, keep the newest `keep`, restore the newest readable one."""
+
+    def __init__(self, run_dir: str | Path, keep: int, async_save: bool = True):
+        self.directory = Path(run_dir).absolute() / "checkpoints"
+        options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True, enable_async_checkpointing=async_save,
+                                               cleanup_tmp_directories=True)
+        self.manager = ocp.CheckpointManager(self.directory, options=options, item_names=TRAIN_ITEMS)
+
+    def steps(self) -> list[int]:
+        return sorted(self.manager.all_steps())
+
+    def save(self, step: int, params: Any, opt_state: Any, data_state: dict, meta: dict) -> None:
+        self.manager.save(step, args=ocp.args.Composite(
+            params=ocp.args.StandardSave(params), opt_state=ocp.args.StandardSave(opt_state),
+            data=ocp.args.JsonSave(data_state), meta=ocp.args.JsonSave(meta)), force=True)
+
+    def restore_latest(self, abstract_params: Any, abstract_opt_state: Any) -> tuple[int, Any, Any, dict, dict] | None:
+        """(step, params, opt_state, data_state, meta) of the newest checkpoint that restores, or None.
+
+        A damaged newest checkpoint is reported and the one before it used, so a
+        crash during a save costs at most one checkpoint interval.
+        """
+        for step in reversed(self.steps()):
+            try:
+                restored = self.manager.restore(step, args=ocp.args.Composite(
+                    params=ocp.args.StandardRestore(abstract_params),
+                    opt_state=ocp.args.StandardRestore(abstract_opt_state),
+                    data=ocp.args.JsonRestore(), meta=ocp.args.JsonRestore()))
+            except Exception as error:  # orbax / tensorstore raise many types for a damaged checkpoint
+                log.warning("checkpoint at step %d in %s could not be restored (%s: %s); trying the previous one",
+                            step, self.directory, type(error).__name__, str(error).splitlines()[0][:200])
+                continue
+            return step, restored["params"], restored["opt_state"], restored["data"], restored["meta"]
+        return None
+
+    def wait(self) -> None:
+        self.manager.wait_until_finished()
+
+    def close(self) -> None:
+        self.manager.close()
+
+
+# ----------------------------------------------------------------------------- model-only reads
+def is_step_dir(path: Path) -> bool:
+    return (path / "params").is_dir() and (path / "meta").is_dir()
+
+
+def resolve_step_dir(path: str | Path) -> Path | None:
+    """The step directory for a run folder (its newest step), a checkpoints folder, or a step directory."""
+    path = Path(path)
+    if is_step_dir(path):
+        return path
+    for folder in (path / "checkpoints", path):
+        if folder.is_dir():
+            steps = sorted((int(p.name), p) for p in folder.iterdir() if p.name.isdigit() and is_step_dir(p))
+            if steps:
+                return steps[-1][1]
+    return None
+
+
+def read_meta(step_dir: Path) -> dict:
+    return ocp.Checkpointer(ocp.JsonCheckpointHandler()).restore(step_dir.absolute() / "meta")
+
+
+def restore_params(step_dir: Path, abstract_params: Any) -> Any:
+    """Restores `params` onto the shardings carried by `abstract_params` (ShapeDtypeStructs with .sharding)."""
+    return ocp.StandardCheckpointer().restore(step_dir.absolute() / "params", abstract_params)
+
+
+def save_model(step_dir: Path, params: Any, meta: dict) -> None:
+    """Writes a model-only checkpoint (params + meta) to `step_dir`, which must not exist yet."""
+    with ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as checkpointer:
+        checkpointer.save(step_dir.absolute(), ocp.args.Composite(params=ocp.args.StandardSave(params),
+                                                                  meta=ocp.args.JsonSave(meta)))
+
+
+def abstract_with_shardings(tree: Any) -> Any:
+    """ShapeDtypeStructs carrying each array's sharding: the restore target for `tree`'s layout."""
+    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), tree)

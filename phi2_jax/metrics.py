@@ -1,0 +1,110 @@
+"""Training metrics: FLOP counts and MFU, the progress line, TensorBoard events, the loss-curve plot."""
+
+from __future__ import annotations
+
+import functools
+import math
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+
+from phi2_jax.config import PhiConfig
+
+# Dense bf16 tensor-core peaks (FLOP/s) by `device_kind`; float32 runs use TF32 at half of these.
+_GPU_BF16_PEAK = {"H100": 989e12, "H200": 989e12, "H800": 989e12, "A100": 312e12, "A800": 312e12, "L40S": 362e12,
+                  "L4": 121e12, "A10": 125e12}
+
+
+def train_flops_per_token(config: PhiConfig, seq_len: int) -> float:
+    """6 N + 12 L T d: forward + backward matmul FLOPs per token.
+
+    N counts the weights that take part in matmuls (all but the embedding
+    table, which is a lookup); 12 L T d is attention's QK^T and PV at full
+    (not causally halved) length T, the convention of PaLM's MFU.
+    """
+    n = config.num_params() - config.vocab_size * config.hidden_size
+    return 6.0 * n + 12.0 * config.num_hidden_layers * seq_len * config.hidden_size
+
+
+@functools.cache
+def measured_cpu_peak(size: int = 1024) -> float:
+    """FLOP/s of a float32 matmul on this CPU, best of a few runs: the MFU denominator on a CPU."""
+    a = jnp.ones((size, size), jnp.float32)
+    matmul = jax.jit(lambda x: x @ x)
+    matmul(a).block_until_ready()
+    best = math.inf
+    for _ in range(5):
+        start = time.perf_counter()
+        matmul(a).block_until_ready()
+        best = min(best, time.perf_counter() - start)
+    return 2.0 * size**3 / best
+
+
+def device_peak_flops(compute_dtype: str) -> tuple[float, str]:
+    """Peak FLOP/s of ONE device for `compute_dtype`, and where the number comes from."""
+    device = jax.devices()[0]
+    if device.platform == "cpu":
+        return measured_cpu_peak(), "measured float32 matmul on this CPU"
+    kind = device.device_kind
+    for name, peak in _GPU_BF16_PEAK.items():
+        if name in kind:
+            factor = 1.0 if compute_dtype in ("bfloat16", "float16") else 0.5
+            return peak * factor, f"{kind} datasheet dense {'bf16' if factor == 1 else 'tf32'}"
+    return math.nan, f"unknown peak for {kind}"
+
+
+def format_eta(seconds: float) -> str:
+    if not math.isfinite(seconds):
+        return "?"
+    seconds = int(seconds)
+    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m" if seconds >= 3600 else f"{seconds // 60}m{seconds % 60:02d}s"
+
+
+def progress_line(step: int, total: int, loss: float, lr: float, grad_norm: float, tokens_per_s: float,
+                  mfu: float, eta_s: float) -> str:
+    return (f"step {step}/{total}  loss {loss:.4f}  lr {lr:.3e}  grad_norm {grad_norm:.3f}  "
+            f"tokens/s {tokens_per_s:,.0f}  mfu {100 * mfu:.1f}%  eta {format_eta(eta_s)}")
+
+
+class EventWriter:
+    """TensorBoard scalars through tensorboardX (no TensorFlow); a no-op on processes other than 0."""
+
+    def __init__(self, run_dir: Path, enabled: bool):
+        self._writer = None
+        if enabled:
+            from tensorboardX import SummaryWriter
+
+            self._writer = SummaryWriter(str(run_dir / "events"), flush_secs=10)
+
+    def scalars(self, step: int, values: dict[str, float]) -> None:
+        if self._writer is not None:
+            for key, value in values.items():
+                self._writer.add_scalar(key, value, step)
+
+    def close(self) -> None:
+        if self._writer is not None:
+            self._writer.close()
+
+
+def plot_loss_curve(history: dict[str, list[tuple[int, float]]], path: Path) -> None:
+    """Writes a PNG of training (and validation) loss against step."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4), dpi=110)
+    for name, points in history.items():
+        if points:
+            steps, values = zip(*points)
+            ax.plot(steps, values, label=name, marker="o" if len(points) < 20 else None)
+    ax.set_xlabel("step")
+    ax.set_ylabel("cross-entropy (nats/token)")
+    ax.set_title("phi2_jax training loss")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)

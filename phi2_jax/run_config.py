@@ -1,0 +1,218 @@
+"""Training run configuration: YAML files in `configs/` plus `section.key=value` overrides.
+
+Every section is a typed dataclass. Unknown keys are refused with a suggestion
+for the likely misspelling, values are checked against the field's type, and
+combinations that cannot work are refused by `validate` before any compute.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from phi2_jax.config import PRESETS, PhiConfig, preset
+from phi2_jax.errors import ConfigError, did_you_mean
+
+
+@dataclasses.dataclass
+class ModelSection:
+    preset: str = "tiny"
+    # Any PhiConfig field overrides the preset (e.g. num_hidden_layers, remat, compute_dtype).
+    overrides: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+
+@dataclasses.dataclass
+class DataSection:
+    # Each source: {path: "stdlib" | glob, format: auto|text|jsonl|parquet, weight: 1.0, field: "text"}.
+    sources: list[dict[str, Any]] = dataclasses.field(default_factory=lambda: [{"path": "stdlib"}])
+    tokenizer: str = "auto"  # "auto": sentencepiece trained on the training split; or tokenizer.json / .model
+    seq_len: int = 256
+    val_fraction: float = 0.05  # documents held out (chosen by a hash of their name)
+    shuffle_seed: int = 0
+    workers: int = 0  # >0: Grain worker processes; 0: a prefetch thread
+    max_documents: int = 0  # 0 = all; a cap for quick runs
+
+
+@dataclasses.dataclass
+class OptimSection:
+    lr: float = 3e-3
+    schedule: str = "cosine"  # cosine | linear | constant (after warmup)
+    warmup_steps: int = 20
+    min_lr_ratio: float = 0.1
+    weight_decay: float = 0.1
+    b1: float = 0.9
+    b2: float = 0.95
+    eps: float = 1e-8
+    clip_norm: float = 1.0
+    z_loss: float = 0.0
+
+
+@dataclasses.dataclass
+class TrainSection:
+    steps: int = 300
+    batch_size: int = 16  # global, in sequences
+    grad_accum: int = 1
+    log_every: int = 10
+    eval_every: int = 100
+    eval_batches: int = 4
+    seed: int = 0
+    samples: bool = True  # print completions of a few Python prompts at the end
+
+
+@dataclasses.dataclass
+class CheckpointSection:
+    every: int = 100
+    keep: int = 3
+    init_from: str = ""  # a Hugging Face folder, a converted checkpoint or a run folder
+    async_save: bool = True
+
+
+@dataclasses.dataclass
+class MeshSection:
+    data: int = 1
+    fsdp: int = -1
+    tensor: int = 1
+
+
+@dataclasses.dataclass
+class DistributedSection:
+    coordinator: str = ""  # host:port; empty = auto-detect (SLURM, Open MPI, Kubernetes) or single process
+    num_processes: int = 0
+    process_id: int = -1
+
+
+@dataclasses.dataclass
+class RunConfig:
+    run_dir: str = "runs/tiny"
+    model: ModelSection = dataclasses.field(default_factory=ModelSection)
+    data: DataSection = dataclasses.field(default_factory=DataSection)
+    optim: OptimSection = dataclasses.field(default_factory=OptimSection)
+    train: TrainSection = dataclasses.field(default_factory=TrainSection)
+    checkpoint: CheckpointSection = dataclasses.field(default_factory=CheckpointSection)
+    mesh: MeshSection = dataclasses.field(default_factory=MeshSection)
+    distributed: DistributedSection = dataclasses.field(default_factory=DistributedSection)
+
+    def model_config(self) -> PhiConfig:
+        return preset(self.model.preset, **self.model.overrides)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def _check_type(value: Any, annotation: Any, where: str) -> Any:
+    """Coerces ints to floats where a float is expected; refuses anything else of the wrong type."""
+    hint = annotation if not isinstance(annotation, str) else eval(annotation, {**typing.__dict__, "Any": Any})
+    origin = typing.get_origin(hint) or hint
+    if hint is Any:
+        return value
+    if origin is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if origin is float and isinstance(value, str):
+        try:  # YAML 1.1 reads '3e-3' (no dot) as a string
+            return float(value)
+        except ValueError:
+            pass
+    if origin in (types.UnionType, typing.Union):
+        return value
+    if not isinstance(value, origin) or (origin is int and isinstance(value, bool)):
+        raise ConfigError(f"{where} must be {origin.__name__}, got {value!r} ({type(value).__name__}).")
+    return value
+
+
+def _apply(section: Any, values: dict[str, Any], prefix: str) -> None:
+    fields = {f.name: f for f in dataclasses.fields(section)}
+    for key, value in values.items():
+        where = f"{prefix}{key}"
+        if key not in fields:
+            raise ConfigError(f"unknown config key '{where}'.{did_you_mean(key, fields)}")
+        current = getattr(section, key)
+        if dataclasses.is_dataclass(current):
+            if not isinstance(value, dict):
+                raise ConfigError(f"{where} must be a section (a mapping), got {value!r}.")
+            _apply(current, value, f"{where}.")
+        else:
+            setattr(section, key, _check_type(value, fields[key].type, where))
+
+
+def _model_values(values: dict[str, Any]) -> dict[str, Any]:
+    """In YAML, model fields sit flat beside `preset`; split them into `overrides`."""
+    values = dict(values)
+    overrides = dict(values.pop("overrides", {}) or {})
+    for key in list(values):
+        if key != "preset":
+            overrides[key] = values.pop(key)
+    for key in overrides:
+        if key not in {f.name for f in dataclasses.fields(PhiConfig)}:
+            raise ConfigError(f"unknown config key 'model.{key}'.{did_you_mean(key, [f.name for f in dataclasses.fields(PhiConfig)])}")
+    return {**values, "overrides": overrides}
+
+
+def load_run_config(path: str | Path | None = None, overrides: list[str] = ()) -> RunConfig:
+    """The run config from a YAML file (or the defaults: tiny model on the standard library) plus overrides."""
+    raw: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"{path} does not exist; expected a YAML run config such as configs/tiny.yaml.")
+        try:
+            raw = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as error:
+            raise ConfigError(f"{path} is not valid YAML ({error}).") from None
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{path} must hold a mapping of sections, got {type(raw).__name__}.")
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override '{item}' is not of the form section.key=value.")
+        dotted, text = item.split("=", 1)
+        node = raw
+        *parents, leaf = dotted.split(".")
+        for p in parents:
+            node = node.setdefault(p, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override '{item}': '{p}' is not a section.")
+        node[leaf] = yaml.safe_load(text) if text else ""
+    if "model" in raw:
+        if not isinstance(raw["model"], dict):
+            raise ConfigError(f"model must be a section (a mapping), got {raw['model']!r}.")
+        raw["model"] = _model_values(raw["model"])
+    config = RunConfig()
+    _apply(config, raw, "")
+    return config
+
+
+def validate(config: RunConfig, num_devices: int) -> PhiConfig:
+    """Refuses impossible combinations before any compute; returns the model config."""
+    if config.model.preset not in PRESETS:
+        raise ConfigError(f"model.preset '{config.model.preset}' is unknown; expected one of {', '.join(PRESETS)}."
+                          f"{did_you_mean(config.model.preset, PRESETS)}")
+    model = config.model_config()
+    from phi2_jax.sharding import MeshConfig
+
+    data, fsdp, _ = MeshConfig(config.mesh.data, config.mesh.fsdp, config.mesh.tensor).resolve(num_devices)
+    t, d = config.train, config.data
+    for name, value in (("train.steps", t.steps), ("train.batch_size", t.batch_size), ("train.grad_accum", t.grad_accum),
+                        ("train.log_every", t.log_every), ("data.seq_len", d.seq_len),
+                        ("checkpoint.every", config.checkpoint.every), ("checkpoint.keep", config.checkpoint.keep)):
+        if value < 1:
+            raise ConfigError(f"{name} must be at least 1, got {value}.")
+    if t.batch_size % t.grad_accum:
+        raise ConfigError(f"train.batch_size {t.batch_size} is not divisible by train.grad_accum {t.grad_accum}.")
+    micro = t.batch_size // t.grad_accum
+    if micro % (data * fsdp):
+        raise ConfigError(f"the micro-batch of {micro} sequences (train.batch_size / train.grad_accum) is not divisible "
+                          f"by the {data * fsdp}-way data parallelism (mesh.data x mesh.fsdp = {data} x {fsdp}).")
+    if d.seq_len > model.max_position_embeddings:
+        raise ConfigError(f"data.seq_len {d.seq_len} exceeds the model's max_position_embeddings "
+                          f"{model.max_position_embeddings}.")
+    if config.optim.schedule not in ("cosine", "linear", "constant"):
+        raise ConfigError(f"optim.schedule '{config.optim.schedule}' is unknown; expected cosine, linear or constant.")
+    if config.optim.warmup_steps >= t.steps and t.steps > 1:
+        raise ConfigError(f"optim.warmup_steps {config.optim.warmup_steps} is not below train.steps {t.steps}.")
+    if not 0.0 <= d.val_fraction < 1.0:
+        raise ConfigError(f"data.val_fraction must be in [0, 1), got {d.val_fraction}.")
+    return model

@@ -1,0 +1,136 @@
+"""Tokenizers behind one small interface: Hugging Face `tokenizer.json` or a sentencepiece model.
+
+Phi-2 itself uses CodeGen's byte-level BPE (`tokenizer.json` in the model
+folder, `<|endoftext|>` = 50256 as bos/eos, no BOS prepended). The default
+training run uses a sentencepiece model trained on the Python standard
+library, cached after the first run.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+
+from phi2_jax.errors import ConfigError
+
+
+class Tokenizer:
+    """encode(text) -> ids (no BOS added), decode(ids) -> text, vocab_size, eos_id."""
+
+    vocab_size: int
+    eos_id: int
+    source: str
+
+    def encode(self, text: str) -> list[int]:
+        raise NotImplementedError
+
+    def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
+        return [self.encode(t) for t in texts]
+
+    def decode(self, ids: Iterable[int]) -> str:
+        raise NotImplementedError
+
+
+class HFTokenizer(Tokenizer):
+    """A Hugging Face `tokenizer.json` (e.g. Phi-2's CodeGen BPE with its added whitespace tokens)."""
+
+    def __init__(self, path: str | Path):
+        from tokenizers import Tokenizer as _Tok
+
+        path = Path(path)
+        file = path / "tokenizer.json" if path.is_dir() else path
+        try:
+            self._tok = _Tok.from_file(str(file))
+        except Exception as error:  # the Rust side raises a plain Exception
+            raise ConfigError(f"{file} could not be read as a Hugging Face tokenizer.json ({error}).") from None
+        self.source = str(file)
+        self.vocab_size = self._tok.get_vocab_size(with_added_tokens=True)
+        eos = next((t for t in ("<|endoftext|>", "</s>", "<eos>") if self._tok.token_to_id(t) is not None), None)
+        if eos is None:
+            raise ConfigError(f"{file} has no end-of-text token; expected '<|endoftext|>', '</s>' or '<eos>'.")
+        self.eos_id = self._tok.token_to_id(eos)
+
+    def encode(self, text: str) -> list[int]:
+        return self._tok.encode(text, add_special_tokens=False).ids
+
+    def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
+        return [e.ids for e in self._tok.encode_batch(list(texts), add_special_tokens=False)]
+
+    def decode(self, ids: Iterable[int]) -> str:
+        return self._tok.decode(list(ids), skip_special_tokens=False)
+
+
+class SentencePieceTokenizer(Tokenizer):
+    def __init__(self, path: str | Path):
+        import sentencepiece as spm
+
+        self.source = str(path)
+        if not Path(path).is_file():
+            raise ConfigError(f"{path} does not exist; expected a sentencepiece .model file.")
+        try:
+            self._sp = spm.SentencePieceProcessor(model_file=str(path))
+        except Exception as error:
+            raise ConfigError(f"{path} could not be read as a sentencepiece model ({error}).") from None
+        self.vocab_size = self._sp.get_piece_size()
+        self.eos_id = self._sp.eos_id()
+        if self.eos_id < 0:
+            raise ConfigError(f"{path} has no end-of-sequence piece; expected a model trained with eos_id set.")
+
+    def encode(self, text: str) -> list[int]:
+        return self._sp.encode(text)
+
+    def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
+        return self._sp.encode(list(texts))
+
+    def decode(self, ids: Iterable[int]) -> str:
+        return self._sp.decode([int(i) for i in ids])
+
+
+def load_tokenizer(path: str | Path) -> Tokenizer:
+    """A tokenizer from a model folder / `tokenizer.json` (Hugging Face) or a `.model` file (sentencepiece)."""
+    path = Path(path)
+    if path.suffix == ".model":
+        return SentencePieceTokenizer(path)
+    if path.suffix == ".json" or (path.is_dir() and (path / "tokenizer.json").is_file()):
+        return HFTokenizer(path)
+    raise ConfigError(f"{path} is neither a tokenizer.json, a folder holding one, nor a sentencepiece .model file.")
+
+
+def cache_dir() -> Path:
+    root = os.environ.get("PHI2_JAX_CACHE") or Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "phi2_jax"
+    return Path(root)
+
+
+def train_sentencepiece(texts: Iterable[str], vocab_size: int, name: str) -> Path:
+    """Trains (or reuses from the cache) a BPE sentencepiece model on `texts`; returns its .model path.
+
+    The cache key covers the vocab size and the texts themselves, so a changed
+    corpus never silently reuses a stale tokenizer.
+    """
+    import sentencepiece as spm
+
+    texts = list(texts)
+    digest = hashlib.sha256(f"{vocab_size}".encode())
+    for t in texts:
+        digest.update(hashlib.sha256(t.encode()).digest())
+    out = cache_dir() / "tokenizers" / f"{name}-{vocab_size}-{digest.hexdigest()[:12]}"
+    model = out.with_suffix(".model")
+    if model.is_file():
+        return model
+    out.parent.mkdir(parents=True, exist_ok=True)
+    # Sentencepiece trains on lines; code lines are short, so sample for speed.
+    lines = [line for t in texts for line in t.splitlines() if line.strip()]
+    tmp = out.with_name(out.name + f".tmp{os.getpid()}")
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(lines), model_prefix=str(tmp), vocab_size=vocab_size, model_type="bpe",
+        input_sentence_size=200_000, shuffle_input_sentence=True, character_coverage=1.0, byte_fallback=True,
+        split_digits=True, remove_extra_whitespaces=False, normalization_rule_name="identity",
+        allow_whitespace_only_pieces=True, user_defined_symbols=["\n", "    ", "\t"],
+        pad_id=-1, unk_id=0, bos_id=-1, eos_id=1, num_threads=os.cpu_count() or 1, minloglevel=2,
+    )
+    # Atomic publish: a concurrent process either sees the finished file or trains its own.
+    os.replace(f"{tmp}.model", model)
+    Path(f"{tmp}.vocab").unlink(missing_ok=True)
+    return model

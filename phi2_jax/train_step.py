@@ -1,0 +1,98 @@
+"""The jitted training and evaluation steps, with explicit shardings over the mesh.
+
+Functional in the hot loop: parameters and optimiser state are plain pytrees
+(`nnx.to_pure_dict` layout) passed to one `jax.jit` with in/out shardings and
+donated buffers; the NNX module is rebuilt from its static graphdef inside the
+trace, so no graph traversal happens per step.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from phi2_jax.model import Phi, abstract_model
+from phi2_jax.sharding import logical_to_spec, state_shardings
+
+
+def cross_entropy(logits: jax.Array, targets: jax.Array, z_loss: float = 0.0) -> tuple[jax.Array, jax.Array]:
+    """(mean loss including z-loss, mean cross-entropy), float32. logits [..., V], targets [...]."""
+    logits = logits.astype(jnp.float32)
+    log_z = jax.nn.logsumexp(logits, axis=-1)
+    target_logit = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
+    nll = (log_z - target_logit).mean()
+    # z-loss keeps log Z near 0 so bf16 logits do not drift (PaLM).
+    return nll + z_loss * jnp.square(log_z).mean(), nll
+
+
+@dataclasses.dataclass
+class StepFunctions:
+    """Everything the loop needs, compiled for one (config, mesh, optimiser)."""
+
+    graphdef: Any
+    param_shardings: Any
+    opt_shardings: Any
+    batch_sharding: NamedSharding  # [grad_accum, micro, T]
+    eval_sharding: NamedSharding   # [batch, T]
+    init_opt: Callable
+    train_step: Callable   # (params, opt_state, batch, step) -> (params, opt_state, metrics)
+    eval_loss: Callable    # (params, batch) -> mean cross-entropy
+
+
+def abstract_params(model_config, mesh: Mesh) -> tuple[Any, Any, Any]:
+    """(graphdef, abstract params as a pure dict, their NamedShardings) without allocating anything."""
+    graphdef, state = nnx.split(abstract_model(model_config, mesh))
+    shardings = nnx.to_pure_dict(state_shardings(state, mesh))
+    return graphdef, nnx.to_pure_dict(state), shardings
+
+
+def build_steps(model_config, mesh: Mesh, tx: optax.GradientTransformation, schedule: optax.Schedule,
+                seed: int, grad_accum: int, z_loss: float) -> StepFunctions:
+    graphdef, params_abstract, param_shardings = abstract_params(model_config, mesh)
+    batch_sharding = NamedSharding(mesh, logical_to_spec((None, "act_batch", "act_length"), mesh=mesh))
+    eval_sharding = NamedSharding(mesh, logical_to_spec(("act_batch", "act_length"), mesh=mesh))
+
+    abstract_in = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), params_abstract,
+                               param_shardings)
+    # The optimiser state's layout follows the parameters'; ask the compiler rather than guessing.
+    opt_shardings = jax.jit(tx.init).lower(abstract_in).compile().output_shardings
+    replicated = NamedSharding(mesh, PartitionSpec())
+    # Scalars (step counts) come back on one device; replicate them over the mesh instead.
+    opt_shardings = jax.tree.map(lambda s: s if isinstance(s, NamedSharding) else replicated, opt_shardings)
+    init_opt = jax.jit(tx.init, in_shardings=(param_shardings,), out_shardings=opt_shardings)
+
+    def loss_fn(params, batch, rng):
+        model: Phi = nnx.merge(graphdef, params)
+        logits = model.forward(batch["input_ids"], position_ids=batch["positions"],
+                               segment_ids=batch["segment_ids"], dropout_rng=rng)
+        return cross_entropy(logits, batch["targets"], z_loss)
+
+    def train_step(params, opt_state, batch, step):
+        step_key = jax.random.fold_in(jax.random.key(seed), step)  # same dropout after a resume
+
+        def micro_step(grads_sum, xs):
+            micro_batch, index = xs
+            (_, nll), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, micro_batch,
+                                                                         jax.random.fold_in(step_key, index))
+            return jax.tree.map(jnp.add, grads_sum, grads), nll
+
+        zeros = jax.tree.map(jnp.zeros_like, params)
+        grads, nlls = jax.lax.scan(micro_step, zeros, (batch, jnp.arange(grad_accum)))
+        grads = jax.tree.map(lambda g: g / grad_accum, grads)
+        updates, opt_state = tx.update(grads, opt_state, params)
+        params = optax.apply_updates(params, updates)
+        metrics = {"loss": nlls.mean(), "grad_norm": optax.global_norm(grads), "lr": schedule(step)}
+        return params, opt_state, metrics
+
+    train_step = jax.jit(train_step, in_shardings=(param_shardings, opt_shardings, batch_sharding, None),
+                         out_shardings=(param_shardings, opt_shardings, None), donate_argnums=(0, 1))
+    eval_loss = jax.jit(lambda params, batch: loss_fn(params, batch, None)[1],
+                        in_shardings=(param_shardings, eval_sharding))
+    return StepFunctions(graphdef, param_shardings, opt_shardings, batch_sharding, eval_sharding, init_opt, train_step, eval_loss)

@@ -1,0 +1,135 @@
+"""`python -m phi2_jax.train` end to end on the CPU: learning, exact resume, sharded and multi-process equivalence."""
+
+import os
+import signal
+import socket
+import subprocess
+import time
+
+import numpy as np
+import pytest
+
+import phi2_jax
+from tests import train_runs
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory):
+    """One tokenizer / token cache for every run of this module."""
+    return tmp_path_factory.mktemp("cache")
+
+
+@pytest.fixture(scope="module")
+def reference_run(tmp_path_factory, cache):
+    """20 uninterrupted steps: the run the interrupted ones must reproduce bit for bit."""
+    run_dir = tmp_path_factory.mktemp("reference")
+    train_runs.run(run_dir, "train.steps=20", cache=cache)
+    return run_dir
+
+
+def test_default_run_learns_and_leaves_a_loadable_model(tmp_path, cache):
+    run_dir = tmp_path / "run"
+    proc = train_runs.run(run_dir, "train.steps=60", "train.eval_every=30", "train.samples=true", cache=cache)
+    losses = train_runs.train_losses(run_dir)
+    assert losses[5] > 5.5 and losses[60] < losses[5] - 1.5, losses  # ln(512) = 6.24 at the start
+    assert "val_loss" in proc.stdout and "tokens/s" in proc.stdout and "mfu" in proc.stdout and "eta" in proc.stdout
+    assert "samples (greedy):" in proc.stdout and "def fibonacci(n):" in proc.stdout
+    assert (run_dir / "checkpoints" / "60").is_dir()
+    assert list((run_dir / "events").glob("events.out.tfevents.*"))
+    assert (run_dir / "loss_curve.png").stat().st_size > 10_000
+    model = phi2_jax.from_pretrained(run_dir)
+    assert model.config.num_hidden_layers == 2 and model.config.vocab_size == 512
+    params = train_runs.final_params(run_dir, 60)
+    np.testing.assert_array_equal(np.asarray(model.layers.mlp.fc1.kernel.value), params["layers/mlp/fc1/kernel"])
+
+
+def _wait_for_checkpoint(run_dir, step, proc, timeout=300):
+    deadline = time.time() + timeout
+    while not (run_dir / "checkpoints" / str(step)).is_dir():
+        assert proc.poll() is None, "training ended before the checkpoint appeared"
+        assert time.time() < deadline, "no checkpoint in time"
+        time.sleep(0.2)
+
+
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM])
+def test_interrupted_run_resumes_bit_identically(tmp_path, cache, reference_run, sig):
+    run_dir = tmp_path / "run"
+    proc = subprocess.Popen(train_runs.command(run_dir, "train.steps=20"), cwd=train_runs.ROOT,
+                            env=train_runs.train_env(1, cache), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    _wait_for_checkpoint(run_dir, 5, proc)
+    proc.send_signal(sig)
+    output = proc.communicate(timeout=120)[0]
+    if sig == signal.SIGTERM:
+        assert proc.returncode == 0, output
+        assert "SIGTERM: saved a checkpoint at step" in output
+    else:
+        assert proc.returncode == -signal.SIGKILL
+    assert not (run_dir / "checkpoints" / "20").exists()
+    resumed = train_runs.run(run_dir, "train.steps=20", cache=cache)
+    assert "resumed from step" in resumed.stdout
+    ours, reference = train_runs.final_params(run_dir, 20), train_runs.final_params(reference_run, 20)
+    for name in reference:
+        np.testing.assert_array_equal(ours[name], reference[name], err_msg=name)
+
+
+def test_eight_devices_give_the_single_device_loss_curve(tmp_path, cache, reference_run):
+    run_dir = tmp_path / "sharded"
+    train_runs.run(run_dir, "train.steps=20", "mesh.data=2", "mesh.fsdp=2", "mesh.tensor=2", devices=8, cache=cache)
+    single, sharded = train_runs.train_losses(reference_run), train_runs.train_losses(run_dir)
+    assert single.keys() == sharded.keys()
+    np.testing.assert_allclose([sharded[s] for s in single], list(single.values()), rtol=2e-4)
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_processes_give_the_one_process_curve(tmp_path, cache):
+    one = tmp_path / "one"
+    common = ["train.steps=10", "mesh.data=2", "mesh.fsdp=4", "mesh.tensor=1", "checkpoint.every=10"]
+    train_runs.run(one, *common, devices=8, cache=cache)
+    two = tmp_path / "two"
+    port = _free_port()
+    procs = [subprocess.Popen(train_runs.command(two, *common, f"distributed.coordinator=127.0.0.1:{port}",
+                                                 "distributed.num_processes=2", f"distributed.process_id={i}"),
+                              cwd=train_runs.ROOT, env=train_runs.train_env(4, cache), stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True) for i in range(2)]
+    outputs = [p.communicate(timeout=400)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outputs[0][-3000:] + outputs[1][-3000:]
+    assert "2 processes" in outputs[0] and "step 10/10" in outputs[0]
+    assert "step 10/10" not in outputs[1]  # only process 0 logs
+    a, b = train_runs.train_losses(one), train_runs.train_losses(two)
+    np.testing.assert_allclose([b[s] for s in a], list(a.values()), rtol=2e-4)
+    assert (two / "checkpoints" / "10").is_dir()
+
+
+def test_dry_run_compiles_phi2_on_an_abstract_8_device_mesh():
+    proc = subprocess.run([*train_runs.command("unused")[:3], "configs/phi2.yaml", "--dry-run"], cwd=train_runs.ROOT,
+                          env=train_runs.train_env(1), capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "compiled the train step for mesh {'data': 1, 'fsdp': 8, 'tensor': 1} (8 devices)" in proc.stdout
+    assert "2,779,683,840" in proc.stdout and "GiB/device" in proc.stdout
+    assert not os.path.exists(train_runs.ROOT / "runs" / "phi2")
+
+
+REFUSED = [
+    (["train.stpes=5"], "unknown config key 'train.stpes'. Did you mean 'steps'?"),
+    (["model.hiden_size=64"], "unknown config key 'model.hiden_size'. Did you mean 'hidden_size'?"),
+    (["train.steps=ten"], "train.steps must be int, got 'ten' (str)."),
+    (["train.batch_size=6", "mesh.data=4", "mesh.fsdp=1"], "micro-batch of 6 sequences"),
+    (["data.seq_len=4096"], "data.seq_len 4096 exceeds the model's max_position_embeddings 512."),
+    (["model.vocab_size=128"], "has 512 tokens but the model's vocab_size is 128"),
+]
+
+
+@pytest.mark.parametrize("overrides,message", REFUSED)
+def test_refused_configs_say_why_and_leave_no_run_dir(tmp_path, cache, overrides, message):
+    run_dir = tmp_path / "run"
+    # the vocab check needs a 512-token tokenizer: the one the other runs trained and cached
+    extra = ["data.tokenizer=" + str(next((cache / "tokenizers").glob("auto-512-*.model")))] if "vocab_size=128" in overrides[0] else []
+    proc = train_runs.run(run_dir, *overrides, *extra, devices=4, cache=cache, check=False)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert message in proc.stderr
+    assert not run_dir.exists()

@@ -1,0 +1,56 @@
+"""Runs `python -m phi2_jax.train` in a subprocess, as a user would, with a small fast config."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# ~10 s per run on 2 CPU cores after the first tokenizer training.
+FAST = [
+    "model.num_hidden_layers=2", "model.vocab_size=512", "data.seq_len=64", "data.max_documents=150",
+    "train.batch_size=8", "train.log_every=5", "train.eval_every=10", "train.eval_batches=2", "train.samples=false",
+    "checkpoint.every=5", "optim.warmup_steps=5", "optim.lr=3e-3",
+]
+
+
+def train_env(devices: int = 1, cache: Path | None = None) -> dict:
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
+    env["JAX_PLATFORMS"] = "cpu"
+    if cache is not None:
+        env["PHI2_JAX_CACHE"] = str(cache)
+    return env
+
+
+def command(run_dir: Path, *overrides: str) -> list[str]:
+    return [sys.executable, "-m", "phi2_jax.train", f"run_dir={run_dir}", *FAST, *overrides]
+
+
+def run(run_dir: Path, *overrides: str, devices: int = 1, cache: Path | None = None,
+        check: bool = True) -> subprocess.CompletedProcess:
+    proc = subprocess.run(command(run_dir, *overrides), cwd=ROOT, env=train_env(devices, cache),
+                          capture_output=True, text=True, timeout=600)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"train exited {proc.returncode}\nstdout:\n{proc.stdout[-3000:]}\nstderr:\n{proc.stderr[-3000:]}")
+    return proc
+
+
+def train_losses(run_dir: Path) -> dict[int, float]:
+    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+    return {r["step"]: r["train/loss"] for r in map(json.loads, lines) if "train/loss" in r}
+
+
+def final_params(run_dir: Path, step: int) -> dict[str, np.ndarray]:
+    import orbax.checkpoint as ocp
+
+    from phi2_jax.hf_layout import flatten
+
+    restored = ocp.StandardCheckpointer().restore((run_dir / "checkpoints" / str(step) / "params").absolute())
+    return {k: np.asarray(v) for k, v in flatten(restored).items()}
