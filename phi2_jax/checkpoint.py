@@ -13,6 +13,7 @@ A converted checkpoint is a step directory with just `params` and `meta`, so
 from __future__ import annotations
 
 import logging
+import time
 from pathlib import Path
 from typing import Any
 
@@ -47,6 +48,7 @@ class RunCheckpoints:
         A damaged newest checkpoint is reported and the one before it used, so a
         crash during a save costs at most one checkpoint interval.
         """
+        damaged = []
         for step in reversed(self.steps()):
             try:
                 restored = self.manager.restore(step, args=ocp.args.Composite(
@@ -56,9 +58,27 @@ class RunCheckpoints:
             except Exception as error:  # orbax / tensorstore raise many types for a damaged checkpoint
                 log.warning("checkpoint at step %d in %s could not be restored (%s: %s); trying the previous one",
                             step, self.directory, type(error).__name__, str(error).splitlines()[0][:200])
+                damaged.append(step)
                 continue
+            self._set_aside(damaged)
             return step, restored["params"], restored["opt_state"], restored["data"], restored["meta"]
         return None
+
+    def _set_aside(self, steps: list[int]) -> None:
+        """Moves damaged checkpoints to `checkpoints_damaged/` (kept for a post-mortem, out of the resume path)."""
+        if not steps:
+            return
+        if jax.process_index() == 0:
+            aside = self.directory.parent / "checkpoints_damaged"
+            aside.mkdir(exist_ok=True)
+            for step in steps:
+                (self.directory / str(step)).rename(aside / f"{step}-{int(time.time())}")
+                log.warning("moved the damaged checkpoint of step %d to %s", step, aside)
+        if jax.process_count() > 1:
+            from jax.experimental import multihost_utils
+
+            multihost_utils.sync_global_devices("phi2_jax: damaged checkpoints set aside")
+        self.manager.reload()
 
     def wait(self) -> None:
         self.manager.wait_until_finished()

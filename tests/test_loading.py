@@ -56,7 +56,7 @@ def _edit_weights(target, edit):
 def test_missing_folder_and_missing_files(tmp_path):
     with pytest.raises(WeightsError, match=r"nowhere does not exist; expected a Hugging Face model folder"):
         phi2_jax.from_pretrained(tmp_path / "nowhere")
-    with pytest.raises(WeightsError, match=r"has no config.json"):
+    with pytest.raises(WeightsError, match=r"has neither config.json nor an Orbax checkpoint; expected a Hugging Face model folder"):
         phi2_jax.from_pretrained(tmp_path)
 
 

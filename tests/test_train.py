@@ -133,3 +133,42 @@ def test_refused_configs_say_why_and_leave_no_run_dir(tmp_path, cache, overrides
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert message in proc.stderr
     assert not run_dir.exists()
+
+
+def test_damaged_newest_checkpoint_falls_back_to_the_previous(tmp_path, cache):
+    run_dir = tmp_path / "run"
+    train_runs.run(run_dir, "train.steps=10", cache=cache)
+    for file in (run_dir / "checkpoints" / "10" / "params").rglob("*"):
+        if file.is_file():
+            file.write_bytes(b"garbage")
+    proc = train_runs.run(run_dir, "train.steps=15", cache=cache)
+    assert "checkpoint at step 10" in proc.stderr and "could not be restored" in proc.stderr
+    assert "resumed from step 5" in proc.stdout and "step 15/15" in proc.stdout
+
+
+def test_finetuning_starts_at_the_transformers_loss(tmp_path, cache, hf_folder, monkeypatch):
+    """init_from a transformers model: the first logged loss is transformers' loss on the same packed batch."""
+    import torch
+
+    from phi2_jax.data import build_splits, train_dataset
+
+    folder, reference = hf_folder("finetune", dialect="5.x", vocab_size=512, hidden_size=32, intermediate_size=64,
+                                  num_hidden_layers=2, num_attention_heads=4, partial_rotary_factor=0.5,
+                                  max_position_embeddings=128)
+    run_dir = tmp_path / "run"
+    train_runs.run(run_dir, f"checkpoint.init_from={folder}", "train.steps=1", "train.log_every=1", cache=cache)
+    first_loss = train_runs.train_losses(run_dir)[1]
+
+    monkeypatch.setenv("PHI2_JAX_CACHE", str(cache))
+    splits = build_splits([{"path": "stdlib"}], "auto", 64, 0.05, 512, max_documents=150)
+    batch = next(iter(train_dataset(splits, 8, seed=0)))
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for row in range(8):
+            for segment in np.unique(batch["segment_ids"][row]):
+                where = batch["segment_ids"][row] == segment  # each packed document on its own
+                logits = reference(torch.tensor(batch["input_ids"][row][where][None])).logits[0]
+                targets = torch.tensor(batch["targets"][row][where]).long()
+                total += float(torch.nn.functional.cross_entropy(logits, targets, reduction="sum"))
+                count += int(where.sum())
+    assert first_loss == pytest.approx(total / count, rel=1e-5)

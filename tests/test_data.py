@@ -1,0 +1,91 @@
+"""The input pipeline: packing, sources, mixture, sharding and iterator state."""
+
+import json
+
+import numpy as np
+import pytest
+from tokenizers import Tokenizer, models, pre_tokenizers, trainers, decoders
+
+from phi2_jax import ConfigError
+from phi2_jax.data import PackedSequences, Splits, read_source, train_dataset
+from phi2_jax.tokenizer import load_tokenizer
+
+
+def test_packing_marks_documents_and_restarts_positions():
+    eos = 9
+    tokens = np.array([1, 2, 9, 3, 4, 5, 9, 6, 7], np.int32)  # docs: [1 2 EOS] [3 4 5 EOS] [6 7 ...
+    example = PackedSequences(tokens, seq_len=8, eos_id=eos)[0]
+    np.testing.assert_array_equal(example["input_ids"], [1, 2, 9, 3, 4, 5, 9, 6])
+    np.testing.assert_array_equal(example["targets"], [2, 9, 3, 4, 5, 9, 6, 7])
+    np.testing.assert_array_equal(example["segment_ids"], [1, 1, 1, 2, 2, 2, 2, 3])
+    np.testing.assert_array_equal(example["positions"], [0, 1, 2, 0, 1, 2, 3, 0])
+
+
+def _splits(*streams, weights=None):
+    packed = [PackedSequences(s, 4, eos_id=-1) for s in streams]
+    return Splits(packed, weights or [1.0] * len(packed), packed[0], None)
+
+
+def test_mixture_follows_the_weights():
+    a = np.zeros(40_001, np.int32)       # every token of source a is 0
+    b = np.ones(40_001, np.int32)        # every token of source b is 1
+    it = iter(train_dataset(_splits(a, b, weights=[0.8, 0.2]), batch_size=50, seed=0))
+    rows = np.concatenate([next(it)["input_ids"][:, 0] for _ in range(40)])
+    assert abs((rows == 0).mean() - 0.8) < 0.03
+
+
+def test_iterator_state_resumes_exactly():
+    stream = np.arange(100_001, dtype=np.int32)
+    it = iter(train_dataset(_splits(stream), batch_size=3, seed=1))
+    for _ in range(5):
+        next(it)
+    state = json.loads(json.dumps(it.get_state()))  # what goes into a checkpoint
+    expected = [next(it)["input_ids"] for _ in range(3)]
+    again = iter(train_dataset(_splits(stream), batch_size=3, seed=1))
+    again.set_state(state)
+    for batch in expected:
+        np.testing.assert_array_equal(next(again)["input_ids"], batch)
+
+
+def test_processes_split_the_same_global_batch():
+    stream = np.arange(10_001, dtype=np.int32)
+    whole = iter(train_dataset(_splits(stream), batch_size=4, seed=2))
+    halves = [iter(train_dataset(_splits(stream), batch_size=2, seed=2, process_index=p, process_count=2)) for p in (0, 1)]
+    for _ in range(3):
+        np.testing.assert_array_equal(next(whole)["input_ids"],
+                                      np.concatenate([next(h)["input_ids"] for h in halves]))
+
+
+def test_jsonl_and_parquet_sources(tmp_path):
+    (tmp_path / "a.jsonl").write_text(json.dumps({"text": "hello"}) + "\n\n" + json.dumps({"text": "world"}) + "\n")
+    assert [d.text for d in read_source({"path": str(tmp_path / "*.jsonl")})] == ["hello", "world"]
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    pq.write_table(pa.table({"content": ["x = 1", "y = 2"]}), tmp_path / "b.parquet")
+    assert [d.text for d in read_source({"path": str(tmp_path / "*.parquet"), "field": "content"})] == ["x = 1", "y = 2"]
+
+
+def test_bad_sources_say_file_and_line(tmp_path):
+    (tmp_path / "bad.jsonl").write_text('{"text": "ok"}\n{"text": broken}\n')
+    with pytest.raises(ConfigError, match=r"bad.jsonl line 2 is not valid JSON"):
+        read_source({"path": str(tmp_path / "bad.jsonl")})
+    (tmp_path / "nofield.jsonl").write_text('{"body": "x"}\n')
+    with pytest.raises(ConfigError, match=r"nofield.jsonl line 1 has no string field 'text'"):
+        read_source({"path": str(tmp_path / "nofield.jsonl")})
+    with pytest.raises(ConfigError, match=r"matches no files"):
+        read_source({"path": str(tmp_path / "*.txt")})
+
+
+def test_hf_tokenizer_json_round_trips(tmp_path):
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.train_from_iterator(["def f(x):\n    return x + 1\n"] * 50,
+                            trainers.BpeTrainer(vocab_size=300, special_tokens=["<|endoftext|>"],
+                                                initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    tok.save(str(tmp_path / "tokenizer.json"))
+    loaded = load_tokenizer(tmp_path)
+    text = "def g(y):\n    return y * 2\n"
+    assert loaded.decode(loaded.encode(text)) == text
+    assert loaded.eos_id == tok.token_to_id("<|endoftext|>")
+    assert loaded.encode(text) == tok.encode(text).ids  # no BOS prepended
