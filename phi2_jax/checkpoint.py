@@ -2,7 +2,9 @@
 
 A step directory holds items:
   params     the model weights (tensorstore / OCDBT; each process writes, and on
-             restore each device reads, only its own slices)
+             restore each device reads, only its own slices), stored one entry
+             per layer (`layers/<i>/...`) so that a converter can write and read
+             them a layer at a time; in memory they are stacked for `lax.scan`
   opt_state  the optimiser state (training checkpoints only)
   data       the Grain iterator state (training checkpoints only)
   meta       JSON: the model config, the step, and the run config
@@ -12,13 +14,16 @@ A converted checkpoint is a step directory with just `params` and `meta`, so
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
 from pathlib import Path
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import orbax.checkpoint as ocp
+from jax.sharding import NamedSharding, PartitionSpec
 
 log = logging.getLogger(__name__)
 
@@ -39,7 +44,7 @@ class RunCheckpoints:
 
     def save(self, step: int, params: Any, opt_state: Any, data_state: dict, meta: dict) -> None:
         self.manager.save(step, args=ocp.args.Composite(
-            params=ocp.args.StandardSave(params), opt_state=ocp.args.StandardSave(opt_state),
+            params=ocp.args.StandardSave(split_layers(params)), opt_state=ocp.args.StandardSave(opt_state),
             data=ocp.args.JsonSave(data_state), meta=ocp.args.JsonSave(meta)), force=True)
 
     def restore_latest(self, abstract_params: Any, abstract_opt_state: Any) -> tuple[int, Any, Any, dict, dict] | None:
@@ -52,7 +57,7 @@ class RunCheckpoints:
         for step in reversed(self.steps()):
             try:
                 restored = self.manager.restore(step, args=ocp.args.Composite(
-                    params=ocp.args.StandardRestore(abstract_params),
+                    params=ocp.args.StandardRestore(split_layers(abstract_params)),
                     opt_state=ocp.args.StandardRestore(abstract_opt_state),
                     data=ocp.args.JsonRestore(), meta=ocp.args.JsonRestore()))
             except Exception as error:  # orbax / tensorstore raise many types for a damaged checkpoint
@@ -61,7 +66,8 @@ class RunCheckpoints:
                 damaged.append(step)
                 continue
             self._set_aside(damaged)
-            return step, restored["params"], restored["opt_state"], restored["data"], restored["meta"]
+            params = stack_layers(restored["params"], abstract_params)
+            return step, params, restored["opt_state"], restored["data"], restored["meta"]
         return None
 
     def _set_aside(self, steps: list[int]) -> None:
@@ -110,17 +116,61 @@ def read_meta(step_dir: Path) -> dict:
 
 
 def restore_params(step_dir: Path, abstract_params: Any) -> Any:
-    """Restores `params` onto the shardings carried by `abstract_params` (ShapeDtypeStructs with .sharding)."""
-    return ocp.StandardCheckpointer().restore(step_dir.absolute() / "params", abstract_params)
+    """Restores `params` onto the shardings carried by `abstract_params` (stacked ShapeDtypeStructs with .sharding)."""
+    stored = ocp.StandardCheckpointer().restore(step_dir.absolute() / "params", split_layers(abstract_params))
+    return stack_layers(stored, abstract_params)
 
 
-def save_model(step_dir: Path, params: Any, meta: dict) -> None:
-    """Writes a model-only checkpoint (params + meta) to `step_dir`, which must not exist yet."""
-    with ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as checkpointer:
-        checkpointer.save(step_dir.absolute(), ocp.args.Composite(params=ocp.args.StandardSave(params),
-                                                                  meta=ocp.args.JsonSave(meta)))
+def _partial_restore(step_dir: Path, target: dict) -> dict:
+    restore_args = jax.tree.map(lambda x: ocp.ArrayRestoreArgs(dtype=x.dtype, sharding=x.sharding), target)
+    return ocp.PyTreeCheckpointer().restore(
+        step_dir.absolute() / "params",
+        args=ocp.args.PyTreeRestore(item=target, restore_args=restore_args, partial_restore=True))
 
 
-def abstract_with_shardings(tree: Any) -> Any:
-    """ShapeDtypeStructs carrying each array's sharding: the restore target for `tree`'s layout."""
-    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), tree)
+def restore_layer(step_dir: Path, abstract_layer: Any, index: int) -> Any:
+    """Only layer `index`'s parameters (a per-layer tree of ShapeDtypeStructs), read from disk alone."""
+    return _partial_restore(step_dir, {"layers": {str(index): abstract_layer}})["layers"][str(index)]
+
+
+def restore_top_level(step_dir: Path, abstract_params: Any) -> Any:
+    """The parameters outside the layer stack (embedding, final norm, head)."""
+    return _partial_restore(step_dir, {k: v for k, v in abstract_params.items() if k != "layers"})
+
+
+def save_meta(step_dir: Path, meta: dict) -> None:
+    ocp.Checkpointer(ocp.JsonCheckpointHandler()).save(step_dir.absolute() / "meta", args=ocp.args.JsonSave(meta))
+
+
+# ----------------------------------------------------------------------------- stacked <-> per-layer
+def _drop_layer_axis(x: Any) -> Any:
+    sharding = x.sharding
+    if isinstance(sharding, NamedSharding):
+        sharding = NamedSharding(sharding.mesh, PartitionSpec(*sharding.spec[1:]))
+    return jax.ShapeDtypeStruct(x.shape[1:], x.dtype, sharding=sharding)
+
+
+def split_layers(params: dict) -> dict:
+    """{'layers': stacked [L, ...]} -> {'layers': {'0': [...], ..., 'L-1': [...]}}; arrays or ShapeDtypeStructs."""
+    stacked = params["layers"]
+    first = jax.tree.leaves(stacked)[0]
+    out = {k: v for k, v in params.items() if k != "layers"}
+    if isinstance(first, jax.ShapeDtypeStruct):
+        layer = jax.tree.map(_drop_layer_axis, stacked)
+        out["layers"] = {str(i): layer for i in range(first.shape[0])}
+    else:
+        out["layers"] = {str(i): jax.tree.map(lambda x: x[i], stacked) for i in range(first.shape[0])}
+    return out
+
+
+def stack_layers(stored: dict, abstract_params: dict) -> dict:
+    """Inverse of `split_layers`, placed on `abstract_params`' shardings (jitted: no host round trip)."""
+    per_layer = stored["layers"]
+    layers = [per_layer[str(i)] for i in range(len(per_layer))]
+    shardings = jax.tree.map(lambda x: x.sharding, abstract_params["layers"])
+
+    @functools.partial(jax.jit, out_shardings=shardings)
+    def stack(layers):
+        return jax.tree.map(lambda *xs: jnp.stack(xs), *layers)
+
+    return {**{k: v for k, v in stored.items() if k != "layers"}, "layers": stack(layers)}

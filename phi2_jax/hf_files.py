@@ -12,10 +12,11 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import ml_dtypes
 import numpy as np
-from safetensors import SafetensorError, safe_open
 
 from phi2_jax.errors import WeightsError
+from phi2_jax.safetensors_io import SafetensorsFile
 
 SAFETENSORS = "model.safetensors"
 SAFETENSORS_INDEX = "model.safetensors.index.json"
@@ -76,12 +77,9 @@ class HFWeights:
         self._torch_state = state
         self._file_of = {name: path for name in state}
 
-    def _open(self, path: Path):
+    def _open(self, path: Path) -> SafetensorsFile:
         if path not in self._handles:
-            try:
-                self._handles[path] = safe_open(str(path), framework="numpy")
-            except (SafetensorError, OSError) as error:
-                raise WeightsError(f"{path} is not a readable safetensors file ({error}); it may be truncated or corrupt.") from None
+            self._handles[path] = SafetensorsFile(path)
         return self._handles[path]
 
     @property
@@ -91,13 +89,12 @@ class HFWeights:
     def shape(self, name: str) -> tuple[int, ...]:
         if self._torch_state is not None:
             return tuple(self._torch_state[name].shape)
-        return tuple(self._open(self._file_of[name]).get_slice(name).get_shape())
+        return self._open(self._file_of[name]).shape(name)
 
     def dtype(self, name: str) -> str:
         if self._torch_state is not None:
             return str(self._torch_state[name].dtype).removeprefix("torch.")
-        return {"F32": "float32", "F16": "float16", "BF16": "bfloat16", "F64": "float64"}.get(
-            d := self._open(self._file_of[name]).get_slice(name).get_dtype(), d)
+        return self._open(self._file_of[name]).dtype(name).name
 
     def read(self, name: str) -> np.ndarray:
         """The tensor as a numpy array in its stored dtype (bfloat16 via ml_dtypes)."""
@@ -106,21 +103,14 @@ class HFWeights:
         if self._torch_state is not None:
             tensor = self._torch_state[name]
             if str(tensor.dtype) == "torch.bfloat16":
-                import ml_dtypes
-                return tensor.view(dtype=__import__("torch").int16).numpy().view(ml_dtypes.bfloat16)
+                import torch
+                return tensor.view(torch.int16).numpy().view(ml_dtypes.bfloat16)
             return tensor.numpy()
-        path = self._file_of[name]
-        try:
-            return self._open(path).get_tensor(name)
-        except (SafetensorError, OSError) as error:
-            raise WeightsError(f"{path}: tensor '{name}' could not be read ({error}); the file may be truncated.") from None
+        return self._open(self._file_of[name]).read(name)
 
     def total_bytes(self) -> int:
         return sum(int(np.prod(self.shape(n))) * np.dtype(_np_dtype(self.dtype(n))).itemsize for n in self.names)
 
 
 def _np_dtype(name: str):
-    if name == "bfloat16":
-        import ml_dtypes
-        return ml_dtypes.bfloat16
-    return np.dtype(name)
+    return ml_dtypes.bfloat16 if name == "bfloat16" else np.dtype(name)

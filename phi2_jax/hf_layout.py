@@ -171,14 +171,29 @@ def hf_names_and_shapes(config: PhiConfig, layout: str, our_shapes: Mapping[str,
     return expected
 
 
+def tensor_plan(config: PhiConfig, layout: str) -> list[tuple[str, Rule, int | None]]:
+    """(HF name, rule, layer or None) for every tensor in file order: embedding, layer 0, layer 1, ..., final norm, head.
+
+    Layer-major order lets a converter hold one layer at a time.
+    """
+    table = rules(config, layout)
+    first = next(i for i, r in enumerate(table) if r.per_layer)
+    last = max(i for i, r in enumerate(table) if r.per_layer)
+    plan = [(r.hf, r, None) for r in table[:first]]
+    for i in range(config.num_hidden_layers):
+        plan += [(r.hf.format(i=i), r, i) for r in table[first:last + 1]]
+    return plan + [(r.hf, r, None) for r in table[last + 1:]]
+
+
+def hf_tensor(rule: Rule, get: Callable[[str], np.ndarray]) -> np.ndarray:
+    """The HF tensor of `rule`, from our arrays fetched by path (per-layer slices for per-layer rules)."""
+    return rule.transform.to_hf(*(get(p) for p in rule.ours))
+
+
 def iter_hf_tensors(config: PhiConfig, layout: str, flat_params: Mapping[str, np.ndarray]) -> Iterator[tuple[str, np.ndarray]]:
-    """(Hugging Face name, array) for every tensor, one at a time: the export direction."""
-    for rule in rules(config, layout):
-        if rule.per_layer:
-            for i in range(config.num_hidden_layers):
-                yield rule.hf.format(i=i), rule.transform.to_hf(*(flat_params[p][i] for p in rule.ours))
-        else:
-            yield rule.hf, rule.transform.to_hf(*(flat_params[p] for p in rule.ours))
+    """(Hugging Face name, array) for every tensor of a stacked flat parameter dict, in file order."""
+    for name, rule, layer in tensor_plan(config, layout):
+        yield name, hf_tensor(rule, lambda p: flat_params[p] if layer is None else flat_params[p][layer])
 
 
 def to_params(
@@ -188,14 +203,12 @@ def to_params(
     our_shapes: Mapping[str, tuple],
     dtype,
 ) -> dict[str, np.ndarray]:
-    """Our flat parameter dict (numpy, `dtype`), reading each HF tensor once through `read(name)`: the import direction."""
+    """Our flat stacked parameter dict (numpy, `dtype`), reading each HF tensor once: the import direction."""
     out = {path: np.empty(shape, dtype) for path, shape in our_shapes.items()}
-    for rule in rules(config, layout):
-        for i in range(config.num_hidden_layers) if rule.per_layer else [None]:
-            parts = rule.transform.to_ours(read(rule.hf.format(i=i)))
-            for path, part in zip(rule.ours, parts):
-                if i is None:
-                    out[path][...] = part
-                else:
-                    out[path][i] = part
+    for name, rule, layer in tensor_plan(config, layout):
+        for path, part in zip(rule.ours, rule.transform.to_ours(read(name))):
+            if layer is None:
+                out[path][...] = part
+            else:
+                out[path][layer] = part
     return out

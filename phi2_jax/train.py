@@ -126,7 +126,7 @@ class Trainer:
     def run(self) -> dict:
         import numpy as np
 
-        from phi2_jax.checkpoint import RunCheckpoints, abstract_with_shardings
+        from phi2_jax.checkpoint import RunCheckpoints
         from phi2_jax.metrics import EventWriter, device_peak_flops, plot_loss_curve, progress_line, train_flops_per_token
 
         jax, cfg, t = self.jax, self.config, self.config.train
@@ -204,7 +204,6 @@ class Trainer:
         return result
 
     def _abstract_state(self):
-        from phi2_jax.checkpoint import abstract_with_shardings
         from phi2_jax.train_step import abstract_params
 
         jax = self.jax

@@ -41,6 +41,16 @@ def test_default_run_learns_and_leaves_a_loadable_model(tmp_path, cache):
     assert model.config.num_hidden_layers == 2 and model.config.vocab_size == 512
     params = train_runs.final_params(run_dir, 60)
     np.testing.assert_array_equal(np.asarray(model.layers.mlp.fc1.kernel.value), params["layers/mlp/fc1/kernel"])
+    # the run folder exports straight to a folder transformers loads, with the same logits
+    from transformers import PhiForCausalLM
+
+    from phi2_jax.convert import main as convert
+    from tests.hf_reference import reference_logits
+
+    convert(["to-hf", str(run_dir), str(tmp_path / "hf"), "--dtype", "float32"])
+    exported = PhiForCausalLM.from_pretrained(tmp_path / "hf").eval()
+    ids = np.random.default_rng(0).integers(0, 512, (2, 16))
+    np.testing.assert_allclose(np.asarray(model(ids)), reference_logits(exported, ids), rtol=1e-4, atol=1e-4)
 
 
 def _wait_for_checkpoint(run_dir, step, proc, timeout=300):

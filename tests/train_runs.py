@@ -53,4 +53,8 @@ def final_params(run_dir: Path, step: int) -> dict[str, np.ndarray]:
     from phi2_jax.hf_layout import flatten
 
     restored = ocp.StandardCheckpointer().restore((run_dir / "checkpoints" / str(step) / "params").absolute())
-    return {k: np.asarray(v) for k, v in flatten(restored).items()}
+    layers = restored.pop("layers")  # stored one entry per layer: stack them back
+    flat = {k: np.asarray(v) for k, v in flatten(restored).items()}
+    per_layer = [flatten(layers[str(i)]) for i in range(len(layers))]
+    flat.update({f"layers/{k}": np.stack([layer[k] for layer in per_layer]) for k in per_layer[0]})
+    return flat

@@ -1,0 +1,326 @@
+"""`python -m phi2_jax.convert` / `phi2-convert`: Hugging Face <-> Orbax, one tensor (or layer) at a time.
+
+    from-hf HF_DIR CKPT_DIR [--dtype float32|bfloat16]
+    to-hf   CKPT_OR_RUN_DIR HF_DIR [--dtype float16|bfloat16|float32] [--max-shard-size 2GB] [--tokenizer DIR]
+    inspect PATH
+
+Both directions stream: from-hf reads each Hugging Face tensor with `pread` and
+adds one layer at a time to the Orbax checkpoint (Orbax partial saves);
+to-hf restores one layer at a time and writes safetensors shards tensor by
+tensor. Peak memory is about one layer, not the model.
+
+Output is written to a hidden sibling of the destination and renamed into
+place only when complete, so a failed run leaves nothing behind and never
+damages an existing folder (which is only replaced with --overwrite).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import jax
+import ml_dtypes
+import numpy as np
+
+from phi2_jax import checkpoint
+from phi2_jax.config import PhiConfig
+from phi2_jax.errors import UserInputError, WeightsError, exit_on_user_error
+from phi2_jax.hf_files import HFWeights
+from phi2_jax.hf_layout import detect_layout, hf_names_and_shapes, hf_tensor, tensor_plan, unflatten
+from phi2_jax.loading import check_hf_tensors, our_shapes
+from phi2_jax.progress import Progress
+from phi2_jax.safetensors_io import write_streaming
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt", "added_tokens.json",
+                   "special_tokens_map.json", "tokenizer.model")
+
+
+def numpy_dtype(name: str) -> np.dtype:
+    return np.dtype(ml_dtypes.bfloat16) if name == "bfloat16" else np.dtype(name)
+
+
+# ----------------------------------------------------------------------------- atomic destinations
+def staging_dir(dest: Path, overwrite: bool) -> Path:
+    """A fresh hidden sibling of `dest` to write into; refuses a non-empty `dest` unless `overwrite`."""
+    if dest.exists() and not dest.is_dir():
+        raise UserInputError(f"{dest} exists and is not a folder; expected a new or empty folder.")
+    if dest.is_dir() and any(dest.iterdir()) and not overwrite:
+        raise UserInputError(f"{dest} is not empty; choose a new folder or pass --overwrite to replace it.")
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    staging = dest.parent / f".{dest.name}.partial-{os.getpid()}"
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir()
+    return staging
+
+
+def publish(staging: Path, dest: Path) -> None:
+    """Moves the finished `staging` folder to `dest`; an existing `dest` is removed only after that succeeds."""
+    old = None
+    if dest.exists():
+        old = dest.parent / f".{dest.name}.old-{os.getpid()}"
+        dest.rename(old)
+    staging.rename(dest)
+    if old is not None:
+        shutil.rmtree(old)
+
+
+def _atomically(dest: Path, overwrite: bool, write: Callable[[Path], None]) -> None:
+    staging = staging_dir(dest, overwrite)
+    try:
+        write(staging)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    publish(staging, dest)
+
+
+# ----------------------------------------------------------------------------- from-hf
+def _nest(path: str, layer: int | None, value) -> dict:
+    """'layers/mlp/fc1/kernel', 3 -> {'layers': {'3': {'mlp': {'fc1': {'kernel': value}}}}}"""
+    parts = path.split("/")
+    if layer is not None:
+        parts = [parts[0], str(layer), *parts[1:]]
+    return unflatten({"/".join(parts): value})
+
+
+def _merge(into: dict, tree: dict) -> None:
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            _merge(into.setdefault(key, {}), value)
+        else:
+            into[key] = value
+
+
+def from_hf(hf_dir: Path, ckpt_dir: Path, dtype: str = "float32", overwrite: bool = False) -> PhiConfig:
+    """Converts a Hugging Face Phi folder to an Orbax checkpoint (params + meta), streaming."""
+    from orbax.checkpoint.experimental.v1 import partial
+
+    if dtype not in ("float32", "bfloat16"):
+        raise UserInputError(f"--dtype {dtype} is not a parameter dtype; expected float32 or bfloat16.")
+    if not hf_dir.is_dir():
+        raise WeightsError(f"{hf_dir} does not exist or is not a folder; expected a Hugging Face model folder.")
+    config = PhiConfig.from_hf_file(hf_dir, param_dtype=dtype)
+    weights = HFWeights(hf_dir)
+    layout = detect_layout(weights.names, str(hf_dir))
+    check_hf_tensors(weights, config, layout)
+    target = numpy_dtype(dtype)
+    plan = tensor_plan(config, layout)
+    # One partial save per layer, and per top-level tensor (the embedding alone is 0.5 GB in float32).
+    groups: list[list] = []
+    for entry in plan:
+        if entry[2] is not None and groups and groups[-1][0][2] == entry[2]:
+            groups[-1].append(entry)
+        else:
+            groups.append([entry])
+
+    def write(staging: Path) -> None:
+        pending = staging / "params.pending"
+        progress = Progress(f"from-hf {hf_dir.name} ({layout}, {weights.dtype(plan[0][0])})", len(plan),
+                            weights.total_bytes())
+        for group in groups:
+            tree: dict = {}
+            for name, rule, layer in group:
+                source = weights.read(name)
+                for path, part in zip(rule.ours, rule.transform.to_ours(source)):
+                    _merge(tree, _nest(path, layer, np.ascontiguousarray(part, dtype=target)))
+                progress.advance(1, source.nbytes)
+            partial.save(pending, tree)
+        partial.finalize(pending)
+        (pending / "state").rename(staging / "params")
+        if (pending / "_CHECKPOINT_METADATA").is_file():  # read by Orbax on restore
+            shutil.copy2(pending / "_CHECKPOINT_METADATA", staging / "params" / "_CHECKPOINT_METADATA")
+        shutil.rmtree(pending)
+        checkpoint.save_meta(staging, {"model_config": config.to_dict(), "source": str(hf_dir.absolute()),
+                                       "source_layout": layout, "format": "phi2_jax model checkpoint v1"})
+        progress.close()
+
+    _atomically(ckpt_dir, overwrite, write)
+    return config
+
+
+# ----------------------------------------------------------------------------- to-hf
+def parse_size(text: str) -> int:
+    """'2GB' -> 2_000_000_000 (decimal units, as transformers' max_shard_size)."""
+    units = {"KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "B": 1}
+    upper = text.strip().upper()
+    for unit, factor in units.items():
+        if upper.endswith(unit):
+            try:
+                return int(float(upper[: -len(unit)]) * factor)
+            except ValueError:
+                break
+    if upper.isdigit():
+        return int(upper)
+    raise UserInputError(f"--max-shard-size '{text}' is not a size; expected e.g. 2GB, 500MB or 1000000.")
+
+
+class _LayerReader:
+    """Serves our arrays for the tensor plan, holding one layer (or one top-level tensor) in memory."""
+
+    def __init__(self, step_dir: Path, config: PhiConfig):
+        from flax import nnx
+
+        from phi2_jax.model import abstract_model
+
+        self.step_dir = step_dir
+        cpu = jax.sharding.SingleDeviceSharding(jax.devices("cpu")[0])
+        stacked = nnx.to_pure_dict(nnx.state(abstract_model(config)))
+        stacked = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=cpu), stacked)
+        self.abstract = checkpoint.split_layers(stacked)
+        self.abstract_layer = self.abstract["layers"]["0"]
+        self._layer_index, self._layer = None, None
+
+    def get(self, path: str, layer: int | None) -> np.ndarray:
+        if layer is None:
+            key, *rest = path.split("/")
+            tree = checkpoint.restore_top_level(self.step_dir, {key: self.abstract[key]})[key]
+            for part in rest:
+                tree = tree[part]
+            return np.asarray(tree)
+        if layer != self._layer_index:
+            self._layer = checkpoint.restore_layer(self.step_dir, self.abstract_layer, layer)
+            self._layer_index = layer
+        tree = self._layer
+        for part in path.split("/")[1:]:
+            tree = tree[part]
+        return np.asarray(tree)
+
+
+def to_hf(source: Path, hf_dir: Path, dtype: str = "float16", max_shard_size: str = "2GB",
+          tokenizer: Path | None = None, overwrite: bool = False) -> list[str]:
+    """Writes a Hugging Face folder from a converted checkpoint or a training run's newest checkpoint."""
+    if dtype not in ("float16", "bfloat16", "float32"):
+        raise UserInputError(f"--dtype {dtype} is not supported; expected float16, bfloat16 or float32.")
+    if not source.exists():
+        raise UserInputError(f"{source} does not exist; expected a converted checkpoint or a training run folder.")
+    step_dir = checkpoint.resolve_step_dir(source)
+    if step_dir is None:
+        raise UserInputError(f"{source} holds no phi2_jax checkpoint (no params/ and meta/); expected the output of "
+                             f"from-hf or a training run folder.")
+    if tokenizer is not None and not any((tokenizer / f).is_file() for f in TOKENIZER_FILES):
+        raise UserInputError(f"--tokenizer {tokenizer} holds no tokenizer files; expected e.g. tokenizer.json.")
+    config = PhiConfig.from_dict(checkpoint.read_meta(step_dir)["model_config"])
+    out_dtype = numpy_dtype(dtype)
+    plan = tensor_plan(config, "transformers")
+    shapes = hf_names_and_shapes(config, "transformers", our_shapes(config))
+    limit = parse_size(max_shard_size)
+    shards: list[list] = [[]]
+    size = 0
+    for entry in plan:
+        nbytes = int(np.prod(shapes[entry[0]])) * out_dtype.itemsize
+        if shards[-1] and size + nbytes > limit:
+            shards.append([])
+            size = 0
+        shards[-1].append(entry)
+        size += nbytes
+    names = (["model.safetensors"] if len(shards) == 1 else
+             [f"model-{k + 1:05d}-of-{len(shards):05d}.safetensors" for k in range(len(shards))])
+    total = sum(int(np.prod(s)) for s in shapes.values()) * out_dtype.itemsize
+
+    def write(staging: Path) -> None:
+        reader = _LayerReader(step_dir, config)
+        progress = Progress(f"to-hf {hf_dir.name} ({dtype}, {len(shards)} shard{'s' * (len(shards) > 1)})", len(plan), total)
+
+        def tensors(shard):
+            for name, rule, layer in shard:
+                array = hf_tensor(rule, lambda p: reader.get(p, layer))
+                # Round to nearest even from float32, exactly as torch's .to(float16 / bfloat16).
+                array = np.ascontiguousarray(array.astype(np.float32).astype(out_dtype))
+                progress.advance(1, array.nbytes)
+                yield array
+
+        weight_map = {}
+        for shard, file in zip(shards, names):
+            specs = [(name, shapes[name], out_dtype) for name, _, _ in shard]
+            write_streaming(staging / file, specs, tensors(shard), {"format": "pt"})
+            weight_map.update({name: file for name, _, _ in shard})
+        if len(shards) > 1:
+            index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+            (staging / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+        (staging / "config.json").write_text(json.dumps(config.to_hf_dict(torch_dtype=dtype), indent=2))
+        generation = {"bos_token_id": config.bos_token_id, "eos_token_id": config.eos_token_id}
+        (staging / "generation_config.json").write_text(json.dumps(generation, indent=2))
+        if tokenizer is not None:
+            for f in TOKENIZER_FILES:
+                if (tokenizer / f).is_file():
+                    shutil.copy2(tokenizer / f, staging / f)
+        progress.close()
+
+    _atomically(hf_dir, overwrite, write)
+    return names
+
+
+# ----------------------------------------------------------------------------- inspect
+def inspect(path: Path) -> dict:
+    """What a folder or checkpoint holds, read from headers and metadata only."""
+    if not path.exists():
+        raise UserInputError(f"{path} does not exist.")
+    step_dir = checkpoint.resolve_step_dir(path)
+    if step_dir is not None:
+        import orbax.checkpoint as ocp
+
+        meta = checkpoint.read_meta(step_dir)
+        config = PhiConfig.from_dict(meta["model_config"])
+        tree = ocp.StandardCheckpointer().metadata(step_dir.absolute() / "params")
+        tree = getattr(tree, "item_metadata", tree)
+        leaves = jax.tree.leaves(tree, is_leaf=lambda x: hasattr(x, "shape"))
+        return {"format": "phi2_jax Orbax checkpoint", "path": str(step_dir), "step": meta.get("step", "-"),
+                "dtypes": sorted({str(np.dtype(x.dtype)) for x in leaves}), "tensors": len(leaves),
+                "parameters": sum(int(np.prod(x.shape)) for x in leaves), "config": config.to_hf_dict()}
+    weights = HFWeights(path)
+    layout = detect_layout(weights.names, str(path))
+    config = PhiConfig.from_hf_file(path)
+    return {"format": f"Hugging Face ({weights.format}, {len(weights.files)} file{'s' * (len(weights.files) > 1)})",
+            "path": str(path), "layout": layout, "dtypes": sorted({weights.dtype(n) for n in weights.names}),
+            "tensors": len(weights.names), "parameters": sum(int(np.prod(weights.shape(n))) for n in weights.names),
+            "config": config.to_hf_dict()}
+
+
+# ----------------------------------------------------------------------------- CLI
+def parse_args(argv):
+    parser = argparse.ArgumentParser(prog="phi2-convert", description=__doc__.split("\n\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    a = sub.add_parser("from-hf", help="Hugging Face folder -> Orbax checkpoint")
+    a.add_argument("hf_dir", type=Path)
+    a.add_argument("ckpt_dir", type=Path)
+    a.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    a.add_argument("--overwrite", action="store_true")
+    b = sub.add_parser("to-hf", help="Orbax checkpoint or run folder -> Hugging Face folder")
+    b.add_argument("source", type=Path)
+    b.add_argument("hf_dir", type=Path)
+    b.add_argument("--dtype", default="float16", choices=["float16", "bfloat16", "float32"])
+    b.add_argument("--max-shard-size", default="2GB")
+    b.add_argument("--tokenizer", type=Path)
+    b.add_argument("--overwrite", action="store_true")
+    c = sub.add_parser("inspect", help="describe a folder or checkpoint without loading weights")
+    c.add_argument("path", type=Path)
+    return parser.parse_args(argv)
+
+
+@exit_on_user_error
+def main(argv=None) -> None:
+    args = parse_args(sys.argv[1:] if argv is None else argv)
+    jax.config.update("jax_platforms", "cpu")  # conversion is host work; never grab an accelerator
+    if args.command == "from-hf":
+        config = from_hf(args.hf_dir, args.ckpt_dir, args.dtype, args.overwrite)
+        print(f"wrote {args.ckpt_dir} ({config.num_params():,} parameters, {args.dtype})")
+    elif args.command == "to-hf":
+        files = to_hf(args.source, args.hf_dir, args.dtype, args.max_shard_size, args.tokenizer, args.overwrite)
+        print(f"wrote {args.hf_dir} ({len(files)} safetensors file{'s' * (len(files) > 1)}, {args.dtype})")
+    else:
+        info = inspect(args.path)
+        config = info.pop("config")
+        for key, value in info.items():
+            print(f"{key:>11}: {value:,}" if isinstance(value, int) else f"{key:>11}: {value}")
+        print("     config: " + ", ".join(f"{k}={v}" for k, v in config.items()
+                                          if k not in ("architectures", "rope_parameters", "dtype", "torch_dtype")))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,40 @@
+"""A one-line progress bar on stderr: items, bytes, rate and ETA, redrawn at most a few times a second."""
+
+from __future__ import annotations
+
+import sys
+import time
+
+from phi2_jax.metrics import format_eta
+
+
+class Progress:
+    def __init__(self, label: str, total_items: int, total_bytes: int = 0, stream=sys.stderr):
+        self.label, self.total_items, self.total_bytes, self.stream = label, total_items, total_bytes, stream
+        self.items = self.bytes = 0
+        self.start = self._drawn = time.perf_counter()
+
+    def advance(self, items: int = 1, nbytes: int = 0) -> None:
+        self.items += items
+        self.bytes += nbytes
+        now = time.perf_counter()
+        if now - self._drawn > 0.25 or self.items == self.total_items:
+            self._drawn = now
+            self._draw(now)
+
+    def _draw(self, now: float) -> None:
+        elapsed = max(now - self.start, 1e-9)
+        line = f"\r{self.label}: {self.items}/{self.total_items}"
+        if self.total_bytes:
+            rate = self.bytes / elapsed
+            eta = (self.total_bytes - self.bytes) / rate if rate else float("inf")
+            line += (f"  {self.bytes / 1e9:.2f}/{self.total_bytes / 1e9:.2f} GB  {rate / 1e6:.0f} MB/s"
+                     f"  eta {format_eta(eta)}")
+        self.stream.write(line)
+        self.stream.flush()
+
+    def close(self) -> None:
+        if self.items != self.total_items:
+            self._draw(time.perf_counter())
+        self.stream.write(f"  done in {time.perf_counter() - self.start:.1f}s\n")
+        self.stream.flush()

@@ -1,0 +1,109 @@
+"""Streaming safetensors: read one tensor with `pread`, write one tensor at a time.
+
+The format is an 8-byte little-endian header length, a JSON header
+`{name: {dtype, shape, data_offsets: [begin, end]}, "__metadata__": {...}}`,
+then the raw little-endian tensor bytes. Reading with `pread` instead of a
+memory map keeps only the tensor being converted in memory (a mapped 5 GB file
+would count towards the process's resident memory as it is read). Every
+inconsistency a damaged file can have is reported as a `WeightsError`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+from collections.abc import Iterable
+from pathlib import Path
+
+import ml_dtypes
+import numpy as np
+
+from phi2_jax.errors import WeightsError
+
+DTYPES = {"F64": np.dtype("float64"), "F32": np.dtype("float32"), "F16": np.dtype("float16"),
+          "BF16": np.dtype(ml_dtypes.bfloat16), "I64": np.dtype("int64"), "I32": np.dtype("int32"),
+          "I16": np.dtype("int16"), "I8": np.dtype("int8"), "U8": np.dtype("uint8"), "BOOL": np.dtype("bool")}
+CODES = {v: k for k, v in DTYPES.items()}
+_MAX_HEADER = 100 * 2**20
+
+
+class SafetensorsFile:
+    """Header of one .safetensors file, validated against the file size; tensors read on demand."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        try:
+            size = self.path.stat().st_size
+            with open(self.path, "rb") as f:
+                prefix = f.read(8)
+                if len(prefix) < 8:
+                    raise WeightsError(f"{self.path} is {size} bytes, too short for a safetensors header; it is truncated.")
+                (header_len,) = struct.unpack("<Q", prefix)
+                if header_len > min(_MAX_HEADER, size - 8):
+                    raise WeightsError(f"{self.path} declares a {header_len}-byte header in a {size}-byte file; "
+                                       f"it is truncated or not a safetensors file.")
+                header = json.loads(f.read(header_len))
+        except OSError as error:
+            raise WeightsError(f"{self.path} could not be read ({error.strerror}).") from None
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            raise WeightsError(f"{self.path} has a header that is not valid JSON; it is corrupt or not a safetensors file.") from None
+        if not isinstance(header, dict):
+            raise WeightsError(f"{self.path} has a header that is not a JSON object; it is corrupt.")
+        self.metadata = header.pop("__metadata__", {}) or {}
+        self.data_start = 8 + header_len
+        self.entries: dict[str, tuple[np.dtype, tuple[int, ...], int, int]] = {}
+        data_len = size - self.data_start
+        for name, entry in header.items():
+            try:
+                dtype, shape, (begin, end) = DTYPES[entry["dtype"]], tuple(entry["shape"]), entry["data_offsets"]
+            except (KeyError, TypeError, ValueError):
+                raise WeightsError(f"{self.path}: tensor '{name}' has a malformed header entry {entry}.") from None
+            if end - begin != int(np.prod(shape)) * dtype.itemsize:
+                raise WeightsError(f"{self.path}: tensor '{name}' claims {end - begin} bytes for shape {list(shape)} "
+                                   f"of {entry['dtype']}; the header is corrupt.")
+            if end > data_len:
+                raise WeightsError(f"{self.path}: tensor '{name}' ends at byte {end} of a {data_len}-byte data section; "
+                                   f"the file is truncated.")
+            self.entries[name] = (dtype, shape, begin, end)
+
+    def keys(self) -> list[str]:
+        return list(self.entries)
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return self.entries[name][1]
+
+    def dtype(self, name: str) -> np.dtype:
+        return self.entries[name][0]
+
+    def read(self, name: str) -> np.ndarray:
+        dtype, shape, begin, end = self.entries[name]
+        with open(self.path, "rb") as f:
+            data = os.pread(f.fileno(), end - begin, self.data_start + begin)
+        if len(data) != end - begin:
+            raise WeightsError(f"{self.path}: tensor '{name}' could not be read in full; the file is truncated.")
+        return np.frombuffer(data, dtype=dtype).reshape(shape)
+
+
+def write_streaming(path: str | Path, specs: list[tuple[str, tuple[int, ...], np.dtype]], tensors: Iterable[np.ndarray],
+                    metadata: dict[str, str] | None = None) -> int:
+    """Writes a safetensors file whose header comes from `specs` and whose data comes one tensor at a time.
+
+    `tensors` yields arrays in the order of `specs`; each is checked against its
+    spec before it is written. Returns the number of data bytes written.
+    """
+    header: dict = {"__metadata__": metadata or {"format": "pt"}}
+    offset = 0
+    for name, shape, dtype in specs:
+        nbytes = int(np.prod(shape)) * np.dtype(dtype).itemsize
+        header[name] = {"dtype": CODES[np.dtype(dtype)], "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
+        offset += nbytes
+    encoded = json.dumps(header, separators=(",", ":")).encode()
+    encoded += b" " * (-len(encoded) % 8)  # data starts 8-byte aligned, as the reference writer does
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(encoded)))
+        f.write(encoded)
+        for (name, shape, dtype), array in zip(specs, tensors, strict=True):
+            assert array.shape == tuple(shape) and array.dtype == np.dtype(dtype), (name, array.shape, array.dtype)
+            f.write(np.ascontiguousarray(array).reshape(-1).view(np.uint8).data)
+    return offset
