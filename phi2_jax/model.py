@@ -28,7 +28,7 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh
 
-from phi2_jax.attention import attention
+from phi2_jax.attention import attention, attention_mask, attention_probs
 from phi2_jax.config import PhiConfig
 from phi2_jax.sharding import constrain, state_shardings
 
@@ -150,7 +150,8 @@ class Attention(nnx.Module):
             self.q_layernorm = LayerNorm(config.head_dim, "head_dim", stack=stack, config=config)
             self.k_layernorm = LayerNorm(config.head_dim, "head_dim", stack=stack, config=config)
 
-    def __call__(self, x: Array, ctx: dict[str, Any], mesh: Mesh | None) -> Array:
+    def __call__(self, x: Array, ctx: dict[str, Any], mesh: Mesh | None, cache: tuple | None):
+        """Returns (output [B, T, E], updated (k, v) cache or None, attention probabilities or None)."""
         cfg = self.config
         batch, length, _ = x.shape
         q = self.q_proj(x).reshape(batch, length, cfg.num_attention_heads, cfg.head_dim)
@@ -163,9 +164,21 @@ class Attention(nnx.Module):
         k = apply_rotary(k, ctx["cos"], ctx["sin"])
         q = constrain(q, ("act_batch", "act_length", "act_heads", "act_head_dim"), mesh)
         k = constrain(k, ("act_batch", "act_length", "act_kv_heads", "act_head_dim"), mesh)
-        out = attention(q, k, v, backend=cfg.attention_backend, kv_mask=ctx["attention_mask"],
+        q_offset = 0
+        if cache is not None:
+            # Decoding: write this step's keys/values at slots [index, index + T) of a static cache.
+            index = ctx["cache_index"]
+            k = jax.lax.dynamic_update_slice(cache[0], k.astype(cache[0].dtype), (0, index, 0, 0))
+            v = jax.lax.dynamic_update_slice(cache[1], v.astype(cache[1].dtype), (0, index, 0, 0))
+            cache, q_offset = (k, v), index
+        out = attention(q, k, v, backend=cfg.attention_backend, q_offset=q_offset, kv_mask=ctx["attention_mask"],
                         q_segment_ids=ctx["segment_ids"], kv_segment_ids=ctx["segment_ids"])
-        return self.dense(out.reshape(batch, length, -1))
+        probs = None
+        if "attn_probs" in ctx["capture"]:
+            mask = attention_mask(batch, length, k.shape[1], q_offset=q_offset, kv_mask=ctx["attention_mask"],
+                                  q_segment_ids=ctx["segment_ids"], kv_segment_ids=ctx["segment_ids"])
+            probs = attention_probs(q, k, mask)
+        return self.dense(out.reshape(batch, length, -1)), cache, probs
 
 
 class MLP(nnx.Module):
@@ -174,10 +187,12 @@ class MLP(nnx.Module):
         self.fc2 = Linear(config.intermediate_size, config.hidden_size, ("mlp", "embed"), stack=stack, config=config, rngs=rngs)
         self.activation = config.hidden_act
 
-    def __call__(self, x: Array, mesh: Mesh | None) -> Array:
+    def __call__(self, x: Array, mesh: Mesh | None) -> tuple[Array, Array]:
+        """(output [B, T, E], activation after the nonlinearity [B, T, F])."""
         y = self.fc1(x)
         y = constrain(y, ("act_batch", "act_length", "act_mlp"), mesh)
-        return self.fc2(ACTIVATION_FNS[self.activation](y))
+        act = ACTIVATION_FNS[self.activation](y)
+        return self.fc2(act), act
 
 
 class DecoderLayer(nnx.Module):
@@ -189,12 +204,17 @@ class DecoderLayer(nnx.Module):
         self.mlp = MLP(config, stack=stack, rngs=rngs)
         self.resid_pdrop = config.resid_pdrop
 
-    def __call__(self, h: Array, ctx: dict[str, Any], rng: Array | None, mesh: Mesh | None) -> Array:
+    def __call__(self, h: Array, ctx: dict[str, Any], rng: Array | None, mesh: Mesh | None, cache: tuple | None):
+        """Returns (new residual stream, updated cache, captured intermediates of this layer)."""
         x = self.input_layernorm(h, h.dtype)
         attn_rng, mlp_rng = jax.random.split(rng) if rng is not None else (None, None)
-        attn_out = dropout(self.self_attn(x, ctx, mesh), self.resid_pdrop, attn_rng)
-        mlp_out = dropout(self.mlp(x, mesh), self.resid_pdrop, mlp_rng)
-        return h + attn_out.astype(h.dtype) + mlp_out.astype(h.dtype)
+        attn_out, cache, probs = self.self_attn(x, ctx, mesh, cache)
+        mlp_out, mlp_act = self.mlp(x, mesh)
+        attn_out = dropout(attn_out, self.resid_pdrop, attn_rng)
+        mlp_out = dropout(mlp_out, self.resid_pdrop, mlp_rng)
+        h = h + attn_out.astype(h.dtype) + mlp_out.astype(h.dtype)
+        available = {"attn_out": attn_out, "mlp_out": mlp_out, "mlp_act": mlp_act, "attn_probs": probs}
+        return h, cache, {name: available[name] for name in ctx["capture"] if name in available}
 
 
 _REMAT_POLICIES = {
@@ -218,7 +238,6 @@ class Phi(nnx.Module):
         self.final_layernorm = LayerNorm(config.hidden_size, "norm", stack=(), config=config)
         self.lm_head = Linear(config.hidden_size, config.vocab_size, ("embed", "vocab"), stack=(), config=config, rngs=rngs)
 
-    # The traceable forward pass; use it inside your own jit / grad.
     def forward(
         self,
         input_ids: Array,
@@ -228,19 +247,47 @@ class Phi(nnx.Module):
         *,
         dropout_rng: Array | None = None,
     ) -> Array:
-        """Float32 logits [B, T, V] for input_ids [B, T].
+        """Float32 logits [B, T, V] for input_ids [B, T]; traceable (use inside your own jit / grad).
 
         attention_mask [B, T]: 1 for real tokens, 0 for padding (left or right).
         segment_ids [B, T]: document ids of packed sequences; no attention across them.
         dropout_rng: a PRNG key turns dropout on (training); None means deterministic.
         """
+        return self.run(input_ids, attention_mask, position_ids, segment_ids, dropout_rng=dropout_rng)["logits"]
+
+    def run(
+        self,
+        input_ids: Array,
+        attention_mask: Array | None = None,
+        position_ids: Array | None = None,
+        segment_ids: Array | None = None,
+        *,
+        dropout_rng: Array | None = None,
+        cache: dict[str, Array] | None = None,
+        cache_index: Array | int = 0,
+        capture: tuple[str, ...] = (),
+        edits: dict[str, Array] | None = None,
+    ) -> dict[str, Any]:
+        """The forward pass with everything optional; returns {'logits', 'cache', 'captures'}.
+
+        cache: {'k', 'v'} [L, B, S, K, D] from `init_cache`; the T new tokens are
+          written at slots [cache_index, cache_index + T) and `attention_mask`
+          is then the [B, S] mask of valid cache slots (this step's included).
+        capture: names from CAPTURE_NAMES; each comes back stacked over layers.
+        edits: residual-stream interventions after each layer (see `interpret.py`):
+          {'replace_mask' [L, B, T], 'replace_value' [L, B, T, E], 'add' [L, B, T, E]}.
+        """
         cfg, mesh = self.config, self.mesh
+        unknown = set(capture) - set(CAPTURE_NAMES)
+        assert not unknown, f"unknown capture names {sorted(unknown)}; expected some of {CAPTURE_NAMES}"
         batch, length = input_ids.shape
         compute_dtype = jnp.dtype(cfg.compute_dtype)
         if position_ids is None:
+            assert cache is None, "decoding needs explicit position_ids"
             position_ids = default_positions(batch, length, attention_mask, segment_ids)
         cos, sin = rotary_tables(position_ids, cfg.rotary_dim, cfg.rope_theta)
-        ctx = {"cos": cos, "sin": sin, "attention_mask": attention_mask, "segment_ids": segment_ids}
+        ctx = {"cos": cos, "sin": sin, "attention_mask": attention_mask, "segment_ids": segment_ids,
+               "cache_index": cache_index, "capture": tuple(capture)}
 
         embed_rng, layers_rng = jax.random.split(dropout_rng) if dropout_rng is not None else (None, None)
         h = jnp.take(self.embed_tokens.value, input_ids, axis=0).astype(compute_dtype)
@@ -250,35 +297,75 @@ class Phi(nnx.Module):
         graphdef, stacked = nnx.split(self.layers)
 
         def one_layer(h, xs):
-            layer_state, index = xs
-            layer = nnx.merge(graphdef, layer_state)
-            rng = jax.random.fold_in(layers_rng, index) if layers_rng is not None else None
-            h = layer(h, ctx, rng, mesh)
-            return constrain(h, ("act_batch", "act_length", "act_embed"), mesh), None
+            layer = nnx.merge(graphdef, xs["params"])
+            rng = jax.random.fold_in(layers_rng, xs["index"]) if layers_rng is not None else None
+            layer_cache = (xs["k"], xs["v"]) if "k" in xs else None
+            h, layer_cache, captured = layer(h, ctx, rng, mesh, layer_cache)
+            if "edits" in xs:
+                e = xs["edits"]
+                h = jnp.where(e["replace_mask"][..., None], e["replace_value"].astype(h.dtype), h)
+                h = h + e["add"].astype(h.dtype)
+            h = constrain(h, ("act_batch", "act_length", "act_embed"), mesh)
+            if "residual" in ctx["capture"]:
+                captured["residual"] = h
+            ys = {"captures": captured}
+            if layer_cache is not None:
+                ys["k"], ys["v"] = layer_cache
+            return h, ys
 
         if cfg.remat != "none":
             one_layer = jax.checkpoint(one_layer, policy=_REMAT_POLICIES[cfg.remat], prevent_cse=False)
-        h, _ = jax.lax.scan(one_layer, h, (stacked, jnp.arange(cfg.num_hidden_layers)))
+        xs = {"params": stacked, "index": jnp.arange(cfg.num_hidden_layers)}
+        if cache is not None:
+            xs["k"], xs["v"] = cache["k"], cache["v"]
+        if edits is not None:
+            xs["edits"] = edits
+        h, ys = jax.lax.scan(one_layer, h, xs)
 
         h = self.final_layernorm(h, compute_dtype)
         logits = self.lm_head(h, out_dtype=jnp.float32)
-        return constrain(logits, ("act_batch", "act_length", "act_vocab"), mesh)
+        logits = constrain(logits, ("act_batch", "act_length", "act_vocab"), mesh)
+        new_cache = {"k": ys["k"], "v": ys["v"]} if cache is not None else None
+        return {"logits": logits, "cache": new_cache, "captures": ys["captures"]}
 
-    def __call__(self, input_ids, attention_mask=None, position_ids=None, segment_ids=None, *, dropout_rng=None):
-        """Logits for numpy or jax inputs. Outside a trace it runs a cached jitted forward pass."""
+    def init_cache(self, batch: int, max_length: int, dtype=None) -> dict[str, Array]:
+        """An empty static KV cache {'k', 'v'} [L, B, max_length, K, D] in the compute dtype."""
+        cfg = self.config
+        shape = (cfg.num_hidden_layers, batch, max_length, cfg.num_key_value_heads, cfg.head_dim)
+        dtype = dtype or jnp.dtype(cfg.compute_dtype)
+        return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)}
+
+    def __call__(self, input_ids, attention_mask=None, position_ids=None, segment_ids=None, *, dropout_rng=None,
+                 capture: tuple[str, ...] | list[str] = (), edits: dict | None = None):
+        """Logits for numpy or jax inputs. Outside a trace it runs a cached jitted forward pass.
+
+        With `capture` (names from CAPTURE_NAMES) returns (logits, {name: [L, ...] array});
+        `edits` patch or steer the residual stream (build them with `phi2_jax.interpret`).
+        """
         args = [None if a is None else jnp.asarray(a) for a in (input_ids, attention_mask, position_ids, segment_ids)]
         if args[0].ndim != 2:
             raise ValueError(f"input_ids must be [batch, time], got shape {tuple(args[0].shape)}.")
+        unknown = set(capture) - set(CAPTURE_NAMES)
+        if unknown:
+            raise ValueError(f"cannot capture {sorted(unknown)}; expected some of {', '.join(CAPTURE_NAMES)}.")
+        capture = tuple(capture)
         if any(isinstance(a, jax.core.Tracer) for a in [*args, dropout_rng, self.embed_tokens.value]):
-            return self.forward(*args, dropout_rng=dropout_rng)
-        graphdef, state = nnx.split(self)
-        return _jitted_forward(graphdef, state, *args, dropout_rng=dropout_rng)
+            out = self.run(*args, dropout_rng=dropout_rng, capture=capture, edits=edits)
+        else:
+            graphdef, state = nnx.split(self)
+            out = _jitted_run(graphdef, state, *args, dropout_rng=dropout_rng, capture=capture, edits=edits)
+        return (out["logits"], out["captures"]) if capture else out["logits"]
 
 
-@functools.partial(jax.jit, static_argnums=0)
-def _jitted_forward(graphdef, state, input_ids, attention_mask, position_ids, segment_ids, *, dropout_rng):
+CAPTURE_NAMES = ("residual", "attn_out", "mlp_out", "mlp_act", "attn_probs")
+
+
+@functools.partial(jax.jit, static_argnums=0, static_argnames="capture")
+def _jitted_run(graphdef, state, input_ids, attention_mask, position_ids, segment_ids, *, dropout_rng, capture, edits):
     model = nnx.merge(graphdef, state)
-    return model.forward(input_ids, attention_mask, position_ids, segment_ids, dropout_rng=dropout_rng)
+    out = model.run(input_ids, attention_mask, position_ids, segment_ids, dropout_rng=dropout_rng, capture=capture,
+                    edits=edits)
+    return {"logits": out["logits"], "captures": out["captures"]}
 
 
 # ----------------------------------------------------------------------------- creation

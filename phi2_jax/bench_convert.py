@@ -1,0 +1,123 @@
+"""The `convert` benchmark: a random full-size phi-2 folder through our converter and through transformers.
+
+The folder is generated tensor by tensor (fp16, two shards, like the published
+model), so making it needs no more memory than the converter should. Each step
+runs in its own process; wall time and peak resident memory (the process tree's
+RSS sampled every 20 ms) are recorded side by side.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+from phi2_jax.config import PhiConfig, preset
+from phi2_jax.hf_layout import hf_names_and_shapes, tensor_plan
+from phi2_jax.loading import our_shapes
+from phi2_jax.safetensors_io import SafetensorsFile, write_streaming
+
+
+def write_random_hf_folder(config: PhiConfig, folder: Path, shards: int = 2, seed: int = 0) -> int:
+    """A random float16 Phi folder in the transformers layout, `shards` files + index; returns total bytes."""
+    folder.mkdir(parents=True, exist_ok=True)
+    shapes = hf_names_and_shapes(config, "transformers", our_shapes(config))
+    names = [name for name, _, _ in tensor_plan(config, "transformers")]
+    total = sum(int(np.prod(shapes[n])) * 2 for n in names)
+    groups, size = [[]], 0
+    for name in names:
+        if size > total / shards * len(groups) and len(groups) < shards:
+            groups.append([])
+        groups[-1].append(name)
+        size += int(np.prod(shapes[name])) * 2
+    rng = np.random.default_rng(seed)
+
+    def tensors(group):
+        for name in group:
+            values = rng.standard_normal(shapes[name], dtype=np.float32) * 0.02
+            if name.endswith("layernorm.weight"):
+                values += 1.0
+            yield values.astype(np.float16)
+
+    files = [f"model-{k + 1:05d}-of-{len(groups):05d}.safetensors" for k in range(len(groups))]
+    for group, file in zip(groups, files):
+        write_streaming(folder / file, [(n, shapes[n], np.float16) for n in group], tensors(group))
+    index = {"metadata": {"total_size": total}, "weight_map": {n: f for g, f in zip(groups, files) for n in g}}
+    (folder / "model.safetensors.index.json").write_text(json.dumps(index))
+    hf = config.to_hf_dict(torch_dtype="float16")
+    (folder / "config.json").write_text(json.dumps(hf, indent=2))
+    return total
+
+
+def run_measured(command: list[str]) -> dict:
+    """Runs `command`; returns wall seconds and the peak RSS of its whole process tree (MB)."""
+    import psutil
+
+    start = time.perf_counter()
+    proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    parent, peak = psutil.Process(proc.pid), 0
+    while proc.poll() is None:
+        try:
+            rss = parent.memory_info().rss + sum(c.memory_info().rss for c in parent.children(recursive=True))
+            peak = max(peak, rss)
+        except psutil.Error:
+            pass
+        time.sleep(0.02)
+    output = proc.stdout.read()
+    if proc.returncode != 0:
+        raise RuntimeError(f"{' '.join(command)} failed:\n{output[-3000:]}")
+    return {"seconds": time.perf_counter() - start, "peak_rss_mb": peak / 2**20}
+
+
+_TRANSFORMERS_ROUND_TRIP = """
+import sys, torch
+from transformers import PhiForCausalLM
+model = PhiForCausalLM.from_pretrained(sys.argv[1], dtype=torch.float16)
+model.save_pretrained(sys.argv[2], max_shard_size="2GB")
+"""
+
+
+def bench_convert(work: Path, preset_name: str = "phi-2", compare: bool = True) -> list[dict]:
+    """Rows: ours from-hf, ours to-hf, and (with transformers installed) its load + save of the same folder."""
+    config = preset(preset_name)
+    source = work / "hf-source"
+    shutil.rmtree(work, ignore_errors=True)
+    start = time.perf_counter()
+    total = write_random_hf_folder(config, source)
+    print(f"generated a random {preset_name} folder: {total / 1e9:.2f} GB fp16 in {time.perf_counter() - start:.0f}s",
+          file=sys.stderr)
+    convert = [sys.executable, "-m", "phi2_jax.convert"]
+    rows = []
+    rows.append({"suite": "convert", "impl": "phi2_jax", "case": "from-hf (fp16 HF -> f32 Orbax)",
+                 **run_measured([*convert, "from-hf", str(source), str(work / "ckpt")])})
+    rows.append({"suite": "convert", "impl": "phi2_jax", "case": "to-hf (f32 Orbax -> fp16 HF)",
+                 **run_measured([*convert, "to-hf", str(work / "ckpt"), str(work / "hf-ours"), "--dtype", "float16"])})
+    _check_identical(source, work / "hf-ours")
+    if compare:
+        try:
+            import transformers  # noqa: F401
+        except ImportError:
+            print("transformers is not installed: no comparison row", file=sys.stderr)
+        else:
+            rows.append({"suite": "convert", "impl": "transformers", "case": "from_pretrained + save_pretrained (fp16)",
+                         **run_measured([sys.executable, "-c", _TRANSFORMERS_ROUND_TRIP, str(source),
+                                         str(work / "hf-transformers")])})
+    for row in rows:
+        row["model_gb"] = total / 1e9
+    return rows
+
+
+def _check_identical(source: Path, exported: Path) -> None:
+    """Spot-checks that the round trip is exact, so a fast wrong converter cannot pass the benchmark."""
+    index = json.loads((source / "model.safetensors.index.json").read_text())["weight_map"]
+    out_index = json.loads((exported / "model.safetensors.index.json").read_text())["weight_map"]
+    for name in list(index)[:3] + list(index)[-3:]:
+        a = SafetensorsFile(source / index[name]).read(name)
+        b = SafetensorsFile(exported / out_index[name]).read(name)
+        if not np.array_equal(a, b):
+            raise AssertionError(f"round trip changed tensor {name}")

@@ -1,0 +1,159 @@
+"""KV-cache generation against transformers' generate, against recomputation, and its sampling controls."""
+
+import numpy as np
+import pytest
+import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+import phi2_jax
+from phi2_jax import UserInputError
+from phi2_jax.generate import Sampling, generate, generate_text, main, sample_logits
+from phi2_jax.sampling import greedy_complete
+
+GEN = dict(dialect="5.x", vocab_size=320, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+           num_attention_heads=4, partial_rotary_factor=0.5, bos_token_id=0, eos_token_id=0)
+
+
+@pytest.fixture(scope="module")
+def gen_model(hf_folder):
+    folder, reference = hf_folder("generate", **GEN)
+    return folder, reference, phi2_jax.from_pretrained(folder)
+
+
+def hf_greedy(reference, ids, mask, new):
+    with torch.no_grad():
+        return reference.generate(torch.tensor(ids), attention_mask=torch.tensor(mask), max_new_tokens=new,
+                                  do_sample=False, pad_token_id=0, eos_token_id=None).numpy()
+
+
+def test_greedy_equals_transformers_for_one_prompt(gen_model):
+    _, reference, model = gen_model
+    ids = np.array([[11, 12, 13, 14, 15, 16]])
+    ours = generate(model, ids, max_new_tokens=16, eos_token_id=-1)
+    np.testing.assert_array_equal(ours, hf_greedy(reference, ids, np.ones_like(ids), 16))
+
+
+def test_greedy_equals_transformers_for_a_left_padded_batch(gen_model):
+    _, reference, model = gen_model
+    rng = np.random.default_rng(0)
+    lengths = [7, 3, 5]
+    ids = np.zeros((3, 7), np.int64)
+    mask = np.zeros((3, 7), np.int64)
+    for r, n in enumerate(lengths):
+        ids[r, 7 - n:] = rng.integers(1, 320, n)
+        mask[r, 7 - n:] = 1
+    ours = generate(model, ids, mask, max_new_tokens=12, eos_token_id=-1)
+    np.testing.assert_array_equal(ours, hf_greedy(reference, ids, mask, 12))
+
+
+def test_cached_decoding_equals_recomputing_every_step(gen_model):
+    _, _, model = gen_model
+    prompt = [21, 22, 23, 24, 25]
+    cached = generate(model, np.array([prompt]), max_new_tokens=20, eos_token_id=-1)[0, 5:]
+    recomputed = greedy_complete(model, prompt, 20, eos_id=-1)
+    np.testing.assert_array_equal(cached, recomputed)
+
+
+def test_rows_stop_at_eos_and_at_stop_sequences(gen_model):
+    _, _, model = gen_model
+    ids = np.array([[31, 32, 33, 34], [41, 42, 43, 44]])
+    free = generate(model, ids, max_new_tokens=10, eos_token_id=-1)
+    eos = int(free[0, 6])  # make row 0's third new token the EOS
+    out = generate(model, ids, max_new_tokens=10, eos_token_id=eos)
+    assert list(out[0, 4:7]) == list(free[0, 4:7]) and all(out[0, 7:] == eos)  # padded with EOS after it
+    stop = [int(free[1, 5]), int(free[1, 6])]  # row 1 stops after these two tokens
+    out = generate(model, ids, max_new_tokens=10, eos_token_id=-1, stop_sequences=[stop])
+    np.testing.assert_array_equal(out[1, :7], free[1, :7])
+    assert all(out[1, 7:] == -1)  # padded with the EOS id (-1 here) after the stop
+
+
+def test_streaming_sees_every_token_in_order(gen_model):
+    _, _, model = gen_model
+    seen = []
+    out = generate(model, np.array([[51, 52, 53]]), max_new_tokens=8, eos_token_id=-1,
+                   on_token=lambda step, tokens: seen.append((step, int(tokens[0]))))
+    assert [s for s, _ in seen] == list(range(8)) and [t for _, t in seen] == list(out[0, 3:])
+
+
+def test_sampling_is_seeded_and_top_k_one_is_greedy(gen_model):
+    _, _, model = gen_model
+    ids = np.array([[61, 62, 63]])
+    a = generate(model, ids, max_new_tokens=12, temperature=1.0, seed=5, eos_token_id=-1)
+    b = generate(model, ids, max_new_tokens=12, temperature=1.0, seed=5, eos_token_id=-1)
+    c = generate(model, ids, max_new_tokens=12, temperature=1.0, seed=6, eos_token_id=-1)
+    np.testing.assert_array_equal(a, b)
+    assert not np.array_equal(a, c)
+    greedy = generate(model, ids, max_new_tokens=12, eos_token_id=-1)
+    np.testing.assert_array_equal(generate(model, ids, max_new_tokens=12, temperature=0.7, top_k=1, eos_token_id=-1),
+                                  greedy)
+
+
+def test_top_p_samples_from_the_nucleus_in_proportion():
+    import jax
+    import jax.numpy as jnp
+    probs = np.array([0.5, 0.3, 0.15, 0.05])
+    logits = jnp.log(jnp.asarray(np.tile(probs, (20_000, 1)), jnp.float32))
+    tokens = np.asarray(sample_logits(logits, jax.random.key(0), Sampling(temperature=1.0, top_p=0.8),
+                                      jnp.zeros((20_000, 4), bool)))
+    freq = np.bincount(tokens, minlength=4) / len(tokens)
+    np.testing.assert_allclose(freq, [0.5 / 0.8, 0.3 / 0.8, 0, 0], atol=0.015)  # 0.5 + 0.3 reaches 0.8
+
+
+def test_repetition_penalty_matches_transformers_processor():
+    import jax.numpy as jnp
+    from transformers.generation.logits_process import RepetitionPenaltyLogitsProcessor
+    logits = np.random.default_rng(0).normal(size=(2, 10)).astype(np.float32)
+    context = np.array([[1, 3, 3], [0, 9, 2]])
+    seen = np.zeros((2, 10), bool)
+    for r, row in enumerate(context):
+        seen[r, row] = True
+    expected = RepetitionPenaltyLogitsProcessor(1.7)(torch.tensor(context), torch.tensor(logits)).numpy()
+    ours = sample_logits(jnp.asarray(logits), None, Sampling(repetition_penalty=1.7, temperature=0.0), jnp.asarray(seen))
+    np.testing.assert_array_equal(np.asarray(ours), expected.argmax(-1))
+    penalised = np.where(seen, np.where(logits > 0, logits / 1.7, logits * 1.7), logits)
+    np.testing.assert_allclose(penalised, expected, rtol=1e-6)
+
+
+def test_bad_prompts_get_one_sentence(gen_model):
+    _, _, model = gen_model
+    with pytest.raises(UserInputError, match=r"a prompt of 120 tokens plus max_new_tokens 20 exceeds the model's context of 128"):
+        generate(_short_context(model), np.ones((1, 120), int), max_new_tokens=20)
+    with pytest.raises(UserInputError, match=r"input_ids must be a non-empty \[batch, time\] array"):
+        generate(model, np.zeros((1, 0), int))
+    with pytest.raises(UserInputError, match=r"prompt 1 of the batch is empty"):
+        generate(model, np.ones((2, 3), int), np.array([[1, 1, 1], [0, 0, 0]]))
+
+
+def _short_context(model):
+    """The same weights with a 128-token context (the test model's is 2048)."""
+    from flax import nnx
+    _, state = nnx.split(model)
+    short_graphdef, _ = nnx.split(phi2_jax.abstract_model(model.config.replace(max_position_embeddings=128)))
+    return nnx.merge(short_graphdef, state)
+
+
+@pytest.fixture(scope="module")
+def tokenizer_dir(tmp_path_factory):
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.train_from_iterator(["def add(a, b):\n    return a + b\n"] * 20,
+                            trainers.BpeTrainer(vocab_size=300, special_tokens=["<|endoftext|>"],
+                                                initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    folder = tmp_path_factory.mktemp("tok")
+    tok.save(str(folder / "tokenizer.json"))
+    return folder
+
+
+def test_text_helper_and_cli_stream_the_same_text(gen_model, tokenizer_dir, capsys):
+    folder, _, model = gen_model
+    from phi2_jax.tokenizer import load_tokenizer
+    tok = load_tokenizer(tokenizer_dir)
+    texts = generate_text(model, tok, ["def add(a, b):", "return"], max_new_tokens=12)
+    main(["--model", str(folder), "--tokenizer", str(tokenizer_dir), "--prompt", "def add(a, b):",
+          "--max-new-tokens", "12"])
+    assert capsys.readouterr().out == "def add(a, b):" + texts[0] + "\n"
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--model", str(folder), "--tokenizer", str(tokenizer_dir)])
+    assert exit_info.value.code == 2
+    assert "no prompt given; pass --prompt TEXT or --prompt-file FILE." in capsys.readouterr().err
