@@ -5,9 +5,9 @@
     inspect PATH
 
 Both directions stream: from-hf reads each Hugging Face tensor with `pread` and
-adds one layer at a time to the Orbax checkpoint (Orbax partial saves);
-to-hf restores one layer at a time and writes safetensors shards tensor by
-tensor. Peak memory is about one layer, not the model.
+writes it into the Orbax checkpoint in row blocks (`orbax_stream.py`); to-hf
+reads one parameter at a time and writes safetensors shards in row blocks.
+Peak memory is about the largest single tensor, not the model.
 
 Output is written to a hidden sibling of the destination and renamed into
 place only when complete, so a failed run leaves nothing behind and never
@@ -32,8 +32,10 @@ from phi2_jax import checkpoint
 from phi2_jax.config import PhiConfig
 from phi2_jax.errors import UserInputError, WeightsError, exit_on_user_error
 from phi2_jax.hf_files import HFWeights
-from phi2_jax.hf_layout import detect_layout, hf_names_and_shapes, hf_tensor, tensor_plan, unflatten
+from phi2_jax.host_arrays import contiguous
+from phi2_jax.hf_layout import detect_layout, hf_names_and_shapes, hf_tensor, tensor_plan
 from phi2_jax.loading import check_hf_tensors, our_shapes
+from phi2_jax.orbax_stream import ParamReader, ParamWriter
 from phi2_jax.progress import Progress
 from phi2_jax.safetensors_io import write_streaming
 
@@ -81,26 +83,14 @@ def _atomically(dest: Path, overwrite: bool, write: Callable[[Path], None]) -> N
 
 
 # ----------------------------------------------------------------------------- from-hf
-def _nest(path: str, layer: int | None, value) -> dict:
-    """'layers/mlp/fc1/kernel', 3 -> {'layers': {'3': {'mlp': {'fc1': {'kernel': value}}}}}"""
+def leaf_keys(path: str, layer: int | None) -> tuple[str, ...]:
+    """'layers/mlp/fc1/kernel', 3 -> ('layers', '3', 'mlp', 'fc1', 'kernel'): the checkpoint's per-layer tree."""
     parts = path.split("/")
-    if layer is not None:
-        parts = [parts[0], str(layer), *parts[1:]]
-    return unflatten({"/".join(parts): value})
-
-
-def _merge(into: dict, tree: dict) -> None:
-    for key, value in tree.items():
-        if isinstance(value, dict):
-            _merge(into.setdefault(key, {}), value)
-        else:
-            into[key] = value
+    return (parts[0], str(layer), *parts[1:]) if layer is not None else tuple(parts)
 
 
 def from_hf(hf_dir: Path, ckpt_dir: Path, dtype: str = "float32", overwrite: bool = False) -> PhiConfig:
-    """Converts a Hugging Face Phi folder to an Orbax checkpoint (params + meta), streaming."""
-    from orbax.checkpoint.experimental.v1 import partial
-
+    """Converts a Hugging Face Phi folder to an Orbax checkpoint (params + meta), one tensor at a time."""
     if dtype not in ("float32", "bfloat16"):
         raise UserInputError(f"--dtype {dtype} is not a parameter dtype; expected float32 or bfloat16.")
     if not hf_dir.is_dir():
@@ -111,31 +101,18 @@ def from_hf(hf_dir: Path, ckpt_dir: Path, dtype: str = "float32", overwrite: boo
     check_hf_tensors(weights, config, layout)
     target = numpy_dtype(dtype)
     plan = tensor_plan(config, layout)
-    # One partial save per layer, and per top-level tensor (the embedding alone is 0.5 GB in float32).
-    groups: list[list] = []
-    for entry in plan:
-        if entry[2] is not None and groups and groups[-1][0][2] == entry[2]:
-            groups[-1].append(entry)
-        else:
-            groups.append([entry])
 
     def write(staging: Path) -> None:
-        pending = staging / "params.pending"
+        writer = ParamWriter(staging / "params")
         progress = Progress(f"from-hf {hf_dir.name} ({layout}, {weights.dtype(plan[0][0])})", len(plan),
                             weights.total_bytes())
-        for group in groups:
-            tree: dict = {}
-            for name, rule, layer in group:
-                source = weights.read(name)
-                for path, part in zip(rule.ours, rule.transform.to_ours(source)):
-                    _merge(tree, _nest(path, layer, np.ascontiguousarray(part, dtype=target)))
-                progress.advance(1, source.nbytes)
-            partial.save(pending, tree)
-        partial.finalize(pending)
-        (pending / "state").rename(staging / "params")
-        if (pending / "_CHECKPOINT_METADATA").is_file():  # read by Orbax on restore
-            shutil.copy2(pending / "_CHECKPOINT_METADATA", staging / "params" / "_CHECKPOINT_METADATA")
-        shutil.rmtree(pending)
+        for name, rule, layer in plan:
+            source = weights.read(name)
+            for path, part in zip(rule.ours, rule.transform.to_ours(source)):
+                writer.write_rows(leaf_keys(path, layer), part, target)
+            progress.advance(1, source.nbytes)
+            del source
+        writer.close()
         checkpoint.save_meta(staging, {"model_config": config.to_dict(), "source": str(hf_dir.absolute()),
                                        "source_layout": layout, "format": "phi2_jax model checkpoint v1"})
         progress.close()
@@ -158,38 +135,6 @@ def parse_size(text: str) -> int:
     if upper.isdigit():
         return int(upper)
     raise UserInputError(f"--max-shard-size '{text}' is not a size; expected e.g. 2GB, 500MB or 1000000.")
-
-
-class _LayerReader:
-    """Serves our arrays for the tensor plan, holding one layer (or one top-level tensor) in memory."""
-
-    def __init__(self, step_dir: Path, config: PhiConfig):
-        from flax import nnx
-
-        from phi2_jax.model import abstract_model
-
-        self.step_dir = step_dir
-        cpu = jax.sharding.SingleDeviceSharding(jax.devices("cpu")[0])
-        stacked = nnx.to_pure_dict(nnx.state(abstract_model(config)))
-        stacked = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=cpu), stacked)
-        self.abstract = checkpoint.split_layers(stacked)
-        self.abstract_layer = self.abstract["layers"]["0"]
-        self._layer_index, self._layer = None, None
-
-    def get(self, path: str, layer: int | None) -> np.ndarray:
-        if layer is None:
-            key, *rest = path.split("/")
-            tree = checkpoint.restore_top_level(self.step_dir, {key: self.abstract[key]})[key]
-            for part in rest:
-                tree = tree[part]
-            return np.asarray(tree)
-        if layer != self._layer_index:
-            self._layer = checkpoint.restore_layer(self.step_dir, self.abstract_layer, layer)
-            self._layer_index = layer
-        tree = self._layer
-        for part in path.split("/")[1:]:
-            tree = tree[part]
-        return np.asarray(tree)
 
 
 def to_hf(source: Path, hf_dir: Path, dtype: str = "float16", max_shard_size: str = "2GB",
@@ -224,16 +169,22 @@ def to_hf(source: Path, hf_dir: Path, dtype: str = "float16", max_shard_size: st
     total = sum(int(np.prod(s)) for s in shapes.values()) * out_dtype.itemsize
 
     def write(staging: Path) -> None:
-        reader = _LayerReader(step_dir, config)
+        reader = ParamReader(step_dir / "params")
         progress = Progress(f"to-hf {hf_dir.name} ({dtype}, {len(shards)} shard{'s' * (len(shards) > 1)})", len(plan), total)
+
+        def row_blocks(name, rule, layer):
+            array = hf_tensor(rule, lambda p: reader.read(leaf_keys(p, layer)))
+            rows = max(1, (64 << 20) // max(array[0].nbytes, 1)) if array.ndim else 1
+            for start in range(0, max(array.shape[0], 1) if array.ndim else 1, rows):
+                # Round to nearest even from float32, exactly as torch's .to(float16 / bfloat16).
+                block = contiguous(array[start:start + rows] if array.ndim else array, np.float32).astype(out_dtype)
+                progress.advance(0, block.nbytes)
+                yield block
+            progress.advance(1, 0)
 
         def tensors(shard):
             for name, rule, layer in shard:
-                array = hf_tensor(rule, lambda p: reader.get(p, layer))
-                # Round to nearest even from float32, exactly as torch's .to(float16 / bfloat16).
-                array = np.ascontiguousarray(array.astype(np.float32).astype(out_dtype))
-                progress.advance(1, array.nbytes)
-                yield array
+                yield row_blocks(name, rule, layer)
 
         weight_map = {}
         for shard, file in zip(shards, names):

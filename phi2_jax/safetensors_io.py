@@ -85,12 +85,13 @@ class SafetensorsFile:
         return np.frombuffer(data, dtype=dtype).reshape(shape)
 
 
-def write_streaming(path: str | Path, specs: list[tuple[str, tuple[int, ...], np.dtype]], tensors: Iterable[np.ndarray],
-                    metadata: dict[str, str] | None = None) -> int:
-    """Writes a safetensors file whose header comes from `specs` and whose data comes one tensor at a time.
+def write_streaming(path: str | Path, specs: list[tuple[str, tuple[int, ...], np.dtype]],
+                    tensors: Iterable[Iterable[np.ndarray]], metadata: dict[str, str] | None = None) -> int:
+    """Writes a safetensors file whose header comes from `specs` and whose data arrives a row block at a time.
 
-    `tensors` yields arrays in the order of `specs`; each is checked against its
-    spec before it is written. Returns the number of data bytes written.
+    `tensors` yields, for each spec in order, an iterable of row blocks (arrays
+    whose concatenation along axis 0 is the tensor). Sizes and dtypes are checked
+    against the spec. Returns the number of data bytes written.
     """
     header: dict = {"__metadata__": metadata or {"format": "pt"}}
     offset = 0
@@ -103,7 +104,11 @@ def write_streaming(path: str | Path, specs: list[tuple[str, tuple[int, ...], np
     with open(path, "wb") as f:
         f.write(struct.pack("<Q", len(encoded)))
         f.write(encoded)
-        for (name, shape, dtype), array in zip(specs, tensors, strict=True):
-            assert array.shape == tuple(shape) and array.dtype == np.dtype(dtype), (name, array.shape, array.dtype)
-            f.write(np.ascontiguousarray(array).reshape(-1).view(np.uint8).data)
+        for (name, shape, dtype), blocks in zip(specs, tensors, strict=True):
+            written = 0
+            for block in blocks:
+                assert block.dtype == np.dtype(dtype) and block.shape[1:] == tuple(shape[1:]), (name, block.shape)
+                f.write(np.ascontiguousarray(block).reshape(-1).view(np.uint8).data)
+                written += block.size
+            assert written == int(np.prod(shape)), (name, written, shape)
     return offset

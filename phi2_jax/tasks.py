@@ -1,0 +1,227 @@
+"""Benchmark task files (local JSONL in the public datasets' field layouts) -> evaluation items.
+
+Families, as Phi-2's release reports them:
+  multiple choice, scored by log-likelihood: piqa, arc (arc_easy / arc_challenge),
+    hellaswag, winogrande, boolq, mmlu
+  generation with an extracted answer: gsm8k
+  code run against unit tests: humaneval, mbpp
+Prompts follow lm-evaluation-harness' formats. Small sample files for each
+family ship in `phi2_jax/tasks/` (`--task piqa` uses the sample).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import re
+from pathlib import Path
+
+from phi2_jax.errors import UserInputError
+
+SAMPLES = Path(__file__).parent / "tasks"
+
+
+@dataclasses.dataclass(frozen=True)
+class MultipleChoice:
+    options: list[tuple[str, str]]   # (context, continuation) per choice
+    gold: int
+
+
+@dataclasses.dataclass(frozen=True)
+class Generation:
+    prompt: str
+    answer: str
+
+
+@dataclasses.dataclass(frozen=True)
+class CodeTask:
+    task_id: str
+    prompt: str
+    test_suffix: str                 # appended after prompt + completion to make the test program
+    stop: tuple[str, ...]
+
+
+REQUIRED = {
+    "piqa": ("goal", "sol1", "sol2", "label"),
+    "arc": ("question", "answerKey"),
+    "hellaswag": ("endings", "label"),
+    "winogrande": ("sentence", "option1", "option2", "answer"),
+    "boolq": ("question", "passage"),
+    "mmlu": ("question", "choices", "answer"),
+    "gsm8k": ("question", "answer"),
+    "humaneval": ("task_id", "prompt", "test", "entry_point"),
+    "mbpp": ("task_id", "text", "test_list"),
+}
+KIND = {"piqa": "multiple_choice", "arc": "multiple_choice", "hellaswag": "multiple_choice",
+        "winogrande": "multiple_choice", "boolq": "multiple_choice", "mmlu": "multiple_choice",
+        "gsm8k": "generation", "humaneval": "code", "mbpp": "code"}
+ALIASES = {"arc_easy": "arc", "arc_challenge": "arc"}
+
+
+def family(name: str) -> str:
+    """The task family of a task name ('arc_easy' -> 'arc'), or a clear error."""
+    base = ALIASES.get(name, name)
+    if base not in KIND:
+        raise UserInputError(f"unknown task '{name}'; expected one of {', '.join(sorted([*KIND, *ALIASES]))}.")
+    return base
+
+
+def read_jsonl(path: Path, required: tuple[str, ...]) -> list[dict]:
+    """Records of a JSONL file; invalid JSON or a missing field is reported with its line number."""
+    if not path.is_file():
+        raise UserInputError(f"task file {path} does not exist.")
+    records = []
+    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as error:
+            raise UserInputError(f"{path} line {n} is not valid JSON ({error.msg} at column {error.colno}).") from None
+        if not isinstance(record, dict):
+            raise UserInputError(f"{path} line {n} is a JSON {type(record).__name__}; expected an object.")
+        for field in required:
+            if field not in record:
+                raise UserInputError(f"{path} line {n} has no field '{field}'; this task needs {', '.join(required)}.")
+        records.append(record)
+    if not records:
+        raise UserInputError(f"task file {path} holds no records.")
+    return records
+
+
+# ----------------------------------------------------------------------------- multiple choice
+def _label_index(value, labels: list[str], where: str) -> int:
+    if isinstance(value, int) and not isinstance(value, bool):
+        index = value
+    elif str(value).strip().isdigit() and str(value).strip() not in labels:
+        index = int(str(value).strip())
+    else:
+        if str(value) not in labels:
+            raise UserInputError(f"{where}: answer {value!r} is not one of the choice labels {labels}.")
+        index = labels.index(str(value))
+    if not 0 <= index < len(labels):
+        raise UserInputError(f"{where}: answer index {index} is outside the {len(labels)} choices.")
+    return index
+
+
+def multiple_choice(base: str, record: dict, where: str) -> MultipleChoice:
+    if base == "piqa":
+        context = f"Question: {record['goal']}\nAnswer:"
+        return MultipleChoice([(context, " " + record["sol1"]), (context, " " + record["sol2"])],
+                              _label_index(record["label"], ["0", "1"], where))
+    if base == "arc":
+        question = record["question"]
+        if isinstance(question, dict):  # the original AI2 layout: {"stem", "choices": [{"text", "label"}]}
+            texts = [c["text"] for c in question["choices"]]
+            labels = [c["label"] for c in question["choices"]]
+            question = question["stem"]
+        else:                           # the Hugging Face layout: "choices": {"text": [...], "label": [...]}
+            if "choices" not in record:
+                raise UserInputError(f"{where} has no field 'choices'; this task needs question, choices, answerKey.")
+            texts, labels = record["choices"]["text"], record["choices"]["label"]
+        context = f"Question: {question}\nAnswer:"
+        return MultipleChoice([(context, " " + t) for t in texts], _label_index(record["answerKey"], labels, where))
+    if base == "hellaswag":
+        context = record.get("ctx") or f"{record.get('ctx_a', '')} {record.get('ctx_b', '')}".strip()
+        if not context:
+            raise UserInputError(f"{where} has no field 'ctx'; this task needs ctx, endings, label.")
+        labels = [str(i) for i in range(len(record["endings"]))]
+        return MultipleChoice([(context, " " + e) for e in record["endings"]],
+                              _label_index(record["label"], labels, where))
+    if base == "winogrande":
+        sentence = record["sentence"]
+        if "_" not in sentence:
+            raise UserInputError(f"{where}: sentence has no '_' blank to fill.")
+        blank = sentence.index("_")
+        rest = " " + sentence[blank + 1:].strip()
+        # Partial scoring: each option fills the blank in the context; the shared rest is scored.
+        options = [(sentence[:blank] + record["option1"], rest), (sentence[:blank] + record["option2"], rest)]
+        return MultipleChoice(options, _label_index(str(record["answer"]), ["1", "2"], where))
+    if base == "boolq":
+        answer = record.get("answer", record.get("label"))
+        if answer is None:
+            raise UserInputError(f"{where} has no field 'answer'; this task needs question, passage, answer.")
+        context = f"{record['passage']}\nQuestion: {record['question']}?\nAnswer:"
+        gold = int(answer) if isinstance(answer, (bool, int)) else ["false", "true"].index(str(answer).lower())
+        return MultipleChoice([(context, " no"), (context, " yes")], gold)
+    if base == "mmlu":
+        letters = "ABCDEFGHIJ"[: len(record["choices"])]
+        lines = [record["question"].strip()] + [f"{l}. {c}" for l, c in zip(letters, record["choices"])]
+        context = "\n".join(lines) + "\nAnswer:"
+        return MultipleChoice([(context, f" {l}") for l in letters], _label_index(record["answer"], list(letters), where))
+    raise AssertionError(base)
+
+
+# ----------------------------------------------------------------------------- generation
+_NUMBER = re.compile(r"-?[\d,]*\.?\d+")
+
+
+def gsm8k_gold(answer: str) -> str:
+    return normalise_number(answer.split("####")[-1])
+
+
+def normalise_number(text: str) -> str:
+    """'1,234.50' -> '1234.5'; the last number in `text`, or '' if none."""
+    numbers = _NUMBER.findall(text.replace("$", ""))
+    if not numbers:
+        return ""
+    value = numbers[-1].replace(",", "")
+    if "." in value:
+        value = value.rstrip("0").rstrip(".")
+    return value
+
+
+def extract_answer(completion: str) -> str:
+    """The model's final answer: after '####' / 'answer is' if present, else the last number it wrote."""
+    for marker in ("####", "answer is"):
+        if marker in completion:
+            return normalise_number(completion.split(marker)[-1].split("\n")[0]) or normalise_number(completion)
+    return normalise_number(completion)
+
+
+def gsm8k_prompt(record: dict, shots: list[dict]) -> str:
+    examples = "".join(f"Question: {s['question']}\nAnswer: {s['answer']}\n\n" for s in shots)
+    return f"{examples}Question: {record['question']}\nAnswer:"
+
+
+# ----------------------------------------------------------------------------- code
+HUMANEVAL_STOP = ("\nclass", "\ndef", "\n#", "\nif", "\nprint")
+MBPP_STOP = ('\n"""', "\nassert", "\n\n\n")
+
+
+def code_task(base: str, record: dict) -> CodeTask:
+    if base == "humaneval":
+        return CodeTask(record["task_id"], record["prompt"],
+                        "\n\n" + record["test"] + f"\n\ncheck({record['entry_point']})\n", HUMANEVAL_STOP)
+    tests = record["test_list"]
+    prompt = f'"""\n{record["text"]}\n{tests[0]}\n"""\n'
+    setup = record.get("test_setup_code", "") or ""
+    return CodeTask(str(record["task_id"]), prompt, "\n\n" + setup + "\n" + "\n".join(tests) + "\n", MBPP_STOP)
+
+
+def _with_shots(items: list[MultipleChoice], n: int, shots: int) -> MultipleChoice:
+    """Item n preceded by the first `shots` other items, each with its right answer."""
+    examples = [items[m] for m in range(len(items)) if m != n][:shots]
+    prefix = "".join(context + answer + "\n\n" for context, answer in (e.options[e.gold] for e in examples))
+    return MultipleChoice([(prefix + c, x) for c, x in items[n].options], items[n].gold)
+
+
+def load_task(name: str, path: Path | None, num_fewshot: int | None) -> tuple[str, list]:
+    """(family kind, items) for a task file (or the shipped sample when `path` is None)."""
+    base = family(name)
+    path = path or SAMPLES / f"{base}.jsonl"
+    records = read_jsonl(path, REQUIRED[base])
+    kind = KIND[base]
+    if kind == "multiple_choice":
+        items = [multiple_choice(base, r, f"{path} record {n + 1}") for n, r in enumerate(records)]
+        if num_fewshot:
+            items = [_with_shots(items, n, num_fewshot) for n in range(len(items))]
+        return kind, items
+    if kind == "generation":
+        shots = 5 if num_fewshot is None else num_fewshot
+        items = []
+        for n, r in enumerate(records):
+            others = [o for m, o in enumerate(records) if m != n][:shots]
+            items.append(Generation(gsm8k_prompt(r, others), gsm8k_gold(r["answer"])))
+        return kind, items
+    return kind, [code_task(base, r) for r in records]
