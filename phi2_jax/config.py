@@ -26,6 +26,7 @@ ACTIVATIONS = ("gelu_new", "gelu_pytorch_tanh", "gelu_fast", "gelu", "relu", "si
 REMAT_POLICIES = ("none", "full", "save_dots")
 ATTENTION_BACKENDS = ("auto", "xla", "cudnn")
 DTYPES = ("float32", "bfloat16", "float16")
+LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "dense", "fc1", "fc2")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -50,15 +51,22 @@ class PhiConfig:
     initializer_range: float = 0.02
     bos_token_id: int | None = 50256
     eos_token_id: int | None = 50256
-    # Run-time choices: they change speed and memory, not the function computed.
+    # Run-time choices: they change speed and memory, not the function computed (LoRA aside).
     param_dtype: str = "float32"
     compute_dtype: str = "float32"
     remat: str = "none"
     attention_backend: str = "auto"
+    # LoRA adapters (fine-tuning): rank 0 = none.
+    lora_rank: int = 0
+    lora_alpha: float = 16.0
+    lora_targets: tuple[str, ...] = ("q_proj", "v_proj")
 
     def __post_init__(self):
         if self.num_key_value_heads is None:
             object.__setattr__(self, "num_key_value_heads", self.num_attention_heads)
+        if isinstance(self.lora_targets, (list, str)):  # from YAML / JSON
+            targets = [self.lora_targets] if isinstance(self.lora_targets, str) else self.lora_targets
+            object.__setattr__(self, "lora_targets", tuple(targets))
         self._validate()
 
     # ------------------------------------------------------------------ derived sizes
@@ -141,6 +149,11 @@ class PhiConfig:
                 raise ConfigError(f"{name} '{getattr(self, name)}' is not supported; expected one of {', '.join(DTYPES)}.")
         if self.remat not in REMAT_POLICIES:
             raise ConfigError(f"remat '{self.remat}' is not a policy; expected one of {', '.join(REMAT_POLICIES)}.")
+        if not isinstance(self.lora_rank, int) or self.lora_rank < 0:
+            raise ConfigError(f"lora_rank must be a non-negative integer, got {self.lora_rank!r}.")
+        for target in self.lora_targets:
+            if target not in LORA_TARGETS:
+                raise ConfigError(f"lora_targets has '{target}'; expected some of {', '.join(LORA_TARGETS)}.")
         if self.attention_backend not in ATTENTION_BACKENDS:
             raise ConfigError(
                 f"attention_backend '{self.attention_backend}' is unknown; expected one of {', '.join(ATTENTION_BACKENDS)}.")

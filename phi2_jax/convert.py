@@ -33,8 +33,9 @@ from phi2_jax.config import PhiConfig
 from phi2_jax.errors import UserInputError, WeightsError, exit_on_user_error
 from phi2_jax.hf_files import HFWeights
 from phi2_jax.host_arrays import contiguous
-from phi2_jax.hf_layout import detect_layout, hf_names_and_shapes, hf_tensor, tensor_plan
+from phi2_jax.hf_layout import detect_layout, flatten, hf_names_and_shapes, hf_tensor, tensor_plan
 from phi2_jax.loading import check_hf_tensors, our_shapes
+from phi2_jax.lora import merged_kernel
 from phi2_jax.orbax_stream import ParamReader, ParamWriter
 from phi2_jax.progress import Progress
 from phi2_jax.safetensors_io import write_streaming
@@ -137,20 +138,16 @@ def parse_size(text: str) -> int:
     raise UserInputError(f"--max-shard-size '{text}' is not a size; expected e.g. 2GB, 500MB or 1000000.")
 
 
-def to_hf(source: Path, hf_dir: Path, dtype: str = "float16", max_shard_size: str = "2GB",
-          tokenizer: Path | None = None, overwrite: bool = False) -> list[str]:
-    """Writes a Hugging Face folder from a converted checkpoint or a training run's newest checkpoint."""
+def _check_export_args(dtype: str, tokenizer: Path | None) -> None:
     if dtype not in ("float16", "bfloat16", "float32"):
         raise UserInputError(f"--dtype {dtype} is not supported; expected float16, bfloat16 or float32.")
-    if not source.exists():
-        raise UserInputError(f"{source} does not exist; expected a converted checkpoint or a training run folder.")
-    step_dir = checkpoint.resolve_step_dir(source)
-    if step_dir is None:
-        raise UserInputError(f"{source} holds no phi2_jax checkpoint (no params/ and meta/); expected the output of "
-                             f"from-hf or a training run folder.")
     if tokenizer is not None and not any((tokenizer / f).is_file() for f in TOKENIZER_FILES):
         raise UserInputError(f"--tokenizer {tokenizer} holds no tokenizer files; expected e.g. tokenizer.json.")
-    config = PhiConfig.from_dict(checkpoint.read_meta(step_dir)["model_config"])
+
+
+def write_hf_folder(staging: Path, config: PhiConfig, ours: Callable[[str, int | None], np.ndarray], dtype: str,
+                    max_shard_size: str, tokenizer: Path | None, label: str) -> list[str]:
+    """Writes a Hugging Face folder into `staging`; `ours(path, layer)` serves our (merged) arrays one at a time."""
     out_dtype = numpy_dtype(dtype)
     plan = tensor_plan(config, "transformers")
     shapes = hf_names_and_shapes(config, "transformers", our_shapes(config))
@@ -167,43 +164,90 @@ def to_hf(source: Path, hf_dir: Path, dtype: str = "float16", max_shard_size: st
     names = (["model.safetensors"] if len(shards) == 1 else
              [f"model-{k + 1:05d}-of-{len(shards):05d}.safetensors" for k in range(len(shards))])
     total = sum(int(np.prod(s)) for s in shapes.values()) * out_dtype.itemsize
+    progress = Progress(f"{label} ({dtype}, {len(shards)} shard{'s' * (len(shards) > 1)})", len(plan), total)
 
-    def write(staging: Path) -> None:
-        reader = ParamReader(step_dir / "params")
-        progress = Progress(f"to-hf {hf_dir.name} ({dtype}, {len(shards)} shard{'s' * (len(shards) > 1)})", len(plan), total)
+    def row_blocks(rule, layer):
+        array = hf_tensor(rule, lambda path: ours(path, layer))
+        rows = max(1, (64 << 20) // max(array[0].nbytes, 1)) if array.ndim else 1
+        for start in range(0, max(array.shape[0], 1) if array.ndim else 1, rows):
+            # Round to nearest even from float32, exactly as torch's .to(float16 / bfloat16).
+            block = contiguous(array[start:start + rows] if array.ndim else array, np.float32).astype(out_dtype)
+            progress.advance(0, block.nbytes)
+            yield block
+        progress.advance(1, 0)
 
-        def row_blocks(name, rule, layer):
-            array = hf_tensor(rule, lambda p: reader.read(leaf_keys(p, layer)))
-            rows = max(1, (64 << 20) // max(array[0].nbytes, 1)) if array.ndim else 1
-            for start in range(0, max(array.shape[0], 1) if array.ndim else 1, rows):
-                # Round to nearest even from float32, exactly as torch's .to(float16 / bfloat16).
-                block = contiguous(array[start:start + rows] if array.ndim else array, np.float32).astype(out_dtype)
-                progress.advance(0, block.nbytes)
-                yield block
-            progress.advance(1, 0)
+    weight_map = {}
+    for shard, file in zip(shards, names):
+        specs = [(name, shapes[name], out_dtype) for name, _, _ in shard]
+        write_streaming(staging / file, specs, (row_blocks(rule, layer) for _, rule, layer in shard), {"format": "pt"})
+        weight_map.update({name: file for name, _, _ in shard})
+    if len(shards) > 1:
+        index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+        (staging / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+    (staging / "config.json").write_text(json.dumps(config.to_hf_dict(torch_dtype=dtype), indent=2))
+    generation = {"bos_token_id": config.bos_token_id, "eos_token_id": config.eos_token_id}
+    (staging / "generation_config.json").write_text(json.dumps(generation, indent=2))
+    if tokenizer is not None:
+        for f in TOKENIZER_FILES:
+            if (tokenizer / f).is_file():
+                shutil.copy2(tokenizer / f, staging / f)
+    progress.close()
+    return names
 
-        def tensors(shard):
-            for name, rule, layer in shard:
-                yield row_blocks(name, rule, layer)
 
-        weight_map = {}
-        for shard, file in zip(shards, names):
-            specs = [(name, shapes[name], out_dtype) for name, _, _ in shard]
-            write_streaming(staging / file, specs, tensors(shard), {"format": "pt"})
-            weight_map.update({name: file for name, _, _ in shard})
-        if len(shards) > 1:
-            index = {"metadata": {"total_size": total}, "weight_map": weight_map}
-            (staging / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
-        (staging / "config.json").write_text(json.dumps(config.to_hf_dict(torch_dtype=dtype), indent=2))
-        generation = {"bos_token_id": config.bos_token_id, "eos_token_id": config.eos_token_id}
-        (staging / "generation_config.json").write_text(json.dumps(generation, indent=2))
-        if tokenizer is not None:
-            for f in TOKENIZER_FILES:
-                if (tokenizer / f).is_file():
-                    shutil.copy2(tokenizer / f, staging / f)
-        progress.close()
+def _with_merged_adapters(read: Callable[[str, int | None], np.ndarray], config: PhiConfig):
+    """Wraps `read(path, layer)` so that adapted kernels come back with their LoRA adapter merged in."""
+    if not config.lora_rank:
+        return read
 
-    _atomically(hf_dir, overwrite, write)
+    def merged(path: str, layer: int | None) -> np.ndarray:
+        value = read(path, layer)
+        module = path.split("/")[-2] if "/" in path else ""
+        if path.endswith("/kernel") and module in config.lora_targets and path.startswith("layers/"):
+            prefix = path[: -len("kernel")]
+            value = merged_kernel(value, read(prefix + "lora_a", layer), read(prefix + "lora_b", layer), config)
+        return value
+
+    return merged
+
+
+def to_hf(source: Path, hf_dir: Path, dtype: str = "float16", max_shard_size: str = "2GB",
+          tokenizer: Path | None = None, overwrite: bool = False) -> list[str]:
+    """Writes a Hugging Face folder from a converted checkpoint or a training run's newest checkpoint."""
+    _check_export_args(dtype, tokenizer)
+    if not source.exists():
+        raise UserInputError(f"{source} does not exist; expected a converted checkpoint or a training run folder.")
+    step_dir = checkpoint.resolve_step_dir(source)
+    if step_dir is None:
+        raise UserInputError(f"{source} holds no phi2_jax checkpoint (no params/ and meta/); expected the output of "
+                             f"from-hf or a training run folder.")
+    config = PhiConfig.from_dict(checkpoint.read_meta(step_dir)["model_config"])
+    reader = ParamReader(step_dir / "params")
+    ours = _with_merged_adapters(lambda path, layer: reader.read(leaf_keys(path, layer)), config)
+    names: list[str] = []
+    _atomically(hf_dir, overwrite, lambda staging: names.extend(
+        write_hf_folder(staging, config, ours, dtype, max_shard_size, tokenizer, f"to-hf {hf_dir.name}")))
+    return names
+
+
+def save_pretrained(model, hf_dir: str | Path, *, dtype: str = "float32", max_shard_size: str = "2GB",
+                    tokenizer: str | Path | None = None, overwrite: bool = False) -> list[str]:
+    """Writes an in-memory model as a Hugging Face folder (LoRA adapters merged), atomically."""
+    from flax import nnx
+
+    tokenizer = Path(tokenizer) if tokenizer else None
+    _check_export_args(dtype, tokenizer)
+    config = model.config
+    flat = flatten(nnx.to_pure_dict(nnx.state(model)))
+
+    def read(path: str, layer: int | None) -> np.ndarray:
+        value = np.asarray(jax.device_get(flat[path] if layer is None else flat[path][layer]))
+        return value
+
+    ours = _with_merged_adapters(read, config)
+    names: list[str] = []
+    _atomically(Path(hf_dir), overwrite, lambda staging: names.extend(
+        write_hf_folder(staging, config, ours, dtype, max_shard_size, tokenizer, f"save {Path(hf_dir).name}")))
     return names
 
 

@@ -22,6 +22,7 @@ from phi2_jax.config import PhiConfig
 from phi2_jax.errors import WeightsError
 from phi2_jax.hf_files import HFWeights
 from phi2_jax.hf_layout import detect_layout, flatten, hf_names_and_shapes, to_params, unflatten
+from phi2_jax.lora import fresh_adapters, is_adapter
 from phi2_jax.model import Phi, abstract_model, place_state
 from phi2_jax.sharding import state_shardings
 
@@ -35,10 +36,11 @@ def numpy_dtype(name: str):
     return ml_dtypes.bfloat16 if name == "bfloat16" else np.dtype(name)
 
 
-def our_shapes(config: PhiConfig) -> dict[str, tuple[int, ...]]:
-    """'/'-joined parameter path -> shape, with no arrays allocated."""
+def our_shapes(config: PhiConfig, adapters: bool = False) -> dict[str, tuple[int, ...]]:
+    """'/'-joined parameter path -> shape, with no arrays allocated (LoRA adapters only if asked)."""
     state = nnx.state(abstract_model(config), nnx.Param)
-    return {path: tuple(x.shape) for path, x in flatten(nnx.to_pure_dict(state)).items()}
+    shapes = {path: tuple(x.shape) for path, x in flatten(nnx.to_pure_dict(state)).items()}
+    return shapes if adapters else {p: s for p, s in shapes.items() if not is_adapter(p)}
 
 
 def check_hf_tensors(weights: HFWeights, config: PhiConfig, layout: str) -> None:
@@ -64,7 +66,9 @@ def load_hf_params(path: str | Path, config: PhiConfig) -> dict[str, np.ndarray]
     weights = HFWeights(path)
     layout = detect_layout(weights.names, str(weights.folder))
     check_hf_tensors(weights, config, layout)
-    return to_params(config, layout, weights.read, our_shapes(config), numpy_dtype(config.param_dtype))
+    dtype = numpy_dtype(config.param_dtype)
+    params = to_params(config, layout, weights.read, our_shapes(config), dtype)
+    return {**params, **fresh_adapters(our_shapes(config, adapters=True), dtype)}  # none unless lora_rank > 0
 
 
 def load_config(path: str | Path, **runtime: Any) -> PhiConfig:

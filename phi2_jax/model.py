@@ -101,22 +101,41 @@ def _normal(std: float):
     return jax.nn.initializers.normal(std)
 
 
+class LoRAParam(nnx.Param):
+    """A low-rank adapter weight: the only parameters a LoRA fine-tune trains."""
+
+
 class Linear(nnx.Module):
-    """y = x @ kernel + bias, kernel [*stack, in, out] in param dtype, computed in `compute_dtype`."""
+    """y = x @ kernel + bias (+ scale * x @ lora_a @ lora_b), kernel [*stack, in, out], computed in `compute_dtype`.
+
+    With `lora=True` (and config.lora_rank > 0) the layer carries a LoRA adapter:
+    lora_a [*stack, in, r] ~ N(0, 1/in), lora_b [*stack, r, out] = 0, so a fresh
+    adapter leaves the function unchanged; scale = lora_alpha / lora_rank.
+    """
 
     def __init__(self, d_in: int, d_out: int, names: tuple[str, str], *, stack: tuple[int, ...], config: PhiConfig,
-                 rngs: nnx.Rngs):
+                 rngs: nnx.Rngs, lora: bool = False):
         pdt = jnp.dtype(config.param_dtype)
         stack_names = ("layers",) * len(stack)
         self.kernel = nnx.Param(_normal(config.initializer_range)(rngs.params(), (*stack, d_in, d_out), pdt),
                                 logical_axes=(*stack_names, *names))
         self.bias = nnx.Param(jnp.zeros((*stack, d_out), pdt), logical_axes=(*stack_names, names[1]))
         self.compute_dtype = jnp.dtype(config.compute_dtype)
+        self.lora_scale = 0.0
+        if lora and config.lora_rank:
+            rank = config.lora_rank
+            self.lora_a = LoRAParam(_normal(d_in**-0.5)(rngs.params(), (*stack, d_in, rank), pdt),
+                                    logical_axes=(*stack_names, names[0], "lora_rank"))
+            self.lora_b = LoRAParam(jnp.zeros((*stack, rank, d_out), pdt), logical_axes=(*stack_names, "lora_rank", names[1]))
+            self.lora_scale = config.lora_alpha / rank
 
     def __call__(self, x: Array, out_dtype=None) -> Array:
         dtype = self.compute_dtype
-        y = jnp.einsum("...i,io->...o", x.astype(dtype), self.kernel.value.astype(dtype),
-                       preferred_element_type=out_dtype or dtype)
+        x = x.astype(dtype)
+        y = jnp.einsum("...i,io->...o", x, self.kernel.value.astype(dtype), preferred_element_type=out_dtype or dtype)
+        if self.lora_scale:
+            low = jnp.einsum("...i,ir->...r", x, self.lora_a.value.astype(dtype))
+            y = y + (self.lora_scale * jnp.einsum("...r,ro->...o", low, self.lora_b.value.astype(dtype))).astype(y.dtype)
         return y + self.bias.value.astype(y.dtype)
 
 
@@ -142,10 +161,14 @@ class Attention(nnx.Module):
     def __init__(self, config: PhiConfig, *, stack: tuple[int, ...], rngs: nnx.Rngs):
         h = config.hidden_size
         self.config = config
-        self.q_proj = Linear(h, h, ("embed", "heads"), stack=stack, config=config, rngs=rngs)
-        self.k_proj = Linear(h, config.kv_dim, ("embed", "kv_heads"), stack=stack, config=config, rngs=rngs)
-        self.v_proj = Linear(h, config.kv_dim, ("embed", "kv_heads"), stack=stack, config=config, rngs=rngs)
-        self.dense = Linear(h, h, ("heads", "embed"), stack=stack, config=config, rngs=rngs)
+        self.q_proj = Linear(h, h, ("embed", "heads"), stack=stack, config=config, rngs=rngs,
+                            lora="q_proj" in config.lora_targets)
+        self.k_proj = Linear(h, config.kv_dim, ("embed", "kv_heads"), stack=stack, config=config, rngs=rngs,
+                            lora="k_proj" in config.lora_targets)
+        self.v_proj = Linear(h, config.kv_dim, ("embed", "kv_heads"), stack=stack, config=config, rngs=rngs,
+                            lora="v_proj" in config.lora_targets)
+        self.dense = Linear(h, h, ("heads", "embed"), stack=stack, config=config, rngs=rngs,
+                           lora="dense" in config.lora_targets)
         if config.qk_layernorm:
             self.q_layernorm = LayerNorm(config.head_dim, "head_dim", stack=stack, config=config)
             self.k_layernorm = LayerNorm(config.head_dim, "head_dim", stack=stack, config=config)
@@ -183,8 +206,10 @@ class Attention(nnx.Module):
 
 class MLP(nnx.Module):
     def __init__(self, config: PhiConfig, *, stack: tuple[int, ...], rngs: nnx.Rngs):
-        self.fc1 = Linear(config.hidden_size, config.intermediate_size, ("embed", "mlp"), stack=stack, config=config, rngs=rngs)
-        self.fc2 = Linear(config.intermediate_size, config.hidden_size, ("mlp", "embed"), stack=stack, config=config, rngs=rngs)
+        self.fc1 = Linear(config.hidden_size, config.intermediate_size, ("embed", "mlp"), stack=stack, config=config,
+                          rngs=rngs, lora="fc1" in config.lora_targets)
+        self.fc2 = Linear(config.intermediate_size, config.hidden_size, ("mlp", "embed"), stack=stack, config=config,
+                          rngs=rngs, lora="fc2" in config.lora_targets)
         self.activation = config.hidden_act
 
     def __call__(self, x: Array, mesh: Mesh | None) -> tuple[Array, Array]:

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import resource
 import signal
 import subprocess
 import sys
@@ -34,16 +33,17 @@ class RunResult:
     output: str
 
 
-def _apply_limits(limits: Limits):
-    def preexec():
-        cpu = int(limits.seconds) + 1
-        resource.setrlimit(resource.RLIMIT_CPU, (cpu, cpu))
-        resource.setrlimit(resource.RLIMIT_AS, (limits.memory_bytes, limits.memory_bytes))
-        resource.setrlimit(resource.RLIMIT_FSIZE, (limits.file_bytes, limits.file_bytes))
-        resource.setrlimit(resource.RLIMIT_NOFILE, (limits.open_files, limits.open_files))
-        resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
-
-    return preexec
+# Limits are set by the child itself before it runs the program: a `preexec_fn` would run Python
+# between fork and exec, which can deadlock in a multithreaded parent (JAX's runtime is one).
+_LAUNCHER = """
+import resource, runpy, sys
+seconds, memory, files, nofile = (int(v) for v in sys.argv[1:5])
+for limit, value in ((resource.RLIMIT_CPU, seconds), (resource.RLIMIT_AS, memory),
+                     (resource.RLIMIT_FSIZE, files), (resource.RLIMIT_NOFILE, nofile), (resource.RLIMIT_CORE, 0)):
+    resource.setrlimit(limit, (value, value))
+sys.argv = sys.argv[5:]
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
 
 
 def run_program(source: str, limits: Limits = Limits()) -> RunResult:
@@ -53,9 +53,10 @@ def run_program(source: str, limits: Limits = Limits()) -> RunResult:
         with open(path, "w") as f:
             f.write(source)
         env = {"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8"}
-        proc = subprocess.Popen([sys.executable, "-I", "-B", path], cwd=workdir, env=env, stdin=subprocess.DEVNULL,
-                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True,
-                                preexec_fn=_apply_limits(limits))
+        command = [sys.executable, "-I", "-B", "-c", _LAUNCHER, str(int(limits.seconds) + 1), str(limits.memory_bytes),
+                   str(limits.file_bytes), str(limits.open_files), path]
+        proc = subprocess.Popen(command, cwd=workdir, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                stderr=subprocess.STDOUT, start_new_session=True)
         try:
             output, _ = proc.communicate(timeout=limits.seconds)
         except subprocess.TimeoutExpired:

@@ -39,6 +39,7 @@ LOGICAL_RULES: dict[str, str | tuple[str, ...] | None] = {
     "head_dim": None,
     "norm": None,
     "layers": None,
+    "lora_rank": None,
     # activations
     "act_batch": ("data", "fsdp"),
     "act_length": None,

@@ -80,9 +80,7 @@ class Trainer:
             return model_config
         from phi2_jax.loading import load_config
 
-        runtime = {k: v for k, v in self.config.model.overrides.items()
-                   if k in ("param_dtype", "compute_dtype", "remat", "attention_backend", "resid_pdrop", "embd_pdrop",
-                            "attention_dropout")}
+        runtime = {k: v for k, v in self.config.model.overrides.items() if k in RUNTIME_FIELDS}
         return load_config(source).replace(**runtime)
 
     # ------------------------------------------------------------------ state
@@ -91,15 +89,20 @@ class Trainer:
 
         from phi2_jax.model import create_model
 
-        source = self.config.checkpoint.init_from
-        if source:
-            from phi2_jax.loading import from_pretrained
+        source, seed = self.config.checkpoint.init_from, self.config.train.seed
+        if not source:
+            return nnx.to_pure_dict(nnx.state(create_model(self.model_config, mesh=self.mesh, seed=seed)))
+        from phi2_jax.hf_layout import flatten, unflatten
+        from phi2_jax.loading import from_pretrained
 
-            model = from_pretrained(source, mesh=self.mesh, **_runtime_fields(self.model_config))
-            log.info("initialised from %s", source)
-        else:
-            model = create_model(self.model_config, mesh=self.mesh, seed=self.config.train.seed)
-        return nnx.to_pure_dict(nnx.state(model))
+        runtime = {k: getattr(self.model_config, k) for k in RUNTIME_FIELDS if k not in ("param_dtype",)}
+        base = from_pretrained(source, mesh=self.mesh, dtype=self.model_config.param_dtype, **{**runtime, "lora_rank": 0})
+        log.info("initialised from %s", source)
+        params = nnx.to_pure_dict(nnx.state(base))
+        if self.model_config.lora_rank:  # the base weights come from the source; adapters start fresh (B = 0)
+            fresh = nnx.to_pure_dict(nnx.state(create_model(self.model_config, mesh=self.mesh, seed=seed)))
+            params = unflatten({**flatten(fresh), **flatten(params)})
+        return params
 
     def _global_batch(self, local: dict) -> dict:
         """This process's rows -> one global array per key, split [grad_accum, micro, T] over the mesh."""
@@ -209,7 +212,7 @@ class Trainer:
         jax = self.jax
         _, params, shardings = abstract_params(self.model_config, self.mesh)
         params = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), params, shardings)
-        opt = jax.eval_shape(self.tx.init, params)
+        opt = jax.eval_shape(self.steps.init_opt, params)
         opt = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), opt, self.steps.opt_shardings)
         return params, opt
 
@@ -251,9 +254,9 @@ class Trainer:
             print("-" * 60 + "\n" + prompt + tok.decode(ids), flush=True)
 
 
-def _runtime_fields(model_config) -> dict:
-    return {k: getattr(model_config, k) for k in ("compute_dtype", "remat", "attention_backend", "resid_pdrop",
-                                                  "embd_pdrop", "attention_dropout")}
+# Fields of the model config a fine-tune may set on top of the architecture it starts from.
+RUNTIME_FIELDS = ("param_dtype", "compute_dtype", "remat", "attention_backend", "resid_pdrop", "embd_pdrop",
+                  "attention_dropout", "lora_rank", "lora_alpha", "lora_targets")
 
 
 def dry_run(config: RunConfig, model_config) -> dict:
@@ -272,7 +275,7 @@ def dry_run(config: RunConfig, model_config) -> dict:
     steps = build_steps(model_config, mesh, tx, schedule, t.seed, t.grad_accum, config.optim.z_loss)
     _, params, shardings = abstract_params(model_config, mesh)
     params = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), params, shardings)
-    opt = jax.eval_shape(tx.init, params)
+    opt = jax.eval_shape(steps.init_opt, params)
     opt = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), opt, steps.opt_shardings)
     micro = t.batch_size // t.grad_accum
     batch = {k: jax.ShapeDtypeStruct((t.grad_accum, micro, seq), jnp.int32, sharding=steps.batch_sharding)

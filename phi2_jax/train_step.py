@@ -18,6 +18,8 @@ import optax
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from phi2_jax.hf_layout import flatten, unflatten
+from phi2_jax.lora import is_adapter
 from phi2_jax.model import Phi, abstract_model
 from phi2_jax.sharding import logical_to_spec, state_shardings
 
@@ -46,6 +48,19 @@ class StepFunctions:
     eval_loss: Callable    # (params, batch) -> mean cross-entropy
 
 
+def partition(params: dict, lora: bool) -> tuple[dict, dict]:
+    """(trainable, frozen) halves of a parameter tree: everything is trainable unless training LoRA adapters."""
+    if not lora:
+        return params, {}
+    flat = flatten(params)
+    return (unflatten({k: v for k, v in flat.items() if is_adapter(k)}),
+            unflatten({k: v for k, v in flat.items() if not is_adapter(k)}))
+
+
+def combine(trainable: dict, frozen: dict) -> dict:
+    return unflatten({**flatten(frozen), **flatten(trainable)}) if frozen else trainable
+
+
 def abstract_params(model_config, mesh: Mesh) -> tuple[Any, Any, Any]:
     """(graphdef, abstract params as a pure dict, their NamedShardings) without allocating anything."""
     graphdef, state = nnx.split(abstract_model(model_config, mesh))
@@ -59,40 +74,46 @@ def build_steps(model_config, mesh: Mesh, tx: optax.GradientTransformation, sche
     batch_sharding = NamedSharding(mesh, logical_to_spec((None, "act_batch", "act_length"), mesh=mesh))
     eval_sharding = NamedSharding(mesh, logical_to_spec(("act_batch", "act_length"), mesh=mesh))
 
-    abstract_in = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), params_abstract,
-                               param_shardings)
+    # With LoRA only the adapters train: the optimiser sees (and keeps state for) them alone.
+    lora = model_config.lora_rank > 0
+    trainable, frozen = partition(params_abstract, lora)
+    trainable_shardings, _ = partition(param_shardings, lora)
+    abstract_in = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), trainable,
+                               trainable_shardings)
     # The optimiser state's layout follows the parameters'; ask the compiler rather than guessing.
     opt_shardings = jax.jit(tx.init).lower(abstract_in).compile().output_shardings
     replicated = NamedSharding(mesh, PartitionSpec())
     # Scalars (step counts) come back on one device; replicate them over the mesh instead.
     opt_shardings = jax.tree.map(lambda s: s if isinstance(s, NamedSharding) else replicated, opt_shardings)
-    init_opt = jax.jit(tx.init, in_shardings=(param_shardings,), out_shardings=opt_shardings)
+    init_opt = jax.jit(lambda params: tx.init(partition(params, lora)[0]), in_shardings=(param_shardings,),
+                       out_shardings=opt_shardings)
 
-    def loss_fn(params, batch, rng):
-        model: Phi = nnx.merge(graphdef, params)
+    def loss_fn(trainable, frozen, batch, rng):
+        model: Phi = nnx.merge(graphdef, combine(trainable, frozen))
         logits = model.forward(batch["input_ids"], position_ids=batch["positions"],
                                segment_ids=batch["segment_ids"], dropout_rng=rng)
         return cross_entropy(logits, batch["targets"], z_loss)
 
     def train_step(params, opt_state, batch, step):
         step_key = jax.random.fold_in(jax.random.key(seed), step)  # same dropout after a resume
+        trainable, frozen = partition(params, lora)
 
         def micro_step(grads_sum, xs):
             micro_batch, index = xs
-            (_, nll), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, micro_batch,
+            (_, nll), grads = jax.value_and_grad(loss_fn, has_aux=True)(trainable, frozen, micro_batch,
                                                                          jax.random.fold_in(step_key, index))
             return jax.tree.map(jnp.add, grads_sum, grads), nll
 
-        zeros = jax.tree.map(jnp.zeros_like, params)
+        zeros = jax.tree.map(jnp.zeros_like, trainable)
         grads, nlls = jax.lax.scan(micro_step, zeros, (batch, jnp.arange(grad_accum)))
         grads = jax.tree.map(lambda g: g / grad_accum, grads)
-        updates, opt_state = tx.update(grads, opt_state, params)
-        params = optax.apply_updates(params, updates)
+        updates, opt_state = tx.update(grads, opt_state, trainable)
+        params = combine(optax.apply_updates(trainable, updates), frozen)
         metrics = {"loss": nlls.mean(), "grad_norm": optax.global_norm(grads), "lr": schedule(step)}
         return params, opt_state, metrics
 
     train_step = jax.jit(train_step, in_shardings=(param_shardings, opt_shardings, batch_sharding, None),
                          out_shardings=(param_shardings, opt_shardings, None), donate_argnums=(0, 1))
-    eval_loss = jax.jit(lambda params, batch: loss_fn(params, batch, None)[1],
+    eval_loss = jax.jit(lambda params, batch: loss_fn(*partition(params, lora), batch, None)[1],
                         in_shardings=(param_shardings, eval_sharding))
     return StepFunctions(graphdef, param_shardings, opt_shardings, batch_sharding, eval_sharding, init_opt, train_step, eval_loss)

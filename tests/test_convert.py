@@ -176,6 +176,7 @@ BAD = {
 
 
 def _assert_refused(capsys, args, pattern, dest):
+    capsys.readouterr()  # drop what building the fixture printed
     with pytest.raises(SystemExit) as exit_info:
         convert(*args)
     assert exit_info.value.code == 2

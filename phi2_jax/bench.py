@@ -1,0 +1,299 @@
+"""`python -m phi2_jax.bench [train|prefill|decode|convert|all] [--compare transformers]`
+
+Measures our implementation and, with `--compare transformers` (needs torch and
+transformers), `PhiForCausalLM` on the same config, dtype and weights, in the
+same process, alternating runs; prints medians and ratios as a markdown table
+and writes JSON. Speed targets live here, never in timed tests.
+
+    train    tokens/s and MFU of one optimizer step (AdamW + global-norm clipping)
+    prefill  tokens/s of a forward pass over batch x seq
+    decode   greedy tokens/s at batch 1 and 8, 128 new tokens, KV cache
+    convert  a random full-size phi-2 folder to Orbax and back (bench_convert.py)
+
+On the CPU the MFU denominator is a float32 matmul peak measured in the run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import sys
+import threading
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+
+from phi2_jax.config import preset
+from phi2_jax.generate import generate
+from phi2_jax.hf_layout import flatten, iter_hf_tensors
+from phi2_jax.metrics import device_peak_flops, train_flops_per_token
+from phi2_jax.model import create_model
+from phi2_jax.train_step import cross_entropy
+
+SUITES = ("train", "prefill", "decode", "convert")
+
+
+class PeakRSS:
+    """Peak resident memory of this process while the block runs (sampled every 10 ms), in MB."""
+
+    def __enter__(self):
+        import psutil
+
+        self._process, self._stop, self.peak = psutil.Process(), threading.Event(), 0
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+        self._thread.start()
+        return self
+
+    def _sample(self):
+        while not self._stop.is_set():
+            self.peak = max(self.peak, self._process.memory_info().rss)
+            time.sleep(0.01)
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+        self.peak_mb = self.peak / 2**20
+
+
+def device_peak_memory_mb() -> float | None:
+    stats = jax.devices()[0].memory_stats() or {}
+    return stats["peak_bytes_in_use"] / 2**20 if "peak_bytes_in_use" in stats else None
+
+
+def torch_twin(model):
+    """transformers' PhiForCausalLM holding exactly our weights (via the shared name table)."""
+    import torch
+    from transformers import PhiConfig, PhiForCausalLM
+
+    config = model.config
+    hf = config.to_hf_dict()
+    twin = PhiForCausalLM(PhiConfig(**{k: v for k, v in hf.items() if k not in ("architectures", "model_type")}))
+    params = {k: np.asarray(v, np.float32) for k, v in flatten(nnx.to_pure_dict(nnx.state(model))).items()}
+    state = {name: torch.from_numpy(np.array(a, copy=True)) for name, a in iter_hf_tensors(config, "transformers", params)}
+    twin.load_state_dict(state, strict=True)
+    return twin.to(getattr(torch, config.compute_dtype))
+
+
+def timed(fn, repeats: int) -> list[float]:
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return times
+
+
+def alternate(ours, theirs, repeats: int) -> tuple[list[float], list[float]]:
+    """Interleaved timings (ours, theirs, ours, ...), after one warm-up call each, so drift hits both alike."""
+    ours()
+    if theirs:
+        theirs()
+    a, b = [], []
+    for _ in range(repeats):
+        a += timed(ours, 1)
+        if theirs:
+            b += timed(theirs, 1)
+    return a, b
+
+
+def bench_train(model, batch: int, seq: int, repeats: int, compare: bool, peak: float) -> list[dict]:
+    cfg = model.config
+    tx = optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(1e-4, weight_decay=0.1))
+    graphdef, params = nnx.split(model)
+    params = nnx.to_pure_dict(params)
+    opt_state = tx.init(params)
+    rng = np.random.default_rng(0)
+    ids = jnp.asarray(rng.integers(0, cfg.vocab_size, (batch, seq + 1)), jnp.int32)
+
+    @jax.jit
+    def step(params, opt_state):
+        def loss_fn(p):
+            return cross_entropy(nnx.merge(graphdef, p).forward(ids[:, :-1]), ids[:, 1:])[0]
+
+        loss, grads = jax.value_and_grad(loss_fn)(params)
+        updates, opt_state = tx.update(grads, opt_state, params)
+        return optax.apply_updates(params, updates), opt_state, loss
+
+    state = {"p": params, "o": opt_state}
+
+    def ours():
+        state["p"], state["o"], loss = step(state["p"], state["o"])
+        loss.block_until_ready()
+
+    theirs = None
+    if compare:
+        import torch
+
+        twin = torch_twin(model).train()
+        optimizer = torch.optim.AdamW(twin.parameters(), lr=1e-4, weight_decay=0.1)
+        tids = torch.from_numpy(np.asarray(ids)).long()
+
+        def theirs():
+            optimizer.zero_grad(set_to_none=True)
+            loss = twin(tids[:, :-1], labels=None).logits.float()
+            loss = torch.nn.functional.cross_entropy(loss.reshape(-1, loss.shape[-1]), tids[:, 1:].reshape(-1))
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(twin.parameters(), 1.0)
+            optimizer.step()
+
+    with PeakRSS() as memory:
+        a, b = alternate(ours, theirs, repeats)
+    flops = train_flops_per_token(cfg, seq) * batch * seq
+    return _rows("train", f"batch {batch} x seq {seq}", batch * seq, a, b, flops, peak, memory.peak_mb)
+
+
+def bench_prefill(model, batch: int, seq: int, repeats: int, compare: bool, peak: float) -> list[dict]:
+    cfg = model.config
+    ids = jnp.asarray(np.random.default_rng(1).integers(0, cfg.vocab_size, (batch, seq)), jnp.int32)
+    graphdef, state = nnx.split(model)
+    forward = jax.jit(lambda s, x: nnx.merge(graphdef, s).forward(x))
+
+    def ours():
+        forward(state, ids).block_until_ready()
+
+    theirs = None
+    if compare:
+        import torch
+
+        twin = torch_twin(model).eval()
+        tids = torch.from_numpy(np.asarray(ids)).long()
+
+        def theirs():
+            with torch.inference_mode():
+                twin(tids, use_cache=False)
+
+    with PeakRSS() as memory:
+        a, b = alternate(ours, theirs, repeats)
+    flops = train_flops_per_token(cfg, seq) / 3 * batch * seq  # forward only: a third of 6N + attention
+    return _rows("prefill", f"batch {batch} x seq {seq}", batch * seq, a, b, flops, peak, memory.peak_mb)
+
+
+def bench_decode(model, batch: int, new_tokens: int, repeats: int, compare: bool, peak: float,
+                 prompt_len: int = 16) -> list[dict]:
+    cfg = model.config
+    ids = np.random.default_rng(2).integers(1, cfg.vocab_size, (batch, prompt_len))
+
+    def ours():
+        generate(model, ids, max_new_tokens=new_tokens, eos_token_id=-1)
+
+    theirs = None
+    if compare:
+        import torch
+
+        twin = torch_twin(model).eval()
+        tids = torch.from_numpy(ids).long()
+
+        def theirs():
+            with torch.inference_mode():
+                twin.generate(tids, attention_mask=torch.ones_like(tids), max_new_tokens=new_tokens,
+                              min_new_tokens=new_tokens, do_sample=False, pad_token_id=0, use_cache=True)
+
+    with PeakRSS() as memory:
+        a, b = alternate(ours, theirs, repeats)
+    return _rows("decode", f"batch {batch}, {new_tokens} new tokens", batch * new_tokens, a, b, None, peak,
+                 memory.peak_mb)
+
+
+def _rows(suite, case, tokens, ours_times, their_times, flops, peak, peak_mb) -> list[dict]:
+    rows = []
+    for impl, times in (("phi2_jax", ours_times), ("transformers", their_times)):
+        if not times:
+            continue
+        median = statistics.median(times)
+        row = {"suite": suite, "case": case, "impl": impl, "median_s": median, "tokens_per_s": tokens / median,
+               "repeats": len(times), "peak_rss_mb": peak_mb}
+        if flops is not None:
+            row["mfu"] = flops / median / peak
+        rows.append(row)
+    if len(rows) == 2:
+        rows[0]["speedup_vs_transformers"] = rows[1]["median_s"] / rows[0]["median_s"]
+    device_mb = device_peak_memory_mb()
+    if device_mb is not None:
+        rows[0]["peak_device_mb"] = device_mb
+    return rows
+
+
+def markdown(rows: list[dict]) -> str:
+    lines = ["| suite | case | impl | median s | tokens/s | MFU | peak RSS MB | ours / transformers |",
+             "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        mfu = f"{100 * r['mfu']:.1f}%" if "mfu" in r else "-"
+        speed = f"{r['speedup_vs_transformers']:.2f}x" if "speedup_vs_transformers" in r else ""
+        tokens = f"{r['tokens_per_s']:,.0f}" if "tokens_per_s" in r else "-"
+        median = r.get("median_s", r.get("seconds"))
+        lines.append(f"| {r['suite']} | {r['case']} | {r['impl']} | {median:.3f} | {tokens} | {mfu} | "
+                     f"{r['peak_rss_mb']:,.0f} | {speed} |")
+    return "\n".join(lines)
+
+
+def environment() -> dict:
+    import flax
+
+    env = {"date": time.strftime("%Y-%m-%d"), "device": str(jax.devices()[0].device_kind),
+           "devices": jax.device_count(), "platform": platform.platform(), "python": platform.python_version(),
+           "jax": jax.__version__, "flax": flax.__version__, "command": " ".join(["python -m phi2_jax.bench", *sys.argv[1:]])}
+    try:
+        import torch
+        import transformers
+
+        env.update(torch=torch.__version__, transformers=transformers.__version__, torch_threads=torch.get_num_threads())
+    except ImportError:
+        pass
+    return env
+
+
+def main(argv=None) -> list[dict]:
+    parser = argparse.ArgumentParser(prog="python -m phi2_jax.bench", description=__doc__.split("\n\n")[0])
+    parser.add_argument("suite", nargs="?", default="all", choices=[*SUITES, "all"])
+    parser.add_argument("--config", default="phi-small", help="model preset (default phi-small: 512 x 8 layers)")
+    parser.add_argument("--compare", choices=["transformers", "none"], default="none")
+    parser.add_argument("--dtype", default=None, help="compute dtype (default float32 on CPU, bfloat16 on GPU)")
+    parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--seq", type=int, default=256)
+    parser.add_argument("--new-tokens", type=int, default=128)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--convert-preset", default="phi-2", help="model size for the convert suite")
+    parser.add_argument("--work-dir", type=Path, default=Path("/tmp/phi2_jax_bench"))
+    parser.add_argument("--output", type=Path, default=Path("bench.json"))
+    args = parser.parse_args(sys.argv[1:] if argv is None else argv)
+    dtype = args.dtype or ("float32" if jax.default_backend() == "cpu" else "bfloat16")
+    peak, peak_source = device_peak_flops(dtype)
+    compare = args.compare == "transformers"
+    if compare:
+        try:
+            import torch  # noqa: F401
+            import transformers  # noqa: F401
+        except ImportError:
+            print("--compare transformers needs torch and transformers (pip install 'phi2_jax[bench]')", file=sys.stderr)
+            raise SystemExit(2) from None
+    suites = SUITES if args.suite == "all" else (args.suite,)
+    rows = []
+    if set(suites) - {"convert"}:
+        model = create_model(preset(args.config, compute_dtype=dtype), seed=0)
+        if "train" in suites:
+            rows += bench_train(model, args.batch, args.seq, args.repeats, compare, peak)
+        if "prefill" in suites:
+            rows += bench_prefill(model, args.batch, args.seq, args.repeats, compare, peak)
+        if "decode" in suites:
+            for batch in (1, 8):
+                rows += bench_decode(model, batch, args.new_tokens, args.repeats, compare, peak)
+    if "convert" in suites:
+        from phi2_jax.bench_convert import bench_convert
+
+        rows += bench_convert(args.work_dir / "convert", args.convert_preset, compare)
+    result = {"environment": environment(), "config": args.config, "compute_dtype": dtype,
+              "peak_flops_per_device": peak, "peak_source": peak_source, "rows": rows}
+    args.output.write_text(json.dumps(result, indent=2))
+    print(markdown(rows))
+    return rows
+
+
+if __name__ == "__main__":
+    main()

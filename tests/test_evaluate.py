@@ -1,0 +1,138 @@
+"""Evaluation: log-likelihood scores against transformers' logits, perplexity, answer extraction, the sandbox."""
+
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+import phi2_jax
+from phi2_jax.evaluate import evaluate, main, pass_at_k
+from phi2_jax.lm_eval_adapter import Harness
+from phi2_jax.sandbox import Limits, run_program
+from phi2_jax.tasks import SAMPLES, extract_answer, load_task
+from phi2_jax.tokenizer import load_tokenizer
+
+EVAL = dict(dialect="5.x", vocab_size=512, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+            num_attention_heads=4, partial_rotary_factor=0.5, max_position_embeddings=512)
+MC_TASKS = ["piqa", "arc", "hellaswag", "winogrande", "boolq", "mmlu"]
+
+
+@pytest.fixture(scope="module")
+def setup(hf_folder, tmp_path_factory):
+    folder, reference = hf_folder("evaluate", **EVAL)
+    corpus = [line for f in SAMPLES.glob("*.jsonl") for line in f.read_text().splitlines()]
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.train_from_iterator(corpus * 3, trainers.BpeTrainer(vocab_size=500, special_tokens=["<|endoftext|>"],
+                                                            initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    tok_dir = tmp_path_factory.mktemp("eval_tok")
+    tok.save(str(tok_dir / "tokenizer.json"))
+    return folder, reference, phi2_jax.from_pretrained(folder), load_tokenizer(tok_dir), tok_dir
+
+
+def reference_loglik(reference, tokenizer, context, continuation):
+    ctx = tokenizer.encode(context) or [tokenizer.eos_id]
+    cont = tokenizer.encode(continuation)
+    ids = torch.tensor([ctx + cont])
+    with torch.no_grad():
+        logprobs = torch.log_softmax(reference(ids).logits[0].double(), -1)
+    return float(sum(logprobs[len(ctx) - 1 + i, t] for i, t in enumerate(cont)))
+
+
+def test_multiple_choice_scores_equal_transformers(setup):
+    _, reference, model, tokenizer, _ = setup
+    results = evaluate(model, tokenizer, {name: None for name in MC_TASKS}, batch_size=4)
+    for name in MC_TASKS:
+        _, items = load_task(name, None, None)
+        correct = correct_norm = 0
+        for item, scored in zip(items, results[name]["items"]):
+            expected = [reference_loglik(reference, tokenizer, c, x) for c, x in item.options]
+            np.testing.assert_allclose(scored["logliks"], expected, rtol=1e-4, err_msg=name)
+            correct += int(np.argmax(expected) == item.gold)
+            correct_norm += int(np.argmax([e / len(x.encode()) for e, (_, x) in zip(expected, item.options)]) == item.gold)
+        assert results[name]["acc"] == correct / len(items)
+        assert results[name]["acc_norm"] == correct_norm / len(items)
+
+
+def test_perplexity_is_exp_of_transformers_mean_loss(setup, tmp_path):
+    _, reference, model, tokenizer, _ = setup
+    text = "def add(a, b):\n    return a + b\n\nThe Pacific Ocean is the largest ocean.\n"
+    (tmp_path / "doc.txt").write_text(text)
+    ours = evaluate(model, tokenizer, {}, ppl_files=[tmp_path / "doc.txt"])["perplexity"]
+    ids = [tokenizer.eos_id] + tokenizer.encode(text)  # every token predicted, the first from end-of-text
+    with torch.no_grad():
+        loss = reference(torch.tensor([ids]), labels=torch.tensor([ids])).loss.item()
+    assert ours["perplexity"] == pytest.approx(np.exp(loss), rel=1e-4)
+    assert ours["tokens"] == len(ids) - 1
+
+
+def test_lm_eval_harness_requests(setup):
+    _, reference, model, tokenizer, _ = setup
+    harness = Harness(model, tokenizer, batch_size=2)
+    (ll, _), = harness.loglikelihood([("Question: what is 7 times 8?\nAnswer:", " 56")])
+    assert ll == pytest.approx(reference_loglik(reference, tokenizer, "Question: what is 7 times 8?\nAnswer:", " 56"),
+                               rel=1e-4)
+    out = harness.generate_until([("def add(a, b):", {"until": ["\n\n"], "max_gen_toks": 8})])
+    assert isinstance(out[0], str) and "\n\n" not in out[0]
+
+
+def test_gsm8k_answer_extraction_and_pass_at_k():
+    assert extract_answer("so 12 - 2 = 10 apples.\n#### 10") == "10"
+    assert extract_answer("The answer is $1,234.50.") == "1234.5"
+    assert extract_answer("first 3 then 4") == "4"
+    assert extract_answer("no digits here") == ""
+    assert pass_at_k(5, 2, 1) == pytest.approx(0.4)
+    assert pass_at_k(5, 2, 2) == pytest.approx(1 - 3 / 10)
+    assert pass_at_k(5, 0, 5) == 0.0 and pass_at_k(5, 1, 5) == 1.0
+
+
+@pytest.mark.parametrize("name", ["humaneval", "mbpp"])
+def test_code_tasks_pass_with_the_reference_solution_and_fail_without(name):
+    _, items = load_task(name, None, None)
+    records = [json.loads(line) for line in (SAMPLES / f"{name}.jsonl").read_text().splitlines()]
+    for item, record in zip(items, records):
+        solution = record["canonical_solution"] if name == "humaneval" else record["code"]
+        assert run_program(item.prompt + solution + item.test_suffix).passed, item.task_id
+        assert not run_program(item.prompt + "    return None\n" + item.test_suffix).passed
+
+
+def test_sandbox_kills_loops_and_memory_bombs_and_hides_secrets(monkeypatch):
+    loop = run_program("while True:\n    pass\n", Limits(seconds=2))
+    assert loop.status == "timeout" and not loop.passed
+    bomb = run_program("x = bytearray(8 * 1024 ** 3)\n", Limits(seconds=10, memory_bytes=512 << 20))
+    assert bomb.status == "memory" and not bomb.passed
+    monkeypatch.setenv("PHI2_EVAL_SECRET", "hunter2")
+    leak = run_program("import os, sys\nsys.exit(1 if 'hunter2' in str(os.environ) else 0)\n")
+    assert leak.passed, leak.output
+    assert "PHI2_EVAL_SECRET" in os.environ
+
+
+def test_bad_task_files_name_the_line(setup, tmp_path, capsys):
+    folder, _, _, _, tok_dir = setup
+    bad_json = tmp_path / "piqa.jsonl"
+    bad_json.write_text('{"goal": "a", "sol1": "b", "sol2": "c", "label": 0}\n{"goal": oops}\n')
+    missing = tmp_path / "arc.jsonl"
+    missing.write_text('{"question": "q", "choices": {"text": ["a"], "label": ["A"]}}\n')
+    for spec, message in [(f"piqa={bad_json}", "piqa.jsonl line 2 is not valid JSON"),
+                          (f"arc={missing}", "arc.jsonl line 1 has no field 'answerKey'"),
+                          ("squad", "unknown task 'squad'")]:
+        with pytest.raises(SystemExit) as exit_info:
+            main(["--model", str(folder), "--tokenizer", str(tok_dir), "--task", spec])
+        assert exit_info.value.code == 2
+        err = capsys.readouterr().err
+        assert message in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_cli_writes_json_and_a_table(setup, tmp_path, capsys):
+    folder, _, _, _, tok_dir = setup
+    out = tmp_path / "results.json"
+    main(["--model", str(folder), "--tokenizer", str(tok_dir), "--task", "piqa", "--task", "gsm8k", "--task", "humaneval",
+          "--limit", "2", "--max-new-tokens", "8", "--output", str(out)])
+    printed = capsys.readouterr().out
+    assert "| piqa | acc |" in printed and "| gsm8k | exact_match |" in printed and "| humaneval | pass@1 |" in printed
+    results = json.loads(out.read_text())
+    assert results["piqa"]["n"] == 2 and 0.0 <= results["gsm8k"]["exact_match"] <= 1.0
