@@ -8,6 +8,7 @@ Notebook API:
 """
 
 from phi2_jax.config import PRESETS, PhiConfig, preset
+from phi2_jax.convert import save_pretrained
 from phi2_jax.errors import ConfigError, UserInputError, WeightsError
 from phi2_jax.generate import generate, generate_text
 from phi2_jax.loading import from_pretrained
@@ -16,5 +17,5 @@ from phi2_jax.sharding import MeshConfig, make_mesh
 
 __all__ = [
     "PRESETS", "PhiConfig", "preset", "ConfigError", "UserInputError", "WeightsError", "from_pretrained",
-    "generate", "generate_text", "Phi", "abstract_model", "create_model", "param_count", "MeshConfig", "make_mesh",
+    "generate", "generate_text", "save_pretrained", "Phi", "abstract_model", "create_model", "param_count", "MeshConfig", "make_mesh",
 ]

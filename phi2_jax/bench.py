@@ -133,7 +133,7 @@ def bench_train(model, batch: int, seq: int, repeats: int, compare: bool, peak: 
 
         twin = torch_twin(model).train()
         optimizer = torch.optim.AdamW(twin.parameters(), lr=1e-4, weight_decay=0.1)
-        tids = torch.from_numpy(np.asarray(ids)).long()
+        tids = torch.from_numpy(np.array(ids)).long()
 
         def theirs():
             optimizer.zero_grad(set_to_none=True)
@@ -163,7 +163,7 @@ def bench_prefill(model, batch: int, seq: int, repeats: int, compare: bool, peak
         import torch
 
         twin = torch_twin(model).eval()
-        tids = torch.from_numpy(np.asarray(ids)).long()
+        tids = torch.from_numpy(np.array(ids)).long()
 
         def theirs():
             with torch.inference_mode():

@@ -42,7 +42,7 @@ def write_random_hf_folder(config: PhiConfig, folder: Path, shards: int = 2, see
             values = rng.standard_normal(shapes[name], dtype=np.float32) * 0.02
             if name.endswith("layernorm.weight"):
                 values += 1.0
-            yield values.astype(np.float16)
+            yield [values.astype(np.float16)]  # one block: the whole tensor
 
     files = [f"model-{k + 1:05d}-of-{len(groups):05d}.safetensors" for k in range(len(groups))]
     for group, file in zip(groups, files):

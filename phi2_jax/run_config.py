@@ -185,12 +185,15 @@ def load_run_config(path: str | Path | None = None, overrides: list[str] = ()) -
     return config
 
 
-def validate(config: RunConfig, num_devices: int) -> PhiConfig:
-    """Refuses impossible combinations before any compute; returns the model config."""
+def validate(config: RunConfig, num_devices: int, model: PhiConfig | None = None) -> PhiConfig:
+    """Refuses impossible combinations before any compute; returns the model config.
+
+    `model` is the config of `checkpoint.init_from` when fine-tuning; otherwise the preset's is used.
+    """
     if config.model.preset not in PRESETS:
         raise ConfigError(f"model.preset '{config.model.preset}' is unknown; expected one of {', '.join(PRESETS)}."
                           f"{did_you_mean(config.model.preset, PRESETS)}")
-    model = config.model_config()
+    model = model or config.model_config()
     from phi2_jax.sharding import MeshConfig
 
     data, fsdp, _ = MeshConfig(config.mesh.data, config.mesh.fsdp, config.mesh.tensor).resolve(num_devices)

@@ -35,8 +35,10 @@ def initialize_distributed(dist) -> None:
 
     jax.config.update("jax_cpu_collectives_implementation", "gloo")  # CPU multi-process collectives
     if dist.coordinator:
-        jax.distributed.initialize(dist.coordinator, dist.num_processes or None,
-                                   dist.process_id if dist.process_id >= 0 else None)
+        process_id = dist.process_id
+        if process_id < 0 and "JOB_COMPLETION_INDEX" in os.environ:  # a Kubernetes Indexed Job's pod
+            process_id = int(os.environ["JOB_COMPLETION_INDEX"])
+        jax.distributed.initialize(dist.coordinator, dist.num_processes or None, process_id if process_id >= 0 else None)
         return
     multi = (int(os.environ.get("SLURM_NTASKS", "1")) > 1 or int(os.environ.get("OMPI_COMM_WORLD_SIZE", "1")) > 1
              or "JOB_COMPLETION_INDEX" in os.environ and "JAX_COORDINATOR_ADDRESS" in os.environ)
@@ -57,7 +59,7 @@ class Trainer:
         t = config.train
         self.is_main = jax.process_index() == 0
         self.mesh = make_mesh({"data": config.mesh.data, "fsdp": config.mesh.fsdp, "tensor": config.mesh.tensor})
-        self.model_config = self._resolve_init_source(model_config)
+        self.model_config = model_config
         d = config.data
         # Everything that can refuse the config runs before run_dir is created.
         self.splits = build_splits(d.sources, d.tokenizer, d.seq_len, d.val_fraction, self.model_config.vocab_size,
@@ -72,16 +74,6 @@ class Trainer:
         self.run_dir = Path(config.run_dir)
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.stop_requested = False
-
-    def _resolve_init_source(self, model_config):
-        """With `checkpoint.init_from`, the architecture comes from that model; run-time fields from the YAML."""
-        source = self.config.checkpoint.init_from
-        if not source:
-            return model_config
-        from phi2_jax.loading import load_config
-
-        runtime = {k: v for k, v in self.config.model.overrides.items() if k in RUNTIME_FIELDS}
-        return load_config(source).replace(**runtime)
 
     # ------------------------------------------------------------------ state
     def _initial_params(self):
@@ -254,6 +246,16 @@ class Trainer:
             print("-" * 60 + "\n" + prompt + tok.decode(ids), flush=True)
 
 
+def source_model_config(config: RunConfig):
+    """With `checkpoint.init_from`, the architecture comes from that model and the YAML sets run-time fields only."""
+    if not config.checkpoint.init_from:
+        return None
+    from phi2_jax.loading import load_config
+
+    runtime = {k: v for k, v in config.model.overrides.items() if k in RUNTIME_FIELDS}
+    return load_config(config.checkpoint.init_from).replace(**runtime)
+
+
 # Fields of the model config a fine-tune may set on top of the architecture it starts from.
 RUNTIME_FIELDS = ("param_dtype", "compute_dtype", "remat", "attention_backend", "resid_pdrop", "embd_pdrop",
                   "attention_dropout", "lora_rank", "lora_alpha", "lora_targets")
@@ -335,7 +337,7 @@ def main(argv=None) -> None:
     initialize_distributed(config.distributed)
     import jax
 
-    model_config = validate(config, jax.device_count())
+    model_config = validate(config, jax.device_count(), source_model_config(config))
     if args.dry_run:
         dry_run(config, model_config)
         return

@@ -93,3 +93,17 @@ def reference_logits(model: PhiForCausalLM, input_ids: np.ndarray, attention_mas
     with torch.no_grad():
         mask = None if attention_mask is None else torch.tensor(attention_mask)
         return model(torch.tensor(input_ids), attention_mask=mask).logits.float().numpy()
+
+
+def train_bpe_tokenizer(texts: list[str], vocab_size: int, folder: Path) -> Path:
+    """A byte-level BPE `tokenizer.json` (the kind Phi-2 ships) trained on `texts`, saved in `folder`."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<|endoftext|>"],
+                                                       initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    folder.mkdir(parents=True, exist_ok=True)
+    tok.save(str(folder / "tokenizer.json"))
+    return folder

@@ -4,11 +4,11 @@ import json
 
 import numpy as np
 import pytest
-from tokenizers import Tokenizer, models, pre_tokenizers, trainers, decoders
 
 from phi2_jax import ConfigError
 from phi2_jax.data import PackedSequences, Splits, read_source, train_dataset
 from phi2_jax.tokenizer import load_tokenizer
+from tests.hf_reference import train_bpe_tokenizer
 
 
 def test_packing_marks_documents_and_restarts_positions():
@@ -77,15 +77,12 @@ def test_bad_sources_say_file_and_line(tmp_path):
 
 
 def test_hf_tokenizer_json_round_trips(tmp_path):
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    tok.train_from_iterator(["def f(x):\n    return x + 1\n"] * 50,
-                            trainers.BpeTrainer(vocab_size=300, special_tokens=["<|endoftext|>"],
-                                                initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
-    tok.save(str(tmp_path / "tokenizer.json"))
-    loaded = load_tokenizer(tmp_path)
+    from tokenizers import Tokenizer
+
+    folder = train_bpe_tokenizer(["def f(x):\n    return x + 1\n"] * 50, 300, tmp_path)
+    reference = Tokenizer.from_file(str(folder / "tokenizer.json"))
+    loaded = load_tokenizer(folder)
     text = "def g(y):\n    return y * 2\n"
     assert loaded.decode(loaded.encode(text)) == text
-    assert loaded.eos_id == tok.token_to_id("<|endoftext|>")
-    assert loaded.encode(text) == tok.encode(text).ids  # no BOS prepended
+    assert loaded.eos_id == reference.token_to_id("<|endoftext|>")
+    assert loaded.encode(text) == reference.encode(text).ids  # no BOS prepended

@@ -6,7 +6,6 @@ import os
 import numpy as np
 import pytest
 import torch
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 import phi2_jax
 from phi2_jax.evaluate import evaluate, main, pass_at_k
@@ -14,6 +13,7 @@ from phi2_jax.lm_eval_adapter import Harness
 from phi2_jax.sandbox import Limits, run_program
 from phi2_jax.tasks import SAMPLES, extract_answer, load_task
 from phi2_jax.tokenizer import load_tokenizer
+from tests.hf_reference import train_bpe_tokenizer
 
 EVAL = dict(dialect="5.x", vocab_size=512, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
             num_attention_heads=4, partial_rotary_factor=0.5, max_position_embeddings=512)
@@ -24,13 +24,7 @@ MC_TASKS = ["piqa", "arc", "hellaswag", "winogrande", "boolq", "mmlu"]
 def setup(hf_folder, tmp_path_factory):
     folder, reference = hf_folder("evaluate", **EVAL)
     corpus = [line for f in SAMPLES.glob("*.jsonl") for line in f.read_text().splitlines()]
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    tok.train_from_iterator(corpus * 3, trainers.BpeTrainer(vocab_size=500, special_tokens=["<|endoftext|>"],
-                                                            initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
-    tok_dir = tmp_path_factory.mktemp("eval_tok")
-    tok.save(str(tok_dir / "tokenizer.json"))
+    tok_dir = train_bpe_tokenizer(corpus * 3, 500, tmp_path_factory.mktemp("eval_tok"))
     return folder, reference, phi2_jax.from_pretrained(folder), load_tokenizer(tok_dir), tok_dir
 
 

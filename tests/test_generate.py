@@ -3,12 +3,12 @@
 import numpy as np
 import pytest
 import torch
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 import phi2_jax
 from phi2_jax import UserInputError
 from phi2_jax.generate import Sampling, generate, generate_text, main, sample_logits
 from phi2_jax.sampling import greedy_complete
+from tests.hf_reference import train_bpe_tokenizer
 
 GEN = dict(dialect="5.x", vocab_size=320, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
            num_attention_heads=4, partial_rotary_factor=0.5, bos_token_id=0, eos_token_id=0)
@@ -134,15 +134,7 @@ def _short_context(model):
 
 @pytest.fixture(scope="module")
 def tokenizer_dir(tmp_path_factory):
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    tok.train_from_iterator(["def add(a, b):\n    return a + b\n"] * 20,
-                            trainers.BpeTrainer(vocab_size=300, special_tokens=["<|endoftext|>"],
-                                                initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
-    folder = tmp_path_factory.mktemp("tok")
-    tok.save(str(folder / "tokenizer.json"))
-    return folder
+    return train_bpe_tokenizer(["def add(a, b):\n    return a + b\n"] * 20, 300, tmp_path_factory.mktemp("tok"))
 
 
 def test_text_helper_and_cli_stream_the_same_text(gen_model, tokenizer_dir, capsys):
