@@ -20,7 +20,7 @@ import numpy as np
 from phi2_jax.config import PhiConfig, preset
 from phi2_jax.hf_layout import hf_names_and_shapes, tensor_plan
 from phi2_jax.loading import our_shapes
-from phi2_jax.safetensors_io import SafetensorsFile, write_streaming
+from phi2_jax.safetensors_io import write_streaming
 
 
 def write_random_hf_folder(config: PhiConfig, folder: Path, shards: int = 2, seed: int = 0) -> int:
@@ -114,10 +114,9 @@ def bench_convert(work: Path, preset_name: str = "phi-2", compare: bool = True) 
 
 def _check_identical(source: Path, exported: Path) -> None:
     """Spot-checks that the round trip is exact, so a fast wrong converter cannot pass the benchmark."""
-    index = json.loads((source / "model.safetensors.index.json").read_text())["weight_map"]
-    out_index = json.loads((exported / "model.safetensors.index.json").read_text())["weight_map"]
-    for name in list(index)[:3] + list(index)[-3:]:
-        a = SafetensorsFile(source / index[name]).read(name)
-        b = SafetensorsFile(exported / out_index[name]).read(name)
-        if not np.array_equal(a, b):
+    from phi2_jax.hf_files import HFWeights
+
+    a, b = HFWeights(source), HFWeights(exported)
+    for name in a.names[:3] + a.names[-3:]:
+        if not np.array_equal(a.read(name), b.read(name)):
             raise AssertionError(f"round trip changed tensor {name}")

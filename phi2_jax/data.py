@@ -215,6 +215,10 @@ def train_dataset(splits: Splits, batch_size: int, seed: int, process_index: int
     ds = ds.batch(batch_size, drop_remainder=True)
     it = ds.to_iter_dataset(grain.ReadOptions(num_threads=2, prefetch_buffer_size=4))
     if workers > 0:
+        from absl import flags
+
+        if not flags.FLAGS.is_parsed():  # Grain's worker processes read absl flags; we have no absl main
+            flags.FLAGS.mark_as_parsed()
         it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=workers))
     return it
 

@@ -86,3 +86,15 @@ def test_hf_tokenizer_json_round_trips(tmp_path):
     assert loaded.decode(loaded.encode(text)) == text
     assert loaded.eos_id == reference.token_to_id("<|endoftext|>")
     assert loaded.encode(text) == reference.encode(text).ids  # no BOS prepended
+
+
+def test_worker_processes_give_the_same_batches_and_resume():
+    stream = np.arange(50_001, dtype=np.int32)
+    plain = iter(train_dataset(_splits(stream), batch_size=3, seed=4))
+    workers = iter(train_dataset(_splits(stream), batch_size=3, seed=4, workers=2))
+    for _ in range(3):
+        np.testing.assert_array_equal(next(workers)["input_ids"], next(plain)["input_ids"])
+    state = json.loads(json.dumps(workers.get_state()))
+    resumed = iter(train_dataset(_splits(stream), batch_size=3, seed=4, workers=2))
+    resumed.set_state(state)
+    np.testing.assert_array_equal(next(resumed)["input_ids"], next(plain)["input_ids"])
