@@ -14,6 +14,11 @@ rotary, softmax and logits run in float32.
 All layers' weights are stacked along a leading 'layers' axis and the forward
 pass scans over them, so compile time does not grow with depth. Every weight
 carries `logical_axes` metadata read by `phi2_jax.sharding`.
+
+`Phi.run` is the one forward pass; through the scan it also threads a static
+KV cache (decoding, `generate.py`), captures intermediates per layer and
+applies residual-stream edits (`interpret.py`). Linear layers optionally carry
+LoRA adapters (`lora.py`).
 """
 
 from __future__ import annotations
