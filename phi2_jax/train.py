@@ -130,7 +130,11 @@ class Trainer:
         params_abstract, opt_abstract = self._abstract_state()
         restored = checkpoints.restore_latest(params_abstract, opt_abstract)
         if restored is not None:
-            start, params, opt_state, data_state, _ = restored
+            start, params, opt_state, data_state, saved_meta = restored
+            saved_workers = saved_meta.get("run_config", {}).get("data", {}).get("workers", cfg.data.workers)
+            if saved_workers != cfg.data.workers:  # Grain's iterator state differs with and without workers
+                raise ConfigError(f"{self.run_dir} was trained with data.workers={saved_workers}; resume it with the same "
+                                  f"value (got {cfg.data.workers}) so the data iterator continues where it stopped.")
             iterator.set_state(data_state)
             self._say(f"resumed from step {start} in {checkpoints.directory}")
         else:

@@ -145,6 +145,14 @@ def test_refused_configs_say_why_and_leave_no_run_dir(tmp_path, cache, overrides
     assert not run_dir.exists()
 
 
+def test_resuming_with_other_data_workers_is_refused(tmp_path, cache):
+    run_dir = tmp_path / "run"
+    train_runs.run(run_dir, "train.steps=10", "checkpoint.every=10", cache=cache)
+    proc = train_runs.run(run_dir, "train.steps=15", "data.workers=1", cache=cache, check=False)
+    assert proc.returncode == 2
+    assert "was trained with data.workers=0; resume it with the same value (got 1)" in proc.stderr
+
+
 def test_damaged_newest_checkpoint_falls_back_to_the_previous(tmp_path, cache):
     run_dir = tmp_path / "run"
     train_runs.run(run_dir, "train.steps=10", cache=cache)
