@@ -130,3 +130,16 @@ def test_cli_writes_json_and_a_table(setup, tmp_path, capsys):
     assert "| piqa | acc |" in printed and "| gsm8k | exact_match |" in printed and "| humaneval | pass@1 |" in printed
     results = json.loads(out.read_text())
     assert results["piqa"]["n"] == 2 and 0.0 <= results["gsm8k"]["exact_match"] <= 1.0
+
+
+def test_scoring_on_a_sharded_model_matches_one_device(setup):
+    folder, _, model, tokenizer, _ = setup
+    from phi2_jax.scoring import loglikelihood
+    sharded = phi2_jax.from_pretrained(folder, mesh=phi2_jax.make_mesh({"data": 2, "fsdp": 2, "tensor": 2}))
+    requests = [(tokenizer.encode("Question: which planet?\nAnswer:"), tokenizer.encode(" Mercury")),
+                (tokenizer.encode("def add(a, b):"), tokenizer.encode("\n    return a + b")),
+                ([], tokenizer.encode("hello"))]
+    single = loglikelihood(model, requests, eos_id=tokenizer.eos_id, batch_size=2)
+    split = loglikelihood(sharded, requests, eos_id=tokenizer.eos_id, batch_size=2)  # padded up to 4 rows
+    np.testing.assert_allclose([s for s, _ in split], [s for s, _ in single], rtol=1e-5)
+    assert [g for _, g in split] == [g for _, g in single]

@@ -149,3 +149,11 @@ def test_text_helper_and_cli_stream_the_same_text(gen_model, tokenizer_dir, caps
         main(["--model", str(folder), "--tokenizer", str(tokenizer_dir)])
     assert exit_info.value.code == 2
     assert "no prompt given; pass --prompt TEXT or --prompt-file FILE." in capsys.readouterr().err
+
+
+def test_generation_on_a_sharded_model_matches_one_device(gen_model):
+    folder, _, model = gen_model
+    sharded = phi2_jax.from_pretrained(folder, mesh=phi2_jax.make_mesh({"data": 2, "fsdp": 2, "tensor": 2}))
+    ids = np.random.default_rng(7).integers(1, 320, (4, 6))
+    np.testing.assert_array_equal(generate(sharded, ids, max_new_tokens=10, eos_token_id=-1),
+                                  generate(model, ids, max_new_tokens=10, eos_token_id=-1))
