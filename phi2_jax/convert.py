@@ -25,14 +25,13 @@ from collections.abc import Callable
 from pathlib import Path
 
 import jax
-import ml_dtypes
 import numpy as np
 
 from phi2_jax import checkpoint
 from phi2_jax.config import PhiConfig
 from phi2_jax.errors import UserInputError, WeightsError, exit_on_user_error
 from phi2_jax.hf_files import HFWeights
-from phi2_jax.host_arrays import contiguous
+from phi2_jax.host_arrays import contiguous, numpy_dtype
 from phi2_jax.hf_layout import detect_layout, flatten, hf_names_and_shapes, hf_tensor, tensor_plan
 from phi2_jax.loading import check_hf_tensors, our_shapes
 from phi2_jax.lora import merged_kernel
@@ -42,10 +41,6 @@ from phi2_jax.safetensors_io import write_streaming
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt", "added_tokens.json",
                    "special_tokens_map.json", "tokenizer.model")
-
-
-def numpy_dtype(name: str) -> np.dtype:
-    return np.dtype(ml_dtypes.bfloat16) if name == "bfloat16" else np.dtype(name)
 
 
 # ----------------------------------------------------------------------------- atomic destinations

@@ -35,6 +35,7 @@ def pass_at_k(n: int, c: int, k: int) -> float:
 
 
 def score_multiple_choice(model, tokenizer, items, batch_size: int) -> dict:
+    """acc / acc_norm over `MultipleChoice` items, with each option's log-likelihood per item."""
     requests, owners = [], []
     for n, item in enumerate(items):
         for context, continuation in item.options:
@@ -56,6 +57,7 @@ def score_multiple_choice(model, tokenizer, items, batch_size: int) -> dict:
 
 
 def score_generation(model, tokenizer, items, max_new_tokens: int, batch_size: int) -> dict:
+    """Exact match of the extracted final answer of greedy completions (GSM8K style)."""
     from phi2_jax.generate import generate_text
 
     progress = Progress("  generating", len(items))
@@ -74,6 +76,7 @@ def score_generation(model, tokenizer, items, max_new_tokens: int, batch_size: i
 
 def score_code(model, tokenizer, items, samples: int, temperature: float, max_new_tokens: int,
                limits: Limits) -> dict:
+    """pass@k (k <= samples) of completions run against each task's tests in the sandbox."""
     from phi2_jax.generate import generate_text
 
     progress = Progress("  generating + testing", len(items) * samples)
@@ -95,6 +98,7 @@ def score_code(model, tokenizer, items, samples: int, temperature: float, max_ne
 
 
 def perplexity(model, tokenizer, files: list[Path], batch_size: int) -> dict:
+    """Token perplexity over text files: every token predicted, the first of each file from end-of-text."""
     total_logprob, total_tokens = 0.0, 0
     for file in files:
         if not file.is_file():

@@ -16,6 +16,7 @@ import ml_dtypes
 import numpy as np
 
 from phi2_jax.errors import WeightsError
+from phi2_jax.host_arrays import numpy_dtype
 from phi2_jax.safetensors_io import SafetensorsFile
 
 SAFETENSORS = "model.safetensors"
@@ -109,8 +110,5 @@ class HFWeights:
         return self._open(self._file_of[name]).read(name)
 
     def total_bytes(self) -> int:
-        return sum(int(np.prod(self.shape(n))) * np.dtype(_np_dtype(self.dtype(n))).itemsize for n in self.names)
-
-
-def _np_dtype(name: str):
-    return ml_dtypes.bfloat16 if name == "bfloat16" else np.dtype(name)
+        """Bytes of all tensors as stored."""
+        return sum(int(np.prod(self.shape(n))) * numpy_dtype(self.dtype(n)).itemsize for n in self.names)

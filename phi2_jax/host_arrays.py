@@ -1,4 +1,4 @@
-"""Fast host-side copies for the converter: transposed views made contiguous (and cast) tile by tile.
+"""Host-side array helpers: dtype names to numpy, and fast contiguous copies of transposed views.
 
 numpy copies a transposed [10240, 2560] view element by element across rows,
 missing the cache on every read; copying 256 x 256 tiles keeps both sides in
@@ -10,9 +10,16 @@ from __future__ import annotations
 
 from concurrent.futures import ThreadPoolExecutor
 
+import ml_dtypes
 import numpy as np
 
 TILE = 256
+
+
+def numpy_dtype(name: str) -> np.dtype:
+    """numpy dtype for a dtype name ('bfloat16' through ml_dtypes)."""
+    return np.dtype(ml_dtypes.bfloat16) if name == "bfloat16" else np.dtype(name)
+
 _pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="phi2_jax_copy")
 
 

@@ -12,7 +12,6 @@ from pathlib import Path
 from typing import Any
 
 import jax
-import ml_dtypes
 import numpy as np
 from flax import nnx
 from jax.sharding import Mesh
@@ -21,6 +20,7 @@ from phi2_jax.checkpoint import read_meta, resolve_step_dir, restore_params
 from phi2_jax.config import PhiConfig
 from phi2_jax.errors import WeightsError
 from phi2_jax.hf_files import HFWeights
+from phi2_jax.host_arrays import numpy_dtype
 from phi2_jax.hf_layout import detect_layout, flatten, hf_names_and_shapes, to_params, unflatten
 from phi2_jax.lora import fresh_adapters, is_adapter
 from phi2_jax.model import Phi, abstract_model, place_state
@@ -30,10 +30,6 @@ from phi2_jax.sharding import state_shardings
 def default_compute_dtype() -> str:
     """bfloat16 on accelerators (tensor cores), float32 on the CPU (where bf16 matmuls are slow and inexact)."""
     return "float32" if jax.default_backend() == "cpu" else "bfloat16"
-
-
-def numpy_dtype(name: str):
-    return ml_dtypes.bfloat16 if name == "bfloat16" else np.dtype(name)
 
 
 def our_shapes(config: PhiConfig, adapters: bool = False) -> dict[str, tuple[int, ...]]:

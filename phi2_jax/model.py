@@ -163,6 +163,8 @@ class LayerNorm(nnx.Module):
 
 
 class Attention(nnx.Module):
+    """q/k/v/dense projections with bias, optional qk LayerNorm, partial rotary, causal attention."""
+
     def __init__(self, config: PhiConfig, *, stack: tuple[int, ...], rngs: nnx.Rngs):
         h = config.hidden_size
         self.config = config
@@ -210,6 +212,8 @@ class Attention(nnx.Module):
 
 
 class MLP(nnx.Module):
+    """fc1 -> activation (gelu_new for Phi) -> fc2, both with bias."""
+
     def __init__(self, config: PhiConfig, *, stack: tuple[int, ...], rngs: nnx.Rngs):
         self.fc1 = Linear(config.hidden_size, config.intermediate_size, ("embed", "mlp"), stack=stack, config=config,
                           rngs=rngs, lora="fc1" in config.lora_targets)
@@ -438,4 +442,5 @@ def place_state(model_abstract: Phi, arrays: dict, mesh: Mesh | None) -> Phi:
 
 
 def param_count(model: Phi) -> int:
+    """Number of parameters (adapters included)."""
     return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(nnx.state(model, nnx.Param)))

@@ -105,6 +105,7 @@ def _label_index(value, labels: list[str], where: str) -> int:
 
 
 def multiple_choice(base: str, record: dict, where: str) -> MultipleChoice:
+    """One record of a multiple-choice family as (context, continuation) options and the gold index."""
     if base == "piqa":
         context = f"Question: {record['goal']}\nAnswer:"
         return MultipleChoice([(context, " " + record["sol1"]), (context, " " + record["sol2"])],
@@ -190,6 +191,7 @@ MBPP_STOP = ('\n"""', "\nassert", "\n\n\n")
 
 
 def code_task(base: str, record: dict) -> CodeTask:
+    """A HumanEval / MBPP record as prompt, test program suffix and stop strings."""
     if base == "humaneval":
         return CodeTask(record["task_id"], record["prompt"],
                         "\n\n" + record["test"] + f"\n\ncheck({record['entry_point']})\n", HUMANEVAL_STOP)

@@ -47,6 +47,8 @@ def initialize_distributed(dist) -> None:
 
 
 class Trainer:
+    """One training run: data, mesh, compiled steps and checkpoints for a validated `RunConfig`."""
+
     def __init__(self, config: RunConfig, model_config):
         import jax
 
@@ -119,6 +121,7 @@ class Trainer:
 
     # ------------------------------------------------------------------ loop
     def run(self) -> dict:
+        """Resumes or initialises, trains to `train.steps` (or SIGTERM), and returns a summary."""
         import numpy as np
 
         from phi2_jax.checkpoint import RunCheckpoints

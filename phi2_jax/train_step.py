@@ -70,6 +70,7 @@ def abstract_params(model_config, mesh: Mesh) -> tuple[Any, Any, Any]:
 
 def build_steps(model_config, mesh: Mesh, tx: optax.GradientTransformation, schedule: optax.Schedule,
                 seed: int, grad_accum: int, z_loss: float) -> StepFunctions:
+    """Jits the train step (batch [grad_accum, micro, T] per key) and the eval loss with explicit shardings."""
     graphdef, params_abstract, param_shardings = abstract_params(model_config, mesh)
     batch_sharding = NamedSharding(mesh, logical_to_spec((None, "act_batch", "act_length"), mesh=mesh))
     eval_sharding = NamedSharding(mesh, logical_to_spec(("act_batch", "act_length"), mesh=mesh))
