@@ -111,6 +111,7 @@ def token_stream(docs: list[Document], tokenizer: Tokenizer, key: str) -> np.nda
     path = cache_dir() / "tokens" / f"{digest.hexdigest()[:16]}.npy"
     if path.is_file():
         return np.load(path)
+    log.info("tokenizing %d %s documents (cached in %s afterwards)", len(docs), key, path.parent)
     chunks = []
     for start in range(0, len(docs), 256):
         for ids in tokenizer.encode_batch([d.text for d in docs[start:start + 256]]):
@@ -177,6 +178,8 @@ def build_splits(sources: list[dict], tokenizer_spec: str, seq_len: int, val_fra
         per_source.append((source, train, val))
     if tokenizer_spec == "auto":
         all_train = [d.text for _, train, _ in per_source for d in train]
+        log.info("tokenizer: a %d-token sentencepiece BPE on %d training documents (trained once, then cached)",
+                 vocab_size, len(all_train))
         tokenizer = load_tokenizer(train_sentencepiece(all_train, vocab_size, "auto"))
     else:
         tokenizer = load_tokenizer(tokenizer_spec)
