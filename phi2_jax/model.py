@@ -181,7 +181,10 @@ class Attention(nnx.Module):
             self.k_layernorm = LayerNorm(config.head_dim, "head_dim", stack=stack, config=config)
 
     def __call__(self, x: Array, ctx: dict[str, Any], mesh: Mesh | None, cache: tuple | None):
-        """Returns (output [B, T, E], updated (k, v) cache or None, attention probabilities or None)."""
+        """Returns (output [B, T, E], updated stacked (k, v) cache or None, attention probabilities or None).
+
+        cache: ((k [L, B, S, K, D], v [same]), this layer's index) while decoding, else None.
+        """
         cfg = self.config
         batch, length, _ = x.shape
         q = self.q_proj(x).reshape(batch, length, cfg.num_attention_heads, cfg.head_dim)
@@ -196,11 +199,15 @@ class Attention(nnx.Module):
         k = constrain(k, ("act_batch", "act_length", "act_kv_heads", "act_head_dim"), mesh)
         q_offset = 0
         if cache is not None:
-            # Decoding: write this step's keys/values at slots [index, index + T) of a static cache.
+            # Decoding: write this step's keys/values at slots [index, index + T) of layer `layer` of the
+            # stacked static cache [L, B, S, K, D], in place, then attend over that layer's slots.
+            (k_all, v_all), layer = cache
             index = ctx["cache_index"]
-            k = jax.lax.dynamic_update_slice(cache[0], k.astype(cache[0].dtype), (0, index, 0, 0))
-            v = jax.lax.dynamic_update_slice(cache[1], v.astype(cache[1].dtype), (0, index, 0, 0))
-            cache, q_offset = (k, v), index
+            k_all = jax.lax.dynamic_update_slice(k_all, k.astype(k_all.dtype)[None], (layer, 0, index, 0, 0))
+            v_all = jax.lax.dynamic_update_slice(v_all, v.astype(v_all.dtype)[None], (layer, 0, index, 0, 0))
+            k = jax.lax.dynamic_index_in_dim(k_all, layer, keepdims=False)
+            v = jax.lax.dynamic_index_in_dim(v_all, layer, keepdims=False)
+            cache, q_offset = (k_all, v_all), index
         out = attention(q, k, v, backend=cfg.attention_backend, q_offset=q_offset, kv_mask=ctx["attention_mask"],
                         q_segment_ids=ctx["segment_ids"], kv_segment_ids=ctx["segment_ids"])
         probs = None
@@ -330,11 +337,17 @@ class Phi(nnx.Module):
 
         graphdef, stacked = nnx.split(self.layers)
 
-        def one_layer(h, xs):
+        def one_layer(carry, xs):
+            h, cache = carry
             layer = nnx.merge(graphdef, xs["params"])
-            rng = jax.random.fold_in(layers_rng, xs["index"]) if layers_rng is not None else None
-            layer_cache = (xs["k"], xs["v"]) if "k" in xs else None
+            index = xs["index"]
+            rng = jax.random.fold_in(layers_rng, index) if layers_rng is not None else None
+            # The stacked cache rides in the carry so that XLA updates it in place (as a scan output it
+            # would be copied whole at every decoding step).
+            layer_cache = ((cache["k"], cache["v"]), index) if cache is not None else None
             h, layer_cache, captured = layer(h, ctx, rng, mesh, layer_cache)
+            if cache is not None:
+                cache = {"k": layer_cache[0], "v": layer_cache[1]}
             if "edits" in xs:
                 e = xs["edits"]
                 h = jnp.where(e["replace_mask"][..., None], e["replace_value"].astype(h.dtype), h)
@@ -342,25 +355,19 @@ class Phi(nnx.Module):
             h = constrain(h, ("act_batch", "act_length", "act_embed"), mesh)
             if "residual" in ctx["capture"]:
                 captured["residual"] = h
-            ys = {"captures": captured}
-            if layer_cache is not None:
-                ys["k"], ys["v"] = layer_cache
-            return h, ys
+            return (h, cache), captured
 
         if cfg.remat != "none":
             one_layer = jax.checkpoint(one_layer, policy=_REMAT_POLICIES[cfg.remat], prevent_cse=False)
         xs = {"params": stacked, "index": jnp.arange(cfg.num_hidden_layers)}
-        if cache is not None:
-            xs["k"], xs["v"] = cache["k"], cache["v"]
         if edits is not None:
             xs["edits"] = edits
-        h, ys = jax.lax.scan(one_layer, h, xs)
+        (h, new_cache), captures = jax.lax.scan(one_layer, (h, cache), xs)
 
         h = self.final_layernorm(h, compute_dtype)
         logits = self.lm_head(h, out_dtype=jnp.float32)
         logits = constrain(logits, ("act_batch", "act_length", "act_vocab"), mesh)
-        new_cache = {"k": ys["k"], "v": ys["v"]} if cache is not None else None
-        return {"logits": logits, "cache": new_cache, "captures": ys["captures"]}
+        return {"logits": logits, "cache": new_cache, "captures": captures}
 
     def init_cache(self, batch: int, max_length: int, dtype=None) -> dict[str, Array]:
         """An empty static KV cache {'k', 'v'} [L, B, max_length, K, D] in the compute dtype."""
