@@ -110,7 +110,7 @@ def token_stream(docs: list[Document], tokenizer: Tokenizer, key: str) -> np.nda
         digest.update(hashlib.sha256(d.text.encode()).digest())
     path = cache_dir() / "tokens" / f"{digest.hexdigest()[:16]}.npy"
     if path.is_file():
-        return np.load(path)
+        return np.load(path, mmap_mode="r")  # pages in on demand: a large corpus need not fit in RAM
     log.info("tokenizing %d %s documents (cached in %s afterwards)", len(docs), key, path.parent)
     chunks = []
     for start in range(0, len(docs), 256):
