@@ -121,23 +121,6 @@ def restore_params(step_dir: Path, abstract_params: Any) -> Any:
     return stack_layers(stored, abstract_params)
 
 
-def _partial_restore(step_dir: Path, target: dict) -> dict:
-    restore_args = jax.tree.map(lambda x: ocp.ArrayRestoreArgs(dtype=x.dtype, sharding=x.sharding), target)
-    return ocp.PyTreeCheckpointer().restore(
-        step_dir.absolute() / "params",
-        args=ocp.args.PyTreeRestore(item=target, restore_args=restore_args, partial_restore=True))
-
-
-def restore_layer(step_dir: Path, abstract_layer: Any, index: int) -> Any:
-    """Only layer `index`'s parameters (a per-layer tree of ShapeDtypeStructs), read from disk alone."""
-    return _partial_restore(step_dir, {"layers": {str(index): abstract_layer}})["layers"][str(index)]
-
-
-def restore_top_level(step_dir: Path, abstract_params: Any) -> Any:
-    """The parameters outside the layer stack (embedding, final norm, head)."""
-    return _partial_restore(step_dir, {k: v for k, v in abstract_params.items() if k != "layers"})
-
-
 def save_meta(step_dir: Path, meta: dict) -> None:
     ocp.Checkpointer(ocp.JsonCheckpointHandler()).save(step_dir.absolute() / "meta", args=ocp.args.JsonSave(meta))
 

@@ -236,8 +236,7 @@ def save_pretrained(model, hf_dir: str | Path, *, dtype: str = "float32", max_sh
     flat = flatten(nnx.to_pure_dict(nnx.state(model)))
 
     def read(path: str, layer: int | None) -> np.ndarray:
-        value = np.asarray(jax.device_get(flat[path] if layer is None else flat[path][layer]))
-        return value
+        return np.asarray(jax.device_get(flat[path] if layer is None else flat[path][layer]))
 
     ours = _with_merged_adapters(read, config)
     names: list[str] = []

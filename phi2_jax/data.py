@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import glob
 import hashlib
-import json
 import logging
 import sysconfig
 from dataclasses import dataclass
@@ -27,6 +26,7 @@ import grain
 import numpy as np
 
 from phi2_jax.errors import ConfigError
+from phi2_jax.jsonl import jsonl_objects
 from phi2_jax.tokenizer import Tokenizer, cache_dir
 
 log = logging.getLogger(__name__)
@@ -75,14 +75,8 @@ def read_source(source: dict) -> list[Document]:
         if kind == "text":
             docs.append(Document(file, Path(file).read_text(encoding="utf-8", errors="replace")))
         elif kind == "jsonl":
-            for n, line in enumerate(Path(file).read_text(encoding="utf-8").splitlines(), 1):
-                if not line.strip():
-                    continue
-                try:
-                    record = json.loads(line)
-                except json.JSONDecodeError as error:
-                    raise ConfigError(f"{file} line {n} is not valid JSON ({error.msg}).") from None
-                if not isinstance(record, dict) or not isinstance(record.get(field), str):
+            for n, record in jsonl_objects(Path(file), ConfigError):
+                if not isinstance(record.get(field), str):
                     raise ConfigError(f"{file} line {n} has no string field '{field}'.")
                 docs.append(Document(f"{file}:{n}", record[field]))
         elif kind == "parquet":

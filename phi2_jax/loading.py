@@ -24,7 +24,7 @@ from phi2_jax.host_arrays import numpy_dtype
 from phi2_jax.hf_layout import detect_layout, flatten, hf_names_and_shapes, to_params, unflatten
 from phi2_jax.lora import fresh_adapters, is_adapter
 from phi2_jax.model import Phi, abstract_model, place_state
-from phi2_jax.sharding import state_shardings
+from phi2_jax.sharding import state_shardings, with_shardings
 
 
 def default_compute_dtype() -> str:
@@ -39,9 +39,12 @@ def our_shapes(config: PhiConfig, adapters: bool = False) -> dict[str, tuple[int
     return shapes if adapters else {p: s for p, s in shapes.items() if not is_adapter(p)}
 
 
-def check_hf_tensors(weights: HFWeights, config: PhiConfig, layout: str) -> None:
-    """Refuses a folder whose tensors are missing, unexpected, or shaped unlike its config.json."""
-    expected = hf_names_and_shapes(config, layout, our_shapes(config))
+def check_hf_tensors(weights: HFWeights, config: PhiConfig, layout: str, shapes: dict | None = None) -> None:
+    """Refuses a folder whose tensors are missing, unexpected, or shaped unlike its config.json.
+
+    `shapes`: `our_shapes(config)` when the caller has it already.
+    """
+    expected = hf_names_and_shapes(config, layout, shapes or our_shapes(config))
     present = set(weights.names)
     missing = [n for n in expected if n not in present]
     if missing:
@@ -61,10 +64,12 @@ def load_hf_params(path: str | Path, config: PhiConfig) -> dict[str, np.ndarray]
     """Our flat parameter dict (numpy, `config.param_dtype`) from a Hugging Face folder."""
     weights = HFWeights(path)
     layout = detect_layout(weights.names, str(weights.folder))
-    check_hf_tensors(weights, config, layout)
+    all_shapes = our_shapes(config, adapters=True)  # one abstract trace serves the check, the import and LoRA
+    base_shapes = {p: s for p, s in all_shapes.items() if not is_adapter(p)}
+    check_hf_tensors(weights, config, layout, base_shapes)
     dtype = numpy_dtype(config.param_dtype)
-    params = to_params(config, layout, weights.read, our_shapes(config), dtype)
-    return {**params, **fresh_adapters(our_shapes(config, adapters=True), dtype)}  # none unless lora_rank > 0
+    params = to_params(config, layout, weights.read, base_shapes, dtype)
+    return {**params, **fresh_adapters(all_shapes, dtype)}  # no adapters unless lora_rank > 0
 
 
 def load_config(path: str | Path, **runtime: Any) -> PhiConfig:
@@ -104,11 +109,6 @@ def from_pretrained(
     if step_dir is None:
         return place_state(model_abstract, unflatten(load_hf_params(path, config)), mesh)
     graphdef, state = nnx.split(model_abstract)
-    target = nnx.to_pure_dict(state)
-    if mesh is not None:
-        target = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), target,
-                              nnx.to_pure_dict(state_shardings(state, mesh)))
-    else:
-        single = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-        target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=single), target)
-    return nnx.merge(graphdef, restore_params(step_dir, target))
+    shardings = (nnx.to_pure_dict(state_shardings(state, mesh)) if mesh is not None
+                 else jax.sharding.SingleDeviceSharding(jax.devices()[0]))
+    return nnx.merge(graphdef, restore_params(step_dir, with_shardings(nnx.to_pure_dict(state), shardings)))

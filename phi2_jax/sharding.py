@@ -145,9 +145,11 @@ def state_shardings(abstract_state: Any, mesh: Mesh, rules: dict[str, Any] = LOG
     return jax.tree.map(sharding_of, abstract_state, is_leaf=_is_variable)
 
 
-def logical_axes_of(state: Any) -> Any:
-    """Same tree as `state` with each Variable replaced by its logical axis names."""
-    return jax.tree.map(lambda v: v.get_metadata()["logical_axes"], state, is_leaf=_is_variable)
+def with_shardings(tree: Any, shardings: Any) -> Any:
+    """ShapeDtypeStructs of `tree`'s leaves carrying `shardings` (one per leaf, or one for all): a placement target."""
+    if not isinstance(shardings, jax.sharding.Sharding):
+        return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)
+    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=shardings), tree)
 
 
 def constrain(x: jax.Array, names: Sequence[str | None], mesh: Mesh | None) -> jax.Array:

@@ -12,11 +12,11 @@ family ship in `phi2_jax/tasks/` (`--task piqa` uses the sample).
 from __future__ import annotations
 
 import dataclasses
-import json
 import re
 from pathlib import Path
 
 from phi2_jax.errors import UserInputError
+from phi2_jax.jsonl import jsonl_objects
 
 SAMPLES = Path(__file__).parent / "tasks"
 
@@ -71,15 +71,7 @@ def read_jsonl(path: Path, required: tuple[str, ...]) -> list[dict]:
     if not path.is_file():
         raise UserInputError(f"task file {path} does not exist.")
     records = []
-    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as error:
-            raise UserInputError(f"{path} line {n} is not valid JSON ({error.msg} at column {error.colno}).") from None
-        if not isinstance(record, dict):
-            raise UserInputError(f"{path} line {n} is a JSON {type(record).__name__}; expected an object.")
+    for n, record in jsonl_objects(path):
         for field in required:
             if field not in record:
                 raise UserInputError(f"{path} line {n} has no field '{field}'; this task needs {', '.join(required)}.")

@@ -130,8 +130,7 @@ class Trainer:
         jax, cfg, t = self.jax, self.config, self.config.train
         checkpoints = RunCheckpoints(self.run_dir, cfg.checkpoint.keep, cfg.checkpoint.async_save)
         iterator = iter(self.dataset)
-        params_abstract, opt_abstract = self._abstract_state()
-        restored = checkpoints.restore_latest(params_abstract, opt_abstract)
+        restored = checkpoints.restore_latest(self.steps.abstract_params, self.steps.abstract_opt_state)
         if restored is not None:
             start, params, opt_state, data_state, saved_meta = restored
             saved_workers = saved_meta.get("run_config", {}).get("data", {}).get("workers", cfg.data.workers)
@@ -205,16 +204,6 @@ class Trainer:
                 self._print_samples(params)
         return result
 
-    def _abstract_state(self):
-        from phi2_jax.train_step import abstract_params
-
-        jax = self.jax
-        _, params, shardings = abstract_params(self.model_config, self.mesh)
-        params = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), params, shardings)
-        opt = jax.eval_shape(self.steps.init_opt, params)
-        opt = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), opt, self.steps.opt_shardings)
-        return params, opt
-
     def _on_sigterm(self, signum, frame):
         self.stop_requested = True
 
@@ -276,16 +265,13 @@ def dry_run(config: RunConfig, model_config) -> dict:
     from phi2_jax.metrics import train_flops_per_token
     from phi2_jax.optim import make_optimizer
     from phi2_jax.sharding import make_mesh
-    from phi2_jax.train_step import abstract_params, build_steps
+    from phi2_jax.train_step import build_steps
 
     mesh = make_mesh({"data": config.mesh.data, "fsdp": config.mesh.fsdp, "tensor": config.mesh.tensor})
     t, seq = config.train, config.data.seq_len
     tx, schedule = make_optimizer(config.optim, t.steps)
     steps = build_steps(model_config, mesh, tx, schedule, t.seed, t.grad_accum, config.optim.z_loss)
-    _, params, shardings = abstract_params(model_config, mesh)
-    params = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), params, shardings)
-    opt = jax.eval_shape(steps.init_opt, params)
-    opt = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), opt, steps.opt_shardings)
+    params, opt = steps.abstract_params, steps.abstract_opt_state
     micro = t.batch_size // t.grad_accum
     batch = {k: jax.ShapeDtypeStruct((t.grad_accum, micro, seq), jnp.int32, sharding=steps.batch_sharding)
              for k in ("input_ids", "targets", "segment_ids", "positions")}

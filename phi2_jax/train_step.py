@@ -21,7 +21,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from phi2_jax.hf_layout import flatten, unflatten
 from phi2_jax.lora import is_adapter
 from phi2_jax.model import Phi, abstract_model
-from phi2_jax.sharding import logical_to_spec, state_shardings
+from phi2_jax.sharding import logical_to_spec, state_shardings, with_shardings
 
 
 def cross_entropy(logits: jax.Array, targets: jax.Array, z_loss: float = 0.0) -> tuple[jax.Array, jax.Array]:
@@ -41,6 +41,8 @@ class StepFunctions:
     graphdef: Any
     param_shardings: Any
     opt_shardings: Any
+    abstract_params: Any           # ShapeDtypeStructs with shardings: restore targets, AOT compile inputs
+    abstract_opt_state: Any
     batch_sharding: NamedSharding  # [grad_accum, micro, T]
     eval_sharding: NamedSharding   # [batch, T]
     init_opt: Callable
@@ -79,10 +81,8 @@ def build_steps(model_config, mesh: Mesh, tx: optax.GradientTransformation, sche
     lora = model_config.lora_rank > 0
     trainable, frozen = partition(params_abstract, lora)
     trainable_shardings, _ = partition(param_shardings, lora)
-    abstract_in = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), trainable,
-                               trainable_shardings)
     # The optimiser state's layout follows the parameters'; ask the compiler rather than guessing.
-    opt_shardings = jax.jit(tx.init).lower(abstract_in).compile().output_shardings
+    opt_shardings = jax.jit(tx.init).lower(with_shardings(trainable, trainable_shardings)).compile().output_shardings
     replicated = NamedSharding(mesh, PartitionSpec())
     # Scalars (step counts) come back on one device; replicate them over the mesh instead.
     opt_shardings = jax.tree.map(lambda s: s if isinstance(s, NamedSharding) else replicated, opt_shardings)
@@ -117,4 +117,7 @@ def build_steps(model_config, mesh: Mesh, tx: optax.GradientTransformation, sche
                          out_shardings=(param_shardings, opt_shardings, None), donate_argnums=(0, 1))
     eval_loss = jax.jit(lambda params, batch: loss_fn(*partition(params, lora), batch, None)[1],
                         in_shardings=(param_shardings, eval_sharding))
-    return StepFunctions(graphdef, param_shardings, opt_shardings, batch_sharding, eval_sharding, init_opt, train_step, eval_loss)
+    abstract_in = with_shardings(params_abstract, param_shardings)
+    abstract_opt = with_shardings(jax.eval_shape(init_opt, abstract_in), opt_shardings)
+    return StepFunctions(graphdef, param_shardings, opt_shardings, abstract_in, abstract_opt, batch_sharding,
+                         eval_sharding, init_opt, train_step, eval_loss)

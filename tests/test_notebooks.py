@@ -1,6 +1,5 @@
 """Every notebook runs top to bottom on the CPU with the tiny model (nbclient, fresh kernel, own folder)."""
 
-import os
 import shutil
 from pathlib import Path
 
