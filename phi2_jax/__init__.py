@@ -8,7 +8,6 @@ Notebook API:
 """
 
 from phi2_jax.config import PRESETS, PhiConfig, preset
-from phi2_jax.convert import save_pretrained
 from phi2_jax.errors import ConfigError, UserInputError, WeightsError
 from phi2_jax.generate import generate, generate_text
 from phi2_jax.loading import from_pretrained
@@ -19,3 +18,12 @@ __all__ = [
     "PRESETS", "PhiConfig", "preset", "ConfigError", "UserInputError", "WeightsError", "from_pretrained",
     "generate", "generate_text", "save_pretrained", "Phi", "abstract_model", "create_model", "param_count", "MeshConfig", "make_mesh",
 ]
+
+
+def save_pretrained(model, hf_dir, **options):
+    """`phi2_jax.convert.save_pretrained`: writes `model` as a Hugging Face folder (see there for the options)."""
+    # Imported on call: importing phi2_jax.convert here would load it before `python -m phi2_jax.convert` runs
+    # it as __main__, which Python warns about on every conversion.
+    from phi2_jax.convert import save_pretrained as save
+
+    return save(model, hf_dir, **options)

@@ -287,7 +287,7 @@ def main(argv=None) -> list[dict]:
     if "convert" in suites:
         from phi2_jax.bench_convert import bench_convert
 
-        rows += bench_convert(args.work_dir / "convert", args.convert_preset, compare)
+        rows += bench_convert(args.work_dir / "convert", args.convert_preset, compare, min(args.repeats, 3))
     result = {"environment": environment(), "config": args.config, "compute_dtype": dtype,
               "peak_flops_per_device": peak, "peak_source": peak_source, "rows": rows}
     args.output.write_text(json.dumps(result, indent=2))

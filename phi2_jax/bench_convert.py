@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import statistics
 import subprocess
 import sys
 import time
@@ -82,8 +83,13 @@ model.save_pretrained(sys.argv[2], max_shard_size="2GB")
 """
 
 
-def bench_convert(work: Path, preset_name: str = "phi-2", compare: bool = True) -> list[dict]:
-    """Rows: ours from-hf, ours to-hf, and (with transformers installed) its load + save of the same folder."""
+def bench_convert(work: Path, preset_name: str = "phi-2", compare: bool = True, repeats: int = 3) -> list[dict]:
+    """Rows: ours from-hf, to-hf and their sum (the round trip), and transformers' load + save of the same folder.
+
+    The three commands run in turn, `repeats` rounds, so a slow spell of the
+    disk hits all of them alike; each row holds the median wall time and the
+    largest peak RSS over its runs.
+    """
     config = preset(preset_name)
     source = work / "hf-source"
     shutil.rmtree(work, ignore_errors=True)
@@ -92,23 +98,39 @@ def bench_convert(work: Path, preset_name: str = "phi-2", compare: bool = True) 
     print(f"generated a random {preset_name} folder: {total / 1e9:.2f} GB fp16 in {time.perf_counter() - start:.0f}s",
           file=sys.stderr)
     convert = [sys.executable, "-m", "phi2_jax.convert"]
-    rows = []
-    rows.append({"suite": "convert", "impl": "phi2_jax", "case": "from-hf (fp16 HF -> f32 Orbax)",
-                 **run_measured([*convert, "from-hf", str(source), str(work / "ckpt")])})
-    rows.append({"suite": "convert", "impl": "phi2_jax", "case": "to-hf (f32 Orbax -> fp16 HF)",
-                 **run_measured([*convert, "to-hf", str(work / "ckpt"), str(work / "hf-ours"), "--dtype", "float16"])})
-    _check_identical(source, work / "hf-ours")
+    commands = {
+        "from-hf": [*convert, "from-hf", str(source), str(work / "ckpt"), "--overwrite"],
+        "to-hf": [*convert, "to-hf", str(work / "ckpt"), str(work / "hf-ours"), "--dtype", "float16", "--overwrite"],
+    }
     if compare:
         try:
             import transformers  # noqa: F401
         except ImportError:
             print("transformers is not installed: no comparison row", file=sys.stderr)
         else:
-            rows.append({"suite": "convert", "impl": "transformers", "case": "from_pretrained + save_pretrained (fp16)",
-                         **run_measured([sys.executable, "-c", _TRANSFORMERS_ROUND_TRIP, str(source),
-                                         str(work / "hf-transformers")])})
-    for row in rows:
-        row["model_gb"] = total / 1e9
+            commands["transformers"] = [sys.executable, "-c", _TRANSFORMERS_ROUND_TRIP, str(source),
+                                        str(work / "hf-transformers")]
+    runs: dict[str, list[dict]] = {name: [] for name in commands}
+    for round_ in range(repeats):
+        for name, command in commands.items():
+            runs[name].append(run_measured(command))
+            print(f"round {round_ + 1}/{repeats} {name}: {runs[name][-1]['seconds']:.1f}s", file=sys.stderr)
+    _check_identical(source, work / "hf-ours")
+
+    def row(impl, case, measured):
+        return {"suite": "convert", "impl": impl, "case": case, "model_gb": total / 1e9, "repeats": len(measured),
+                "seconds": statistics.median(m["seconds"] for m in measured),
+                "peak_rss_mb": max(m["peak_rss_mb"] for m in measured)}
+
+    rows = [row("phi2_jax", "from-hf (fp16 HF -> Orbax)", runs["from-hf"]),
+            row("phi2_jax", "to-hf (Orbax -> fp16 HF)", runs["to-hf"])]
+    round_trips = [{"seconds": a["seconds"] + b["seconds"], "peak_rss_mb": max(a["peak_rss_mb"], b["peak_rss_mb"])}
+                   for a, b in zip(runs["from-hf"], runs["to-hf"])]
+    rows.append(row("phi2_jax", "round trip (from-hf + to-hf)", round_trips))
+    if "transformers" in runs:
+        rows.append(row("transformers", "from_pretrained + save_pretrained (fp16)", runs["transformers"]))
+        for ours in rows[:3]:
+            ours["speedup_vs_transformers"] = rows[3]["seconds"] / ours["seconds"]
     return rows
 
 

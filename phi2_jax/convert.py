@@ -4,10 +4,11 @@
     to-hf   CKPT_OR_RUN_DIR HF_DIR [--dtype float16|bfloat16|float32] [--max-shard-size 2GB] [--tokenizer DIR]
     inspect PATH
 
-Both directions stream: from-hf reads each Hugging Face tensor with `pread` and
-writes it into the Orbax checkpoint in row blocks (`orbax_stream.py`); to-hf
-reads one parameter at a time and writes safetensors shards in row blocks.
-Peak memory is about the largest single tensor, not the model.
+Both directions stream: from-hf maps each Hugging Face tensor in turn and
+writes it into the Orbax checkpoint in chunks (`orbax_stream.py`); to-hf reads
+one parameter at a time (the next ones on a background thread while the
+current one is written) and writes safetensors shards in row blocks. Peak
+memory is a few tensors, not the model.
 
 Output is written to a hidden sibling of the destination and renamed into
 place only when complete, so a failed run leaves nothing behind and never
@@ -22,6 +23,7 @@ import os
 import shutil
 import sys
 from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 import jax
@@ -85,8 +87,22 @@ def leaf_keys(path: str, layer: int | None) -> tuple[str, ...]:
     return (parts[0], str(layer), *parts[1:]) if layer is not None else tuple(parts)
 
 
+def storage_dtype(source: np.dtype, param: np.dtype) -> np.dtype:
+    """The dtype a converted tensor is stored in: the narrowest that holds the parameter values exactly.
+
+    A float16 or bfloat16 tensor converted for float32 parameters is stored as it
+    came: widening to float32 is exact, and Orbax widens on restore (to the
+    abstract target's dtype), so every loader sees the same float32 values while
+    the checkpoint is half the bytes (the converter's time is its disk writes).
+    """
+    return source if param == np.float32 and source.itemsize < param.itemsize else param
+
+
 def from_hf(hf_dir: Path, ckpt_dir: Path, dtype: str = "float32", overwrite: bool = False) -> PhiConfig:
-    """Converts a Hugging Face Phi folder to an Orbax checkpoint (params + meta), one tensor at a time."""
+    """Converts a Hugging Face Phi folder to an Orbax checkpoint (params + meta), one tensor at a time.
+
+    `dtype` is the parameter dtype the checkpoint restores to; see `storage_dtype` for what is on disk.
+    """
     if dtype not in ("float32", "bfloat16"):
         raise UserInputError(f"--dtype {dtype} is not a parameter dtype; expected float32 or bfloat16.")
     if not hf_dir.is_dir():
@@ -102,15 +118,18 @@ def from_hf(hf_dir: Path, ckpt_dir: Path, dtype: str = "float32", overwrite: boo
         writer = ParamWriter(staging / "params")
         progress = Progress(f"from-hf {hf_dir.name} ({layout}, {weights.dtype(plan[0][0])})", len(plan),
                             weights.total_bytes())
+        stored = set()
         for name, rule, layer in plan:
             source = weights.read(name)
             for path, part in zip(rule.ours, rule.transform.to_ours(source)):
-                writer.write_rows(leaf_keys(path, layer), part, target)
+                stored.add(storage_dtype(part.dtype, target))
+                writer.write(leaf_keys(path, layer), part, storage_dtype(part.dtype, target))
             progress.advance(1, source.nbytes)
             del source
         writer.close()
         checkpoint.save_meta(staging, {"model_config": config.to_dict(), "source": str(hf_dir.absolute()),
-                                       "source_layout": layout, "format": "phi2_jax model checkpoint v1"})
+                                       "source_layout": layout, "stored_dtypes": sorted(map(str, stored)),
+                                       "format": "phi2_jax model checkpoint v1"})
         progress.close()
 
     _atomically(ckpt_dir, overwrite, write)
@@ -140,6 +159,13 @@ def _check_export_args(dtype: str, tokenizer: Path | None) -> None:
         raise UserInputError(f"--tokenizer {tokenizer} holds no tokenizer files; expected e.g. tokenizer.json.")
 
 
+def _cast(array: np.ndarray, dtype: np.dtype) -> np.ndarray:
+    """A C-contiguous copy in `dtype`, rounded to nearest even from float32, exactly as torch's .to(dtype)."""
+    if array.dtype in (dtype, np.float32):
+        return contiguous(array, dtype)
+    return contiguous(array, np.float32).astype(dtype)  # e.g. bfloat16 -> float16: widen exactly, round once
+
+
 def write_hf_folder(staging: Path, config: PhiConfig, ours: Callable[[str, int | None], np.ndarray], dtype: str,
                     max_shard_size: str, tokenizer: Path | None, label: str) -> list[str]:
     """Writes a Hugging Face folder into `staging`; `ours(path, layer)` serves our (merged) arrays one at a time."""
@@ -165,8 +191,7 @@ def write_hf_folder(staging: Path, config: PhiConfig, ours: Callable[[str, int |
         array = hf_tensor(rule, lambda path: ours(path, layer))
         rows = max(1, (64 << 20) // max(array[0].nbytes, 1)) if array.ndim else 1
         for start in range(0, max(array.shape[0], 1) if array.ndim else 1, rows):
-            # Round to nearest even from float32, exactly as torch's .to(float16 / bfloat16).
-            block = contiguous(array[start:start + rows] if array.ndim else array, np.float32).astype(out_dtype)
+            block = _cast(array[start:start + rows] if array.ndim else array, out_dtype)
             progress.advance(0, block.nbytes)
             yield block
         progress.advance(1, 0)
@@ -206,6 +231,34 @@ def _with_merged_adapters(read: Callable[[str, int | None], np.ndarray], config:
     return merged
 
 
+class ReadAhead:
+    """`read(path, layer)` served in a known order, reading the next `depth` parameters on a background thread.
+
+    Reading a parameter out of the checkpoint and writing the previous one into a
+    safetensors file each take about half of the export, so overlapping them
+    nearly halves it; a request out of order is simply read on the spot.
+    """
+
+    def __init__(self, read: Callable[[str, int | None], np.ndarray], order: list[tuple[str, int | None]],
+                 depth: int = 2):
+        self.read, self.order, self.depth = read, order, depth
+        self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="phi2_jax_read_ahead")
+        self.pending: dict[tuple[str, int | None], Future] = {}
+        self.next = 0  # index in `order` of the next parameter to submit
+
+    def __call__(self, path: str, layer: int | None) -> np.ndarray:
+        self._schedule()
+        future = self.pending.pop((path, layer), None)
+        self._schedule()
+        return future.result() if future is not None else self.read(path, layer)
+
+    def _schedule(self) -> None:
+        while len(self.pending) < self.depth and self.next < len(self.order):
+            key = self.order[self.next]
+            self.pending[key] = self.pool.submit(self.read, *key)
+            self.next += 1
+
+
 def to_hf(source: Path, hf_dir: Path, dtype: str = "float16", max_shard_size: str = "2GB",
           tokenizer: Path | None = None, overwrite: bool = False) -> list[str]:
     """Writes a Hugging Face folder from a converted checkpoint or a training run's newest checkpoint."""
@@ -218,7 +271,8 @@ def to_hf(source: Path, hf_dir: Path, dtype: str = "float16", max_shard_size: st
                              f"from-hf or a training run folder.")
     config = PhiConfig.from_dict(checkpoint.read_meta(step_dir)["model_config"])
     reader = ParamReader(step_dir / "params")
-    ours = _with_merged_adapters(lambda path, layer: reader.read(leaf_keys(path, layer)), config)
+    order = [(path, layer) for _, rule, layer in tensor_plan(config, "transformers") for path in rule.ours]
+    ours = _with_merged_adapters(ReadAhead(lambda path, layer: reader.read(leaf_keys(path, layer)), order), config)
     names: list[str] = []
     _atomically(hf_dir, overwrite, lambda staging: names.extend(
         write_hf_folder(staging, config, ours, dtype, max_shard_size, tokenizer, f"to-hf {hf_dir.name}")))
@@ -260,7 +314,8 @@ def inspect(path: Path) -> dict:
         tree = getattr(tree, "item_metadata", tree)
         leaves = jax.tree.leaves(tree, is_leaf=lambda x: hasattr(x, "shape"))
         return {"format": "phi2_jax Orbax checkpoint", "path": str(step_dir), "step": meta.get("step", "-"),
-                "dtypes": sorted({str(np.dtype(x.dtype)) for x in leaves}), "tensors": len(leaves),
+                "stored as": sorted({str(np.dtype(x.dtype)) for x in leaves}),
+                "restores as": config.param_dtype, "tensors": len(leaves),
                 "parameters": sum(int(np.prod(x.shape)) for x in leaves), "config": config.to_hf_dict()}
     weights = HFWeights(path)
     layout = detect_layout(weights.names, str(path))
@@ -298,7 +353,8 @@ def main(argv=None) -> None:
     jax.config.update("jax_platforms", "cpu")  # conversion is host work; never grab an accelerator
     if args.command == "from-hf":
         config = from_hf(args.hf_dir, args.ckpt_dir, args.dtype, args.overwrite)
-        print(f"wrote {args.ckpt_dir} ({config.num_params():,} parameters, {args.dtype})")
+        stored = ", ".join(checkpoint.read_meta(args.ckpt_dir)["stored_dtypes"])
+        print(f"wrote {args.ckpt_dir} ({config.num_params():,} parameters, {args.dtype}; stored as {stored})")
     elif args.command == "to-hf":
         files = to_hf(args.source, args.hf_dir, args.dtype, args.max_shard_size, args.tokenizer, args.overwrite)
         print(f"wrote {args.hf_dir} ({len(files)} safetensors file{'s' * (len(files) > 1)}, {args.dtype})")

@@ -42,30 +42,45 @@ class ParamWriter:
         self.pending: collections.deque = collections.deque()
         self.max_in_flight = 2
 
-    def create(self, keys: tuple[str, ...], shape: tuple[int, ...], dtype) -> ts.TensorStore:
+    def create(self, keys: tuple[str, ...], shape: tuple[int, ...], dtype, order: str = "C") -> ts.TensorStore:
+        """A new zarr leaf; chunks are whole rows (order C) or whole columns (order F) of about `chunk_bytes`."""
         dtype = np.dtype(dtype)
-        row_bytes = int(np.prod(shape[1:])) * dtype.itemsize if len(shape) > 1 else dtype.itemsize
-        rows = max(1, min(shape[0], self.chunk_bytes // max(row_bytes, 1))) if shape else 1
+        chunks = list(shape)
+        if shape:
+            axis = -1 if order == "F" else 0
+            slab_bytes = int(np.prod(shape)) // max(shape[axis], 1) * dtype.itemsize
+            chunks[axis] = max(1, min(shape[axis], self.chunk_bytes // max(slab_bytes, 1)))
         spec = {"driver": "zarr", "kvstore": _kvstore(self.directory, ".".join(keys)),
-                "metadata": {"shape": list(shape), "chunks": [rows, *shape[1:]], "dtype": _ZARR_DTYPES[dtype],
-                             "compressor": None}}
+                "metadata": {"shape": list(shape), "chunks": chunks, "dtype": _ZARR_DTYPES[dtype],
+                             "compressor": None, "order": order}}
         self.leaves.append(keys)
         return ts.open(spec, create=True, context=self.context).result()
 
-    def write_rows(self, keys: tuple[str, ...], array: np.ndarray, dtype) -> None:
-        """Writes `array` (any layout, any float dtype) as a new leaf, converting one row block at a time.
+    def write(self, keys: tuple[str, ...], array: np.ndarray, dtype) -> None:
+        """Writes `array` (any layout, any float dtype) as a new leaf, converting one chunk at a time.
 
-        Writes complete in the background while the caller prepares the next
-        block or tensor; at most `max_in_flight` blocks are pending at once.
+        A transposed view of a row-major tensor (every Hugging Face kernel seen
+        as ours) is stored in Fortran order: its chunks are then byte-for-byte
+        runs of the source, so nothing is transposed on the way in, and
+        `ParamReader` hands it back the same way. Writes complete in the
+        background while the caller prepares the next chunk or tensor; at most
+        `max_in_flight` chunks are pending at once.
         """
-        store = self.create(keys, array.shape, dtype)
+        fortran = array.ndim == 2 and array.flags.f_contiguous and not array.flags.c_contiguous
+        store = self.create(keys, array.shape, dtype, "F" if fortran else "C")
         if array.ndim == 0:
             self._submit(store.write(np.asarray(array, dtype)))
             return
-        rows = store.chunk_layout.read_chunk.shape[0]
+        if fortran:
+            cols = store.chunk_layout.write_chunk.shape[1]
+            for start in range(0, array.shape[1], cols):
+                block = array[:, start:start + cols]  # tensorstore refuses slices past the end; numpy clips
+                self._submit(store[:, start:start + block.shape[1]].write(block.astype(dtype, order="F", copy=False)))
+            return
+        rows = store.chunk_layout.write_chunk.shape[0]
         for start in range(0, array.shape[0], rows):
-            stop = min(start + rows, array.shape[0])  # tensorstore refuses slices past the end
-            self._submit(store[start:stop].write(contiguous(array[start:stop], dtype)))
+            block = array[start:start + rows]
+            self._submit(store[start:start + block.shape[0]].write(contiguous(block, dtype)))
 
     def _submit(self, future) -> None:
         self.pending.append(future)
@@ -97,5 +112,9 @@ class ParamReader:
         self.driver = "zarr3" if metadata.get("use_zarr3") else "zarr"
 
     def read(self, keys: tuple[str, ...]) -> np.ndarray:
+        """The leaf as a numpy array in its stored memory order (a Fortran-order leaf comes back F-contiguous)."""
         spec = {"driver": self.driver, "kvstore": _kvstore(self.directory, ".".join(keys))}
-        return ts.open(spec, open=True, context=self.context).result().read().result()
+        store = ts.open(spec, open=True, context=self.context).result()
+        inner = list(store.chunk_layout.inner_order or range(store.rank))
+        fortran = store.rank > 1 and inner == list(reversed(range(store.rank)))
+        return store.read(order="F" if fortran else "C").result()

@@ -1,5 +1,6 @@
 """The converter CLI: exact round trips, files transformers loads, streaming shards, and every bad input."""
 
+import copy
 import json
 import shutil
 
@@ -71,6 +72,31 @@ def test_bfloat16_checkpoint_round_trips_through_bfloat16(hf_folder, tmp_path):
     exported = load_file(tmp_path / "hf" / "model.safetensors")
     for key, value in reference.state_dict().items():
         assert torch.equal(exported[key], value.to(torch.bfloat16)), key
+
+
+def test_float16_source_is_stored_as_is_and_restores_as_exact_float32(hf_folder, tmp_path, capsys):
+    folder, reference = hf_folder("small", **SMALL)
+    half = tmp_path / "fp16"
+    copy.deepcopy(reference).to(torch.float16).save_pretrained(half)  # the fixture's model is shared
+    half_tensors = load_file(half / "model.safetensors")
+    convert("from-hf", half, tmp_path / "ckpt")
+    assert "float32; stored as float16" in capsys.readouterr().out
+    convert("inspect", tmp_path / "ckpt")
+    out = capsys.readouterr().out
+    assert "stored as: ['float16']" in out and "restores as: float32" in out
+    model = phi2_jax.from_pretrained(tmp_path / "ckpt")
+    fc1 = model.layers.mlp.fc1.kernel.value
+    assert fc1.dtype == np.float32
+    np.testing.assert_array_equal(np.asarray(fc1[1]),
+                                  half_tensors["model.layers.1.mlp.fc1.weight"].float().numpy().T)
+    convert("to-hf", tmp_path / "ckpt", tmp_path / "hf", "--dtype", "float16")
+    exported = load_file(tmp_path / "hf" / "model.safetensors")
+    assert exported.keys() == half_tensors.keys()
+    for key, value in half_tensors.items():
+        assert torch.equal(exported[key], value), key
+    # a bfloat16 target cannot hold float16 exactly, so it is stored as asked
+    convert("from-hf", half, tmp_path / "ckpt-bf16", "--dtype", "bfloat16")
+    assert "bfloat16; stored as bfloat16" in capsys.readouterr().out
 
 
 def test_sharded_export_round_trips(hf_folder, tmp_path):
