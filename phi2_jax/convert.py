@@ -34,6 +34,7 @@ from phi2_jax.config import PhiConfig
 from phi2_jax.errors import UserInputError, WeightsError, exit_on_user_error
 from phi2_jax.hf_files import HFWeights
 from phi2_jax.host_arrays import contiguous, numpy_dtype
+from phi2_jax.host_memory import reexec_with_huge_pages
 from phi2_jax.hf_layout import detect_layout, flatten, hf_names_and_shapes, hf_tensor, tensor_plan
 from phi2_jax.loading import check_hf_tensors, our_shapes
 from phi2_jax.lora import merged_kernel
@@ -349,6 +350,8 @@ def parse_args(argv):
 
 @exit_on_user_error
 def main(argv=None) -> None:
+    if argv is None:  # a command line, not a call from Python
+        reexec_with_huge_pages()
     args = parse_args(sys.argv[1:] if argv is None else argv)
     jax.config.update("jax_platforms", "cpu")  # conversion is host work; never grab an accelerator
     if args.command == "from-hf":
