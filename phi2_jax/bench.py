@@ -1,9 +1,11 @@
 """`python -m phi2_jax.bench [train|prefill|decode|convert|all] [--compare transformers]`
 
 Measures our implementation and, with `--compare transformers` (needs torch and
-transformers), `PhiForCausalLM` on the same config, dtype and weights, in the
-same process, alternating runs; prints medians and ratios as a markdown table
-and writes JSON. Speed targets live here, never in timed tests.
+transformers), `PhiForCausalLM` on the same config, dtype and weights on the
+same machine, alternating runs; prints medians and ratios as a markdown table
+and writes JSON. Speed targets live here, never in timed tests. transformers
+runs in a worker process of its own (`bench_torch_worker.py`), so each side
+runs as a user runs it and has its own peak memory.
 
     train    tokens/s and MFU of one optimizer step (AdamW + global-norm clipping)
     prefill  tokens/s of a forward pass over batch x seq
@@ -17,9 +19,12 @@ from __future__ import annotations
 
 import argparse
 import functools
+import importlib.metadata
+import importlib.util
 import json
 import platform
 import statistics
+import subprocess
 import sys
 import threading
 import time
@@ -33,7 +38,7 @@ from flax import nnx
 
 from phi2_jax.config import preset
 from phi2_jax.generate import generate
-from phi2_jax.hf_layout import flatten, iter_hf_tensors
+from phi2_jax.host_memory import reexec_with_huge_pages
 from phi2_jax.metrics import device_peak_flops, train_flops_per_token
 from phi2_jax.model import create_model
 from phi2_jax.train_step import cross_entropy
@@ -68,18 +73,52 @@ def device_peak_memory_mb() -> float | None:
     return stats["peak_bytes_in_use"] / 2**20 if "peak_bytes_in_use" in stats else None
 
 
-def torch_twin(model):
-    """transformers' PhiForCausalLM holding exactly our weights (via the shared name table)."""
-    import torch
-    from transformers import PhiConfig, PhiForCausalLM
+class TorchWorker:
+    """transformers' PhiForCausalLM holding exactly our weights, in a process of its own (bench_torch_worker.py).
 
-    config = model.config
-    hf = config.to_hf_dict()
-    twin = PhiForCausalLM(PhiConfig(**{k: v for k, v in hf.items() if k not in ("architectures", "model_type")}))
-    params = {k: np.asarray(v, np.float32) for k, v in flatten(nnx.to_pure_dict(nnx.state(model))).items()}
-    state = {name: torch.from_numpy(np.array(a, copy=True)) for name, a in iter_hf_tensors(config, "transformers", params)}
-    twin.load_state_dict(state, strict=True)
-    return twin.to(getattr(torch, config.compute_dtype))
+    One worker per case, so its peak RSS is that case's. The weights travel
+    through our own Hugging Face export, which the converter tests hold exact.
+    """
+
+    def __init__(self, model, work_dir: Path, suite: str, ids: np.ndarray, new_tokens: int = 0):
+        from phi2_jax.convert import save_pretrained
+
+        folder = work_dir / "torch-twin"
+        save_pretrained(model, folder, dtype=model.config.param_dtype, overwrite=True)
+        np.save(work_dir / "ids.npy", np.asarray(ids))
+        script = Path(__file__).with_name("bench_torch_worker.py")
+        self.process = subprocess.Popen([sys.executable, str(script), str(folder), model.config.compute_dtype],
+                                        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        self.ask(op="setup", suite=suite, ids=str(work_dir / "ids.npy"), new_tokens=new_tokens)
+
+    def ask(self, **request) -> dict:
+        self.process.stdin.write(json.dumps(request) + "\n")
+        self.process.stdin.flush()
+        answer = self.process.stdout.readline()
+        if not answer:
+            raise RuntimeError(f"the transformers worker exited (code {self.process.wait()}); its error is above.")
+        return json.loads(answer)
+
+    def run(self) -> None:
+        self.ask(op="run")
+
+    def close(self) -> float:
+        """Stops the worker; returns its peak resident memory in MB."""
+        peak = self.ask(op="peak_rss_mb")["peak_rss_mb"]
+        self.process.stdin.close()
+        self.process.wait()
+        return peak
+
+
+def _compare(model, twin_dir: Path | None, suite: str, ids, new_tokens: int = 0) -> TorchWorker | None:
+    return TorchWorker(model, twin_dir, suite, ids, new_tokens) if twin_dir is not None else None
+
+
+def _measure(ours, twin: TorchWorker | None, repeats: int) -> tuple[list[float], list[float], float, float | None]:
+    """Alternated timings of ours and the twin's, and each side's peak RSS (MB) over the runs."""
+    with PeakRSS() as memory:
+        a, b = alternate(ours, twin.run if twin else None, repeats)
+    return a, b, memory.peak_mb, twin.close() if twin else None
 
 
 def timed(fn, repeats: int) -> list[float]:
@@ -104,7 +143,7 @@ def alternate(ours, theirs, repeats: int) -> tuple[list[float], list[float]]:
     return a, b
 
 
-def bench_train(model, batch: int, seq: int, repeats: int, compare: bool, peak: float) -> list[dict]:
+def bench_train(model, batch: int, seq: int, repeats: int, twin_dir: Path | None, peak: float) -> list[dict]:
     cfg = model.config
     tx = optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(1e-4, weight_decay=0.1))
     graphdef, params = nnx.split(model)
@@ -128,29 +167,12 @@ def bench_train(model, batch: int, seq: int, repeats: int, compare: bool, peak: 
         state["p"], state["o"], loss = step(state["p"], state["o"])
         loss.block_until_ready()
 
-    theirs = None
-    if compare:
-        import torch
-
-        twin = torch_twin(model).train()
-        optimizer = torch.optim.AdamW(twin.parameters(), lr=1e-4, weight_decay=0.1)
-        tids = torch.from_numpy(np.array(ids)).long()
-
-        def theirs():
-            optimizer.zero_grad(set_to_none=True)
-            loss = twin(tids[:, :-1], labels=None).logits.float()
-            loss = torch.nn.functional.cross_entropy(loss.reshape(-1, loss.shape[-1]), tids[:, 1:].reshape(-1))
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(twin.parameters(), 1.0)
-            optimizer.step()
-
-    with PeakRSS() as memory:
-        a, b = alternate(ours, theirs, repeats)
+    a, b, our_mb, their_mb = _measure(ours, _compare(model, twin_dir, "train", ids), repeats)
     flops = train_flops_per_token(cfg, seq) * batch * seq
-    return _rows("train", f"batch {batch} x seq {seq}", batch * seq, a, b, flops, peak, memory.peak_mb)
+    return _rows("train", f"batch {batch} x seq {seq}", batch * seq, a, b, flops, peak, our_mb, their_mb)
 
 
-def bench_prefill(model, batch: int, seq: int, repeats: int, compare: bool, peak: float) -> list[dict]:
+def bench_prefill(model, batch: int, seq: int, repeats: int, twin_dir: Path | None, peak: float) -> list[dict]:
     cfg = model.config
     ids = jnp.asarray(np.random.default_rng(1).integers(0, cfg.vocab_size, (batch, seq)), jnp.int32)
     graphdef, state = nnx.split(model)
@@ -159,24 +181,12 @@ def bench_prefill(model, batch: int, seq: int, repeats: int, compare: bool, peak
     def ours():
         forward(state, ids).block_until_ready()
 
-    theirs = None
-    if compare:
-        import torch
-
-        twin = torch_twin(model).eval()
-        tids = torch.from_numpy(np.array(ids)).long()
-
-        def theirs():
-            with torch.inference_mode():
-                twin(tids, use_cache=False)
-
-    with PeakRSS() as memory:
-        a, b = alternate(ours, theirs, repeats)
+    a, b, our_mb, their_mb = _measure(ours, _compare(model, twin_dir, "prefill", ids), repeats)
     flops = train_flops_per_token(cfg, seq) / 3 * batch * seq  # forward only: a third of 6N + attention
-    return _rows("prefill", f"batch {batch} x seq {seq}", batch * seq, a, b, flops, peak, memory.peak_mb)
+    return _rows("prefill", f"batch {batch} x seq {seq}", batch * seq, a, b, flops, peak, our_mb, their_mb)
 
 
-def bench_decode(model, batch: int, new_tokens: int, repeats: int, compare: bool, peak: float,
+def bench_decode(model, batch: int, new_tokens: int, repeats: int, twin_dir: Path | None, peak: float,
                  prompt_len: int = 16) -> list[dict]:
     cfg = model.config
     ids = np.random.default_rng(2).integers(1, cfg.vocab_size, (batch, prompt_len))
@@ -184,27 +194,14 @@ def bench_decode(model, batch: int, new_tokens: int, repeats: int, compare: bool
     def ours():
         generate(model, ids, max_new_tokens=new_tokens, eos_token_id=-1)
 
-    theirs = None
-    if compare:
-        import torch
-
-        twin = torch_twin(model).eval()
-        tids = torch.from_numpy(ids).long()
-
-        def theirs():
-            with torch.inference_mode():
-                twin.generate(tids, attention_mask=torch.ones_like(tids), max_new_tokens=new_tokens,
-                              min_new_tokens=new_tokens, do_sample=False, pad_token_id=0, use_cache=True)
-
-    with PeakRSS() as memory:
-        a, b = alternate(ours, theirs, repeats)
+    a, b, our_mb, their_mb = _measure(ours, _compare(model, twin_dir, "decode", ids, new_tokens), repeats)
     return _rows("decode", f"batch {batch}, {new_tokens} new tokens", batch * new_tokens, a, b, None, peak,
-                 memory.peak_mb)
+                 our_mb, their_mb)
 
 
-def _rows(suite, case, tokens, ours_times, their_times, flops, peak, peak_mb) -> list[dict]:
+def _rows(suite, case, tokens, ours_times, their_times, flops, peak, our_mb, their_mb) -> list[dict]:
     rows = []
-    for impl, times in (("phi2_jax", ours_times), ("transformers", their_times)):
+    for impl, times, peak_mb in (("phi2_jax", ours_times, our_mb), ("transformers", their_times, their_mb)):
         if not times:
             continue
         median = statistics.median(times)
@@ -240,17 +237,17 @@ def environment() -> dict:
     env = {"date": time.strftime("%Y-%m-%d"), "device": str(jax.devices()[0].device_kind),
            "devices": jax.device_count(), "platform": platform.platform(), "python": platform.python_version(),
            "jax": jax.__version__, "flax": flax.__version__, "command": " ".join(["python -m phi2_jax.bench", *sys.argv[1:]])}
-    try:
-        import torch
-        import transformers
-
-        env.update(torch=torch.__version__, transformers=transformers.__version__, torch_threads=torch.get_num_threads())
-    except ImportError:
-        pass
+    for package in ("torch", "transformers"):  # versions without importing them into the measuring process
+        try:
+            env[package] = importlib.metadata.version(package)
+        except importlib.metadata.PackageNotFoundError:
+            pass
     return env
 
 
 def main(argv=None) -> list[dict]:
+    if argv is None:  # a command line: measure with the allocator setting `train` runs with (the twin inherits it)
+        reexec_with_huge_pages()
     parser = argparse.ArgumentParser(prog="python -m phi2_jax.bench", description=__doc__.split("\n\n")[0])
     parser.add_argument("suite", nargs="?", default="all", choices=[*SUITES, "all"])
     parser.add_argument("--config", default="phi-small", help="model preset (default phi-small: 512 x 8 layers)")
@@ -267,24 +264,23 @@ def main(argv=None) -> list[dict]:
     dtype = args.dtype or ("float32" if jax.default_backend() == "cpu" else "bfloat16")
     peak, peak_source = device_peak_flops(dtype)
     compare = args.compare == "transformers"
-    if compare:
-        try:
-            import torch  # noqa: F401
-            import transformers  # noqa: F401
-        except ImportError:
-            print("--compare transformers needs torch and transformers (pip install 'phi2_jax[bench]')", file=sys.stderr)
-            raise SystemExit(2) from None
+    if compare and not all(importlib.util.find_spec(p) for p in ("torch", "transformers")):
+        print("--compare transformers needs torch and transformers (pip install 'phi2_jax[bench]')", file=sys.stderr)
+        raise SystemExit(2)
+    twin_dir = args.work_dir / "twin" if compare else None
+    if twin_dir is not None:
+        twin_dir.mkdir(parents=True, exist_ok=True)
     suites = SUITES if args.suite == "all" else (args.suite,)
     rows = []
     if set(suites) - {"convert"}:
         model = create_model(preset(args.config, compute_dtype=dtype), seed=0)
         if "train" in suites:
-            rows += bench_train(model, args.batch, args.seq, args.repeats, compare, peak)
+            rows += bench_train(model, args.batch, args.seq, args.repeats, twin_dir, peak)
         if "prefill" in suites:
-            rows += bench_prefill(model, args.batch, args.seq, args.repeats, compare, peak)
+            rows += bench_prefill(model, args.batch, args.seq, args.repeats, twin_dir, peak)
         if "decode" in suites:
             for batch in (1, 8):
-                rows += bench_decode(model, batch, args.new_tokens, args.repeats, compare, peak)
+                rows += bench_decode(model, batch, args.new_tokens, args.repeats, twin_dir, peak)
     if "convert" in suites:
         from phi2_jax.bench_convert import bench_convert
 

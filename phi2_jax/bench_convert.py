@@ -8,6 +8,7 @@ RSS sampled every 20 ms) are recorded side by side.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import shutil
 import statistics
@@ -103,9 +104,7 @@ def bench_convert(work: Path, preset_name: str = "phi-2", compare: bool = True, 
         "to-hf": [*convert, "to-hf", str(work / "ckpt"), str(work / "hf-ours"), "--dtype", "float16", "--overwrite"],
     }
     if compare:
-        try:
-            import transformers  # noqa: F401
-        except ImportError:
+        if importlib.util.find_spec("transformers") is None:
             print("transformers is not installed: no comparison row", file=sys.stderr)
         else:
             commands["transformers"] = [sys.executable, "-c", _TRANSFORMERS_ROUND_TRIP, str(source),

@@ -1,4 +1,4 @@
-"""Huge pages for the host allocator: the train and convert commands re-run themselves with them on.
+"""Huge pages for the host allocator: the train, convert and bench commands re-run themselves with them on.
 
 XLA:CPU allocates each step's temporaries and outputs afresh, and glibc serves
 every block above 32 MB with a new `mmap`, so each training step faults in
@@ -12,10 +12,8 @@ Tunables are read once at process start, so the only way to turn it on from
 Python is to exec the same command again with it set. Set
 PHI2_JAX_KEEP_MALLOC=1 to opt out.
 
-`python -m phi2_jax.bench` does not do this: it alternates our step with
-torch's in one process, and there huge pages made our step slower (3.3-3.5 s
-against 3.0 s; not yet pinned down, possibly the kernel compacting memory
-for huge pages after torch's allocations), which would skew the comparison.
+`python -m phi2_jax.bench` does the same, and its transformers worker inherits
+the setting, so both sides run with one allocator configuration.
 """
 
 from __future__ import annotations
