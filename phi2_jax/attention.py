@@ -58,12 +58,12 @@ def xla_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> 
     q [B, T, N, D], k/v [B, S, K, D], mask [B, 1, T, S] -> [B, T, N, D].
     """
     batch, q_len, num_heads, head_dim = q.shape
-    kv_len, num_kv_heads = k.shape[1], k.shape[2]
+    num_kv_heads = k.shape[2]
     groups = num_heads // num_kv_heads
     # Heads-major: the G query heads sharing a key/value head (head n uses kv head n // G, as transformers'
     # repeat_kv) are stacked along the query axis, [B, K, G*T, D] against [B, K, S, D]. k and v are never
-    # repeated, and both einsums are plain batched matmuls, which XLA:CPU runs ~1.8x faster forward and
-    # backward than the [B, T, K, G, D] form this replaced.
+    # repeated, and both einsums are plain batched matmuls: on XLA:CPU 1.45x faster forward and 1.7x faster
+    # forward + backward than the [B, T, K, G, D] form this replaced (4 x 256 tokens, 8 heads of 64).
     q = q.reshape(batch, q_len, num_kv_heads, groups, head_dim).transpose(0, 2, 3, 1, 4)
     q = q.reshape(batch, num_kv_heads, groups * q_len, head_dim)
     k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)

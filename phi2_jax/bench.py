@@ -38,7 +38,6 @@ from flax import nnx
 
 from phi2_jax.config import preset
 from phi2_jax.generate import generate
-from phi2_jax.host_memory import reexec_with_huge_pages
 from phi2_jax.metrics import device_peak_flops, train_flops_per_token
 from phi2_jax.model import create_model
 from phi2_jax.train_step import cross_entropy
@@ -246,8 +245,6 @@ def environment() -> dict:
 
 
 def main(argv=None) -> list[dict]:
-    if argv is None:  # a command line: measure with the allocator setting `train` runs with (the twin inherits it)
-        reexec_with_huge_pages()
     parser = argparse.ArgumentParser(prog="python -m phi2_jax.bench", description=__doc__.split("\n\n")[0])
     parser.add_argument("suite", nargs="?", default="all", choices=[*SUITES, "all"])
     parser.add_argument("--config", default="phi-small", help="model preset (default phi-small: 512 x 8 layers)")

@@ -1,19 +1,22 @@
-"""Huge pages for the host allocator: the train, convert and bench commands re-run themselves with them on.
+"""Huge pages for the host allocator: `phi2-convert` re-runs itself with them on.
 
-XLA:CPU allocates each step's temporaries and outputs afresh, and glibc serves
-every block above 32 MB with a new `mmap`, so each training step faults in
-hundreds of megabytes of new 4 KB pages (~210k faults per gradient step of the
-bench model, 0.6 s of kernel time on a 2-core machine); the converter's
-tensor buffers do the same. glibc's `glibc.malloc.hugetlb=1` tunable asks for
-transparent huge pages on those blocks instead (512x fewer faults, fewer TLB
-misses). Measured on the dev VM, two runs each: the bench model's training
-step 2.82 / 2.54 -> 2.19 / 2.32 s, from-hf of phi-2 34.0 / 34.0 -> 21.7 / 21.6 s.
+The converter moves a model through freshly allocated tensor buffers (mapped
+safetensors, tensorstore chunks, safetensors row blocks), and glibc serves
+every block above 32 MB with a new `mmap`, so a conversion faults in the
+whole model in 4 KB pages, several times over: most of its time was kernel
+time. glibc's `glibc.malloc.hugetlb=1` tunable asks for transparent huge
+pages on those blocks instead (512x fewer faults). Measured on the dev VM in
+A/B pairs on the same disk state: from-hf of phi-2 34.0 / 34.0 -> 21.7 / 21.6 s,
+to-hf 29.3 / 21.4 -> 15.4 / 17.5 s.
+
 Tunables are read once at process start, so the only way to turn it on from
 Python is to exec the same command again with it set. Set
 PHI2_JAX_KEEP_MALLOC=1 to opt out.
 
-`python -m phi2_jax.bench` does the same, and its transformers worker inherits
-the setting, so both sides run with one allocator configuration.
+Not used for training: there the same A/B comparisons of the bench's training
+step disagreed from run to run (faster in one process alone, slower beside the
+transformers worker), so the trainer keeps the default allocator until a
+measurement says otherwise.
 """
 
 from __future__ import annotations
