@@ -40,6 +40,35 @@ def test_float32_logits_equal_transformers(hf_folder, name):
     assert rel_err(logits, ref) < 1e-5
 
 
+@pytest.mark.parametrize("name", ["v5_gqa", "msft_full_rotary"])
+def test_float32_gradients_equal_transformers_autograd(hf_folder, name):
+    """Every parameter's gradient of the next-token loss against torch autograd through PhiForCausalLM."""
+    import torch
+
+    from phi2_jax.hf_layout import flatten, iter_hf_tensors
+    from phi2_jax.train_step import cross_entropy
+
+    folder, reference = hf_folder(name, **PARITY_CONFIGS[name])
+    model = phi2_jax.from_pretrained(folder)
+    ids = np.random.default_rng(3).integers(0, reference.config.vocab_size, (2, 9))
+    graphdef, params = nnx.split(model)
+
+    def loss(p):
+        return cross_entropy(nnx.merge(graphdef, p).forward(ids[:, :-1]), ids[:, 1:])[0]
+
+    grads = jax.grad(loss)(params)
+    ours = {k: np.asarray(v) for k, v in flatten(nnx.to_pure_dict(grads)).items()}
+    ours = dict(iter_hf_tensors(model.config, "transformers", ours))
+    reference.zero_grad()
+    tids = torch.from_numpy(ids)
+    logits = reference(tids[:, :-1]).logits
+    torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), tids[:, 1:].reshape(-1)).backward()
+    theirs = {name: p.grad.numpy() for name, p in reference.named_parameters()}
+    assert ours.keys() == theirs.keys()
+    for key, value in theirs.items():
+        assert rel_err(ours[key], value) < 1e-5, key
+
+
 def test_bfloat16_compute_within_bf16_rounding(hf_folder):
     # bf16 keeps 8 significant bits (relative rounding 2^-9 ~ 0.2%). Rounding of
     # inputs, weights and the residual stream compounds over the matmuls of each
