@@ -56,6 +56,7 @@ def make_work(model, suite: str, ids: torch.Tensor, new_tokens: int):
 
 
 def main() -> None:
+    answers, sys.stdout = sys.stdout, sys.stderr  # anything a library prints must not break the protocol
     model_dir, dtype = sys.argv[1], sys.argv[2]
     model = PhiForCausalLM.from_pretrained(model_dir, dtype=getattr(torch, dtype))
     work = None
@@ -70,7 +71,7 @@ def main() -> None:
             answer = {"ok": True}
         else:
             answer = {"peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
-        print(json.dumps(answer), flush=True)
+        print(json.dumps(answer), file=answers, flush=True)
 
 
 if __name__ == "__main__":

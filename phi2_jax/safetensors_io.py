@@ -79,7 +79,7 @@ class SafetensorsFile:
         return self.entries[name][0]
 
     def read(self, name: str) -> np.ndarray:
-        """The tensor as a read-only array over a private mapping of its bytes."""
+        """The tensor as a read-only array over a read-only mapping of its bytes."""
         dtype, shape, begin, end = self.entries[name]
         if end == begin:
             return np.zeros(shape, dtype)
