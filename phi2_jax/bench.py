@@ -75,20 +75,16 @@ def device_peak_memory_mb() -> float | None:
 class TorchWorker:
     """transformers' PhiForCausalLM holding exactly our weights, in a process of its own (bench_torch_worker.py).
 
-    One worker per case, so its peak RSS is that case's. The weights travel
-    through our own Hugging Face export, which the converter tests hold exact.
+    One worker per case, so its peak RSS is that case's. The weights come from
+    `export_twin_weights`, our own Hugging Face export, which the converter tests hold exact.
     """
 
-    def __init__(self, model, work_dir: Path, suite: str, ids: np.ndarray, new_tokens: int = 0):
-        from phi2_jax.convert import save_pretrained
-
-        folder = work_dir / "torch-twin"
-        save_pretrained(model, folder, dtype=model.config.param_dtype, overwrite=True)
-        np.save(work_dir / "ids.npy", np.asarray(ids))
+    def __init__(self, twin_dir: Path, compute_dtype: str, suite: str, ids: np.ndarray, new_tokens: int = 0):
+        np.save(twin_dir / "ids.npy", np.asarray(ids))
         script = Path(__file__).with_name("bench_torch_worker.py")
-        self.process = subprocess.Popen([sys.executable, str(script), str(folder), model.config.compute_dtype],
+        self.process = subprocess.Popen([sys.executable, str(script), str(twin_dir / "weights"), compute_dtype],
                                         stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
-        self.ask(op="setup", suite=suite, ids=str(work_dir / "ids.npy"), new_tokens=new_tokens)
+        self.ask(op="setup", suite=suite, ids=str(twin_dir / "ids.npy"), new_tokens=new_tokens)
 
     def ask(self, **request) -> dict:
         self.process.stdin.write(json.dumps(request) + "\n")
@@ -109,8 +105,15 @@ class TorchWorker:
         return peak
 
 
+def export_twin_weights(model, twin_dir: Path) -> None:
+    """Writes `model` once as a Hugging Face folder under `twin_dir`, for every case's worker to load."""
+    from phi2_jax.convert import save_pretrained
+
+    save_pretrained(model, twin_dir / "weights", dtype=model.config.param_dtype, overwrite=True)
+
+
 def _compare(model, twin_dir: Path | None, suite: str, ids, new_tokens: int = 0) -> TorchWorker | None:
-    return TorchWorker(model, twin_dir, suite, ids, new_tokens) if twin_dir is not None else None
+    return TorchWorker(twin_dir, model.config.compute_dtype, suite, ids, new_tokens) if twin_dir is not None else None
 
 
 def _measure(ours, twin: TorchWorker | None, repeats: int) -> tuple[list[float], list[float], float, float | None]:
@@ -271,6 +274,8 @@ def main(argv=None) -> list[dict]:
     rows = []
     if set(suites) - {"convert"}:
         model = create_model(preset(args.config, compute_dtype=dtype), seed=0)
+        if twin_dir is not None:
+            export_twin_weights(model, twin_dir)
         if "train" in suites:
             rows += bench_train(model, args.batch, args.seq, args.repeats, twin_dir, peak)
         if "prefill" in suites:

@@ -99,10 +99,11 @@ def storage_dtype(source: np.dtype, param: np.dtype) -> np.dtype:
     return source if param == np.float32 and source.itemsize < param.itemsize else param
 
 
-def from_hf(hf_dir: Path, ckpt_dir: Path, dtype: str = "float32", overwrite: bool = False) -> PhiConfig:
+def from_hf(hf_dir: Path, ckpt_dir: Path, dtype: str = "float32", overwrite: bool = False) -> tuple[PhiConfig, list[str]]:
     """Converts a Hugging Face Phi folder to an Orbax checkpoint (params + meta), one tensor at a time.
 
     `dtype` is the parameter dtype the checkpoint restores to; see `storage_dtype` for what is on disk.
+    Returns the model config and the dtypes the tensors were stored in.
     """
     if dtype not in ("float32", "bfloat16"):
         raise UserInputError(f"--dtype {dtype} is not a parameter dtype; expected float32 or bfloat16.")
@@ -114,27 +115,28 @@ def from_hf(hf_dir: Path, ckpt_dir: Path, dtype: str = "float32", overwrite: boo
     check_hf_tensors(weights, config, layout)
     target = numpy_dtype(dtype)
     plan = tensor_plan(config, layout)
+    stored: set[str] = set()
 
     def write(staging: Path) -> None:
         writer = ParamWriter(staging / "params")
         progress = Progress(f"from-hf {hf_dir.name} ({layout}, {weights.dtype(plan[0][0])})", len(plan),
                             weights.total_bytes())
-        stored = set()
         for name, rule, layer in plan:
             source = weights.read(name)
             for path, part in zip(rule.ours, rule.transform.to_ours(source)):
-                stored.add(storage_dtype(part.dtype, target))
-                writer.write(leaf_keys(path, layer), part, storage_dtype(part.dtype, target))
+                stored_as = storage_dtype(part.dtype, target)
+                stored.add(str(stored_as))
+                writer.write(leaf_keys(path, layer), part, stored_as)
             progress.advance(1, source.nbytes)
             del source
         writer.close()
         checkpoint.save_meta(staging, {"model_config": config.to_dict(), "source": str(hf_dir.absolute()),
-                                       "source_layout": layout, "stored_dtypes": sorted(map(str, stored)),
+                                       "source_layout": layout, "stored_dtypes": sorted(stored),
                                        "format": "phi2_jax model checkpoint v1"})
         progress.close()
 
     _atomically(ckpt_dir, overwrite, write)
-    return config
+    return config, sorted(stored)
 
 
 # ----------------------------------------------------------------------------- to-hf
@@ -246,9 +248,9 @@ class ReadAhead:
         self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="phi2_jax_read_ahead")
         self.pending: dict[tuple[str, int | None], Future] = {}
         self.next = 0  # index in `order` of the next parameter to submit
+        self._schedule()
 
     def __call__(self, path: str, layer: int | None) -> np.ndarray:
-        self._schedule()
         future = self.pending.pop((path, layer), None)
         self._schedule()
         return future.result() if future is not None else self.read(path, layer)
@@ -355,9 +357,8 @@ def main(argv=None) -> None:
     args = parse_args(sys.argv[1:] if argv is None else argv)
     jax.config.update("jax_platforms", "cpu")  # conversion is host work; never grab an accelerator
     if args.command == "from-hf":
-        config = from_hf(args.hf_dir, args.ckpt_dir, args.dtype, args.overwrite)
-        stored = ", ".join(checkpoint.read_meta(args.ckpt_dir)["stored_dtypes"])
-        print(f"wrote {args.ckpt_dir} ({config.num_params():,} parameters, {args.dtype}; stored as {stored})")
+        config, stored = from_hf(args.hf_dir, args.ckpt_dir, args.dtype, args.overwrite)
+        print(f"wrote {args.ckpt_dir} ({config.num_params():,} parameters, {args.dtype}; stored as {', '.join(stored)})")
     elif args.command == "to-hf":
         files = to_hf(args.source, args.hf_dir, args.dtype, args.max_shard_size, args.tokenizer, args.overwrite)
         print(f"wrote {args.hf_dir} ({len(files)} safetensors file{'s' * (len(files) > 1)}, {args.dtype})")

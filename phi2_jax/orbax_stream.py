@@ -71,16 +71,14 @@ class ParamWriter:
         if array.ndim == 0:
             self._submit(store.write(np.asarray(array, dtype)))
             return
-        if fortran:
-            cols = store.chunk_layout.write_chunk.shape[1]
-            for start in range(0, array.shape[1], cols):
-                block = array[:, start:start + cols]  # tensorstore refuses slices past the end; numpy clips
-                self._submit(store[:, start:start + block.shape[1]].write(block.astype(dtype, order="F", copy=False)))
-            return
-        rows = store.chunk_layout.write_chunk.shape[0]
-        for start in range(0, array.shape[0], rows):
-            block = array[start:start + rows]
-            self._submit(store[start:start + block.shape[0]].write(contiguous(block, dtype)))
+        axis = 1 if fortran else 0  # chunks run along columns (F) or rows (C)
+        step = store.chunk_layout.write_chunk.shape[axis]
+        for start in range(0, array.shape[axis], step):
+            # tensorstore refuses slices past the end, so clip the last one
+            index = (slice(None),) * axis + (slice(start, min(start + step, array.shape[axis])),)
+            block = array[index]
+            self._submit(store[index].write(block.astype(dtype, order="F", copy=False) if fortran
+                                            else contiguous(block, dtype)))
 
     def _submit(self, future) -> None:
         self.pending.append(future)
