@@ -52,13 +52,14 @@ def attention_mask(
     return mask
 
 
-def xla_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Array:
+def xla_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, kv_flat: bool = False) -> jax.Array:
     """Reference attention in jnp: scores and softmax in float32, output in q's dtype.
 
-    q [B, T, N, D], k/v [B, S, K, D], mask [B, 1, T, S] -> [B, T, N, D].
+    q [B, T, N, D], k/v [B, S, K, D] (or [B*K, S, D] with kv_flat, the KV cache's
+    layout), mask [B, 1, T, S] -> [B, T, N, D].
     """
     batch, q_len, num_heads, head_dim = q.shape
-    num_kv_heads = k.shape[2]
+    num_kv_heads = k.shape[0] // batch if kv_flat else k.shape[2]
     groups = num_heads // num_kv_heads
     # Heads-major: the G query heads sharing a key/value head (head n uses kv head n // G, as transformers'
     # repeat_kv) are stacked along the query axis, [B, K, G*T, D] against [B, K, S, D]. k and v are never
@@ -66,16 +67,40 @@ def xla_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> 
     # forward + backward than the [B, T, K, G, D] form this replaced (4 x 256 tokens, 8 heads of 64).
     q = q.reshape(batch, q_len, num_kv_heads, groups, head_dim).transpose(0, 2, 3, 1, 4)
     q = q.reshape(batch, num_kv_heads, groups * q_len, head_dim)
-    k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)
-    scores = jnp.einsum("bkqd,bksd->bkqs", q, k, preferred_element_type=jnp.float32)
+    rows = (batch, num_kv_heads, groups * q_len)
+    if kv_flat:
+        # The cache is read as stored, [B*K, S, D]: reshaping it to [B, K, S, D] makes XLA fuse its in-place
+        # update into both readers and copy the cache at every decoding step. (Training keeps the 4-d form:
+        # this one's backward pass is 20% slower there.)
+        scores = jnp.einsum("nqd,nsd->nqs", q.reshape(-1, *q.shape[2:]), k, preferred_element_type=jnp.float32)
+        scores = scores.reshape(*rows, -1)
+    else:
+        k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)
+        scores = jnp.einsum("bkqd,bksd->bkqs", q, k, preferred_element_type=jnp.float32)
     scores = scores * (1.0 / jnp.sqrt(jnp.float32(head_dim)))
     if groups > 1:
         mask = jnp.tile(mask, (1, 1, groups, 1))  # [B, 1, G*T, S], query rows ordered (g, t) like q's
     scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
-    probs = jax.nn.softmax(scores, axis=-1)
-    out = jnp.einsum("bkqs,bksd->bkqd", probs.astype(v.dtype), v, preferred_element_type=jnp.float32)
+    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+    if kv_flat:
+        out = jnp.einsum("nqs,nsd->nqd", probs.reshape(-1, *probs.shape[2:]), v, preferred_element_type=jnp.float32)
+        out = out.reshape(*rows, head_dim)
+    else:
+        out = jnp.einsum("bkqs,bksd->bkqd", probs, v, preferred_element_type=jnp.float32)
     out = out.reshape(batch, num_kv_heads, groups, q_len, head_dim).transpose(0, 3, 1, 2, 4)
     return out.reshape(batch, q_len, num_heads, head_dim).astype(q.dtype)
+
+
+def flat_heads(x: jax.Array) -> jax.Array:
+    """[B, S, K, D] -> [B*K, S, D], the KV cache's layout."""
+    batch, length, heads, head_dim = x.shape
+    return x.transpose(0, 2, 1, 3).reshape(batch * heads, length, head_dim)
+
+
+def unflat_heads(x: jax.Array, batch: int) -> jax.Array:
+    """[B*K, S, D] -> [B, S, K, D]."""
+    _, length, head_dim = x.shape
+    return x.reshape(batch, -1, length, head_dim).transpose(0, 2, 1, 3)
 
 
 def attention_probs(q: jax.Array, k: jax.Array, mask: jax.Array) -> jax.Array:
@@ -134,17 +159,22 @@ def attention(
     kv_mask: jax.Array | None = None,
     q_segment_ids: jax.Array | None = None,
     kv_segment_ids: jax.Array | None = None,
+    kv_flat: bool = False,
 ) -> jax.Array:
     """Causal attention. q [B, T, N, D], k/v [B, S, K, D] -> [B, T, N, D] in q's dtype.
 
     `backend`: 'xla' (plain jnp, the reference and CPU path), 'cudnn' (fused
     flash attention, bf16/fp16 on sm80+), or 'auto' (cuDNN where supported).
+    kv_flat: k/v come as [B*K, S, D] (the KV cache's layout, which the xla
+    backend reads as is).
     """
     batch, q_len, _, head_dim = q.shape
     kv_len = k.shape[1]
     chosen = resolve_backend(backend, q.dtype, head_dim)
     only_causal = kv_mask is None and q_segment_ids is None and isinstance(q_offset, int) and q_offset == 0
     if chosen == "cudnn":
+        if kv_flat:
+            k, v = unflat_heads(k, batch), unflat_heads(v, batch)
         if only_causal and q_len == kv_len:
             return jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation="cudnn")
         mask = attention_mask(batch, q_len, kv_len, q_offset=q_offset, kv_mask=kv_mask,
@@ -152,4 +182,4 @@ def attention(
         return jax.nn.dot_product_attention(q, k, v, mask=mask, implementation="cudnn")
     mask = attention_mask(batch, q_len, kv_len, q_offset=q_offset, kv_mask=kv_mask,
                           q_segment_ids=q_segment_ids, kv_segment_ids=kv_segment_ids)
-    return xla_attention(q, k, v, mask)
+    return xla_attention(q, k, v, mask, kv_flat)

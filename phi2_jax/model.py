@@ -33,7 +33,7 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh
 
-from phi2_jax.attention import attention, attention_mask, attention_probs
+from phi2_jax.attention import attention, attention_mask, attention_probs, flat_heads, unflat_heads
 from phi2_jax.config import PhiConfig
 from phi2_jax.sharding import constrain, state_shardings
 
@@ -204,9 +204,11 @@ class Attention(nnx.Module):
             self.k_layernorm = LayerNorm(config.head_dim, "head_dim", stack=stack, config=config)
 
     def __call__(self, x: Array, ctx: dict[str, Any], mesh: Mesh | None, cache: tuple | None):
-        """Returns (output [B, T, E], updated stacked (k, v) cache or None, attention probabilities or None).
+        """Returns (output [B, T, E], updated (k, v) cache or None, attention probabilities or None).
 
-        cache: ((k [L, B, S, K, D], v [same]), this layer's index) while decoding, else None.
+        cache: ((k, v), this layer's index) while decoding, else None; k and v are
+        either stacked [L, B, K, S, D] arrays or lists of L per-layer [B, K, S, D]
+        arrays (see `Phi.init_cache`).
         """
         cfg = self.config
         batch, length, _ = x.shape
@@ -220,25 +222,39 @@ class Attention(nnx.Module):
         k = apply_rotary(k, ctx["cos"], ctx["sin"])
         q = constrain(q, ("act_batch", "act_length", "act_heads", "act_head_dim"), mesh)
         k = constrain(k, ("act_batch", "act_length", "act_kv_heads", "act_head_dim"), mesh)
-        q_offset = 0
+        q_offset, kv_flat = 0, False
         if cache is not None:
-            # Decoding: write this step's keys/values at slots [index, index + T) of layer `layer` of the
-            # stacked static cache [L, B, S, K, D], in place, then attend over that layer's slots.
+            # Decoding: write this step's keys/values at slots [index, index + T) of this layer's cache, in
+            # place, then attend over all of that layer's slots, read where they lie.
             (k_all, v_all), layer = cache
             index = ctx["cache_index"]
-            k_all = jax.lax.dynamic_update_slice(k_all, k.astype(k_all.dtype)[None], (layer, 0, index, 0, 0))
-            v_all = jax.lax.dynamic_update_slice(v_all, v.astype(v_all.dtype)[None], (layer, 0, index, 0, 0))
-            k = jax.lax.dynamic_index_in_dim(k_all, layer, keepdims=False)
-            v = jax.lax.dynamic_index_in_dim(v_all, layer, keepdims=False)
-            cache, q_offset = (k_all, v_all), index
+            k_all, k = _write_cache(k_all, layer, k, index)
+            v_all, v = _write_cache(v_all, layer, v, index)
+            cache, q_offset, kv_flat = (k_all, v_all), index, True
         out = attention(q, k, v, backend=cfg.attention_backend, q_offset=q_offset, kv_mask=ctx["attention_mask"],
-                        q_segment_ids=ctx["segment_ids"], kv_segment_ids=ctx["segment_ids"])
+                        q_segment_ids=ctx["segment_ids"], kv_segment_ids=ctx["segment_ids"], kv_flat=kv_flat)
         probs = None
         if "attn_probs" in ctx["capture"]:
-            mask = attention_mask(batch, length, k.shape[1], q_offset=q_offset, kv_mask=ctx["attention_mask"],
+            k_seq = unflat_heads(k, batch) if kv_flat else k
+            mask = attention_mask(batch, length, k_seq.shape[1], q_offset=q_offset, kv_mask=ctx["attention_mask"],
                                   q_segment_ids=ctx["segment_ids"], kv_segment_ids=ctx["segment_ids"])
-            probs = attention_probs(q, k, mask)
+            probs = attention_probs(q, k_seq, mask)
         return self.dense(out.reshape(batch, length, -1)), cache, probs
+
+
+def _write_cache(store, layer, new: Array, index) -> tuple[Any, Array]:
+    """Writes new [B, T, K, D] at slots [index, index + T) of `layer`'s cache; returns (store, that layer's [B*K, S, D]).
+
+    store: stacked [L, B*K, S, D] (scanned layers, dynamic `layer`), or a list of
+    per-layer arrays (unrolled layers, static `layer`), whose layer is read
+    without a copy out of a stack.
+    """
+    new = flat_heads(new.astype(store[0].dtype))
+    if isinstance(store, list):
+        written = jax.lax.dynamic_update_slice(store[layer], new, (0, index, 0))
+        return [*store[:layer], written, *store[layer + 1:]], written
+    store = jax.lax.dynamic_update_slice(store, new[None], (layer, 0, index, 0))
+    return store, jax.lax.dynamic_index_in_dim(store, layer, keepdims=False)
 
 
 class MLP(nnx.Module):
@@ -331,15 +347,20 @@ class Phi(nnx.Module):
         cache_index: Array | int = 0,
         capture: tuple[str, ...] = (),
         edits: dict[str, Array] | None = None,
+        layer_weights: list | None = None,
     ) -> dict[str, Any]:
         """The forward pass with everything optional; returns {'logits', 'cache', 'captures'}.
 
-        cache: {'k', 'v'} [L, B, S, K, D] from `init_cache`; the T new tokens are
+        cache: {'k', 'v'} from `init_cache`; the T new tokens are
           written at slots [cache_index, cache_index + T) and `attention_mask`
           is then the [B, S] mask of valid cache slots (this step's included).
         capture: names from CAPTURE_NAMES; each comes back stacked over layers.
         edits: residual-stream interventions after each layer (see `interpret.py`):
           {'replace_mask' [L, B, T], 'replace_value' [L, B, T, E], 'add' [L, B, T, E]}.
+        layer_weights: each layer's weights as arrays of their own (`unstack_layers`); the
+          layers then run unrolled, each reading its own arrays. Scanning over the stacked
+          weights copies every layer's slice out before its matmuls (XLA cannot point a
+          dot at a dynamic offset), which doubles the bytes a decoding step moves.
         """
         cfg, mesh = self.config, self.mesh
         unknown = set(capture) - set(CAPTURE_NAMES)
@@ -380,23 +401,48 @@ class Phi(nnx.Module):
                 captured["residual"] = h
             return (h, cache), captured
 
-        if cfg.remat != "none":
-            one_layer = jax.checkpoint(one_layer, policy=_REMAT_POLICIES[cfg.remat], prevent_cse=False)
-        xs = {"params": stacked, "index": jnp.arange(cfg.num_hidden_layers)}
-        if edits is not None:
-            xs["edits"] = edits
-        (h, new_cache), captures = jax.lax.scan(one_layer, (h, cache), xs)
+        if layer_weights is None:
+            scanned_layer = one_layer
+            if cfg.remat != "none":
+                scanned_layer = jax.checkpoint(one_layer, policy=_REMAT_POLICIES[cfg.remat], prevent_cse=False)
+            xs = {"params": stacked, "index": jnp.arange(cfg.num_hidden_layers)}
+            if edits is not None:
+                xs["edits"] = edits
+            (h, new_cache), captures = jax.lax.scan(scanned_layer, (h, cache), xs)
+        else:  # unrolled: for decoding, never differentiated, so no remat
+            carry, per_layer = (h, cache), []
+            for index, weights in enumerate(layer_weights):
+                xs = {"params": weights, "index": index}
+                if edits is not None:
+                    xs["edits"] = jax.tree.map(lambda e: e[index], edits)
+                carry, captured = one_layer(carry, xs)
+                per_layer.append(captured)
+            (h, new_cache), captures = carry, jax.tree.map(lambda *c: jnp.stack(c), *per_layer)
 
         h = self.final_layernorm(h, compute_dtype)
         logits = self.lm_head(h, out_dtype=jnp.float32)
         logits = constrain(logits, ("act_batch", "act_length", "act_vocab"), mesh)
         return {"logits": logits, "cache": new_cache, "captures": captures}
 
-    def init_cache(self, batch: int, max_length: int, dtype=None) -> dict[str, Array]:
-        """An empty static KV cache {'k', 'v'} [L, B, max_length, K, D] in the compute dtype."""
+    def unstack_layers(self) -> list:
+        """Each layer's weights copied out of the stacked arrays once, for `run(..., layer_weights=...)`."""
+        _, stacked = nnx.split(self.layers)
+        return [jax.tree.map(lambda a, i=i: a[i], stacked) for i in range(self.config.num_hidden_layers)]
+
+    def init_cache(self, batch: int, max_length: int, dtype=None, per_layer: bool = False) -> dict[str, Any]:
+        """An empty static KV cache {'k', 'v'} in the compute dtype, heads first: [B*K, max_length, D] per layer.
+
+        Stacked [L, B*K, max_length, D] for the scanned layers, or with `per_layer`
+        lists of L arrays for `run(..., layer_weights=...)`, whose unrolled layers
+        then read their cache without copying it out of a stack.
+        """
         cfg = self.config
-        shape = (cfg.num_hidden_layers, batch, max_length, cfg.num_key_value_heads, cfg.head_dim)
+        shape = (batch * cfg.num_key_value_heads, max_length, cfg.head_dim)
         dtype = dtype or jnp.dtype(cfg.compute_dtype)
+        if per_layer:
+            layers = range(cfg.num_hidden_layers)
+            return {"k": [jnp.zeros(shape, dtype) for _ in layers], "v": [jnp.zeros(shape, dtype) for _ in layers]}
+        shape = (cfg.num_hidden_layers, *shape)
         return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)}
 
     def __call__(self, input_ids, attention_mask=None, position_ids=None, segment_ids=None, *, dropout_rng=None,

@@ -6,6 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import phi2_jax.attention
 from phi2_jax import ConfigError
 from phi2_jax.attention import attention, resolve_backend
 
@@ -47,21 +48,26 @@ def test_xla_backend_equals_numpy_with_padding_and_segments(kv_heads):
     assert np.all(np.isfinite(np.asarray(ours)))  # fully masked query rows stay finite
 
 
-def test_query_offset_attends_to_a_cache_prefix():
+@pytest.mark.parametrize("kv_flat", [False, True], ids=["bskd", "cache-layout"])
+def test_query_offset_attends_to_a_cache_prefix(kv_flat):
     rng = np.random.default_rng(1)
-    q = rng.normal(size=(1, 2, 2, 8)).astype(np.float32)
-    k = rng.normal(size=(1, 6, 2, 8)).astype(np.float32)
-    v = rng.normal(size=(1, 6, 2, 8)).astype(np.float32)
-    mask = np.array([[1, 1, 1, 1, 0, 0]])  # slots 4, 5 of the cache not written yet
-    ours = attention(jnp.asarray(q), jnp.asarray(k), jnp.asarray(v), backend="xla", q_offset=2, kv_mask=jnp.asarray(mask))
+    q = rng.normal(size=(2, 2, 4, 8)).astype(np.float32)
+    k = rng.normal(size=(2, 6, 2, 8)).astype(np.float32)  # two query heads per key/value head
+    v = rng.normal(size=(2, 6, 2, 8)).astype(np.float32)
+    mask = np.array([[1, 1, 1, 1, 0, 0], [0, 1, 1, 1, 0, 0]])  # slots 4, 5 of the cache not written yet
+    # The cache's layout, [B*K, S, D]: row b * K + h holds head h of batch row b.
+    k_in, v_in = (x.transpose(0, 2, 1, 3).reshape(4, 6, 8) if kv_flat else x for x in (k, v))
+    ours = attention(jnp.asarray(q), jnp.asarray(k_in), jnp.asarray(v_in), backend="xla", q_offset=2,
+                     kv_mask=jnp.asarray(mask), kv_flat=kv_flat)
     # numpy reference over the 6 slots: query t sits at slot 2 + t
-    full_q = np.zeros((1, 6, 2, 8), np.float32)
+    full_q = np.zeros((2, 6, 4, 8), np.float32)
     full_q[:, 2:4] = q
-    ref = numpy_attention(full_q, k, v, mask, np.ones((1, 6), int))[:, 2:4]
+    ref = numpy_attention(full_q, k, v, mask, np.ones((2, 6), int))[:, 2:4]
     np.testing.assert_allclose(np.asarray(ours), ref, rtol=1e-5, atol=1e-6)
 
 
-def test_auto_falls_back_to_xla_on_cpu_and_says_why(caplog):
+def test_auto_falls_back_to_xla_on_cpu_and_says_why(caplog, monkeypatch):
+    monkeypatch.setattr(phi2_jax.attention, "_fallback_reported", set())  # said once per process: maybe already
     with caplog.at_level(logging.INFO, logger="phi2_jax.attention"):
         assert resolve_backend("auto", jnp.bfloat16, 80) == "xla"
     assert "the default device is cpu, not a GPU" in caplog.text

@@ -1,12 +1,14 @@
 """KV-cache generation against transformers' generate, against recomputation, and its sampling controls."""
 
+import sys
+
 import numpy as np
 import pytest
 import torch
 
 import phi2_jax
 from phi2_jax import UserInputError
-from phi2_jax.generate import Sampling, generate, generate_text, main, sample_logits
+from phi2_jax.generate import Sampling, generate, generate_text, layer_copy_fits, main, sample_logits
 from phi2_jax.sampling import greedy_complete
 from tests.hf_reference import train_bpe_tokenizer
 
@@ -26,11 +28,20 @@ def hf_greedy(reference, ids, mask, new):
                                   do_sample=False, pad_token_id=0, eos_token_id=None).numpy()
 
 
-def test_greedy_equals_transformers_for_one_prompt(gen_model):
+@pytest.mark.parametrize("copy_layers", [True, False], ids=["layer-copies", "stacked-scan"])
+def test_greedy_equals_transformers_for_one_prompt(gen_model, copy_layers):
     _, reference, model = gen_model
     ids = np.array([[11, 12, 13, 14, 15, 16]])
-    ours = generate(model, ids, max_new_tokens=16, eos_token_id=-1)
+    ours = generate(model, ids, max_new_tokens=16, eos_token_id=-1, copy_layers=copy_layers)
     np.testing.assert_array_equal(ours, hf_greedy(reference, ids, np.ones_like(ids), 16))
+
+
+def test_layer_copies_are_made_only_when_they_take_at_most_half_the_free_memory(gen_model, monkeypatch):
+    _, reference, model = gen_model
+    layer_bytes = 4 * sum(p.numel() for p in reference.model.layers.parameters())  # float32 weights
+    for free, expected in [(2 * layer_bytes, True), (2 * layer_bytes - 1, False), (0, False)]:
+        monkeypatch.setattr(sys.modules["phi2_jax.generate"], "free_device_memory", lambda free=free: free)
+        assert layer_copy_fits(model) is expected
 
 
 def test_greedy_equals_transformers_for_a_left_padded_batch(gen_model):

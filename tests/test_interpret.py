@@ -87,3 +87,16 @@ def test_unknown_capture_name_is_refused(setup):
     _, model = setup
     with pytest.raises(ValueError, match=r"cannot capture \['resid'\]; expected some of residual"):
         model(np.ones((1, 3), int), capture=["resid"])
+
+
+def test_unrolled_layers_give_the_scan_s_logits_captures_and_edits(setup):
+    _, model = setup
+    ids = np.random.default_rng(5).integers(0, 100, (2, 6))
+    edits = Edits(model.config, batch=2, length=6).add(layer=1, vector=np.linspace(-1, 1, 32)).arrays()
+    names = ("residual", "attn_probs", "mlp_act")
+    scanned = model.run(ids, capture=names, edits=edits)
+    unrolled = model.run(ids, capture=names, edits=edits, layer_weights=model.unstack_layers())
+    for got, want in zip(jax.tree.leaves(unrolled["captures"]) + [unrolled["logits"]],
+                         jax.tree.leaves(scanned["captures"]) + [scanned["logits"]]):
+        assert got.shape == want.shape
+        np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-5)
