@@ -38,6 +38,7 @@ from flax import nnx
 
 from phi2_jax.config import preset
 from phi2_jax.generate import generate
+from phi2_jax.host_memory import keep_freed_memory
 from phi2_jax.metrics import device_peak_flops, train_flops_per_token
 from phi2_jax.model import create_model
 from phi2_jax.train_step import cross_entropy
@@ -248,6 +249,8 @@ def environment() -> dict:
 
 
 def main(argv=None) -> list[dict]:
+    if argv is None:  # a command line, not a call from Python: measure what `python -m phi2_jax.train` runs
+        keep_freed_memory()
     parser = argparse.ArgumentParser(prog="python -m phi2_jax.bench", description=__doc__.split("\n\n")[0])
     parser.add_argument("suite", nargs="?", default="all", choices=[*SUITES, "all"])
     parser.add_argument("--config", default="phi-small", help="model preset (default phi-small: 512 x 8 layers)")

@@ -27,6 +27,7 @@ import numpy as np
 from flax import nnx
 
 from phi2_jax.errors import UserInputError, exit_on_user_error
+from phi2_jax.host_memory import keep_freed_memory
 from phi2_jax.model import Phi
 
 PROMPT_BUCKET = 32
@@ -277,6 +278,8 @@ def default_tokenizer_path(model_path: Path) -> Path:
 
 @exit_on_user_error
 def main(argv=None) -> None:
+    if argv is None:  # a command line, not a call from Python
+        keep_freed_memory()
     parser = argparse.ArgumentParser(prog="python -m phi2_jax.generate", description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", required=True, type=Path, help="HF folder, converted checkpoint or run folder")
     parser.add_argument("--prompt", action="append", default=[], help="a prompt (repeatable)")

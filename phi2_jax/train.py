@@ -22,6 +22,7 @@ import time
 from pathlib import Path
 
 from phi2_jax.errors import ConfigError, exit_on_user_error
+from phi2_jax.host_memory import keep_freed_memory
 from phi2_jax.run_config import RunConfig, load_run_config, validate
 
 log = logging.getLogger("phi2_jax.train")
@@ -318,6 +319,8 @@ def parse_args(argv):
 
 @exit_on_user_error
 def main(argv=None) -> None:
+    if argv is None:  # a command line, not a call from Python
+        keep_freed_memory()
     args = parse_args(sys.argv[1:] if argv is None else argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     for noisy in ("absl", "jax._src", "orbax"):
