@@ -249,8 +249,6 @@ def environment() -> dict:
 
 
 def main(argv=None) -> list[dict]:
-    if argv is None:  # a command line, not a call from Python: measure what `python -m phi2_jax.train` runs
-        keep_freed_memory()
     parser = argparse.ArgumentParser(prog="python -m phi2_jax.bench", description=__doc__.split("\n\n")[0])
     parser.add_argument("suite", nargs="?", default="all", choices=[*SUITES, "all"])
     parser.add_argument("--config", default="phi-small", help="model preset (default phi-small: 512 x 8 layers)")
@@ -264,6 +262,8 @@ def main(argv=None) -> list[dict]:
     parser.add_argument("--work-dir", type=Path, default=Path("/tmp/phi2_jax_bench"))
     parser.add_argument("--output", type=Path, default=Path("bench.json"))
     args = parser.parse_args(sys.argv[1:] if argv is None else argv)
+    if argv is None and args.suite == "train":
+        keep_freed_memory()  # the allocator setting `python -m phi2_jax.train` runs with (host_memory.py)
     dtype = args.dtype or ("float32" if jax.default_backend() == "cpu" else "bfloat16")
     peak, peak_source = device_peak_flops(dtype)
     compare = args.compare == "transformers"

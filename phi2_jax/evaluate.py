@@ -21,7 +21,6 @@ from pathlib import Path
 import numpy as np
 
 from phi2_jax.errors import UserInputError, exit_on_user_error
-from phi2_jax.host_memory import keep_freed_memory
 from phi2_jax.progress import Progress
 from phi2_jax.sandbox import Limits, run_program
 from phi2_jax.scoring import loglikelihood, rolling_loglikelihood
@@ -151,8 +150,6 @@ def parse_task(spec: str) -> tuple[str, Path | None]:
 
 @exit_on_user_error
 def main(argv=None) -> None:
-    if argv is None:  # a command line, not a call from Python
-        keep_freed_memory()
     parser = argparse.ArgumentParser(prog="python -m phi2_jax.evaluate", description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", required=True, type=Path)
     parser.add_argument("--tokenizer", type=Path, help="default: the model folder's / run's tokenizer")

@@ -27,7 +27,6 @@ import numpy as np
 from flax import nnx
 
 from phi2_jax.errors import UserInputError, exit_on_user_error
-from phi2_jax.host_memory import keep_freed_memory
 from phi2_jax.model import Phi
 
 PROMPT_BUCKET = 32
@@ -226,9 +225,10 @@ def generate(
     if on_token is not None:
         _stream_sink.append(on_token)
     try:
-        new = _compiled_decode(jax.default_backend())(graphdef, state, jnp.asarray(padded_ids), jnp.asarray(padded_mask), max_new_tokens, sampling,
-                      jax.random.key(seed), on_token is not None, eos, jnp.asarray(stops),
-                      layer_copy_fits(model) if copy_layers is None else bool(copy_layers))
+        copy_layers = layer_copy_fits(model) if copy_layers is None else bool(copy_layers)
+        new = _compiled_decode(jax.default_backend())(
+            graphdef, state, jnp.asarray(padded_ids), jnp.asarray(padded_mask), max_new_tokens, sampling,
+            jax.random.key(seed), on_token is not None, eos, jnp.asarray(stops), copy_layers)
         new = np.asarray(new)
     finally:
         if on_token is not None:
@@ -278,8 +278,6 @@ def default_tokenizer_path(model_path: Path) -> Path:
 
 @exit_on_user_error
 def main(argv=None) -> None:
-    if argv is None:  # a command line, not a call from Python
-        keep_freed_memory()
     parser = argparse.ArgumentParser(prog="python -m phi2_jax.generate", description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", required=True, type=Path, help="HF folder, converted checkpoint or run folder")
     parser.add_argument("--prompt", action="append", default=[], help="a prompt (repeatable)")

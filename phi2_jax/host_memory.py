@@ -6,12 +6,16 @@ so every training step (and every `generate` call) faults its temporaries
 back in, 4 KB at a time: 150k page faults and 0.4 s of kernel time per
 training step of the bench's phi-small.
 
-* `keep_freed_memory()` (train, bench, generate, evaluate): all threads share
-  one arena served from the heap, never by `mmap`, and freed memory is kept
-  for reuse instead of being trimmed. The faults go to zero and the bench's
-  training step went 2.45 / 2.40 -> 2.27 / 1.91 s in alternated runs, at the
-  price of a resident size that stays at the process's peak (what a caching
-  allocator does). Set at run time with `mallopt`, before XLA's threads start.
+* `keep_freed_memory()` (train, and `bench train`, which measures what train
+  runs): all threads share one arena served from the heap, never by `mmap`,
+  and freed memory is kept for reuse instead of being trimmed. The faults go
+  to zero and the bench's training step went 2.45 / 2.40 -> 2.27 / 1.91 s in
+  alternated runs, at the price of a resident size that stays at the
+  process's peak (what a caching allocator does). Set at run time with
+  `mallopt`, before XLA's threads start. Not for decoding: XLA's runtime
+  mallocs small objects for each of a decoding step's many small ops, and
+  with one shared arena batch-8 decoding went 18.7 -> 28.5 ms/token (the
+  one-arena setting alone; separate arenas cannot keep the large blocks).
 * `reexec_with_huge_pages()` (convert): the converter moves a model through
   freshly allocated tensor buffers (mapped safetensors, tensorstore chunks,
   safetensors row blocks); glibc's `glibc.malloc.hugetlb=1` tunable asks for

@@ -207,7 +207,7 @@ class Attention(nnx.Module):
         """Returns (output [B, T, E], updated (k, v) cache or None, attention probabilities or None).
 
         cache: ((k, v), this layer's index) while decoding, else None; k and v are
-        either stacked [L, B, K, S, D] arrays or lists of L per-layer [B, K, S, D]
+        either stacked [L, B*K, S, D] arrays or lists of L per-layer [B*K, S, D]
         arrays (see `Phi.init_cache`).
         """
         cfg = self.config
@@ -249,8 +249,9 @@ def _write_cache(store, layer, new: Array, index) -> tuple[Any, Array]:
     per-layer arrays (unrolled layers, static `layer`), whose layer is read
     without a copy out of a stack.
     """
-    new = flat_heads(new.astype(store[0].dtype))
-    if isinstance(store, list):
+    per_layer = isinstance(store, list)
+    new = flat_heads(new.astype((store[0] if per_layer else store).dtype))
+    if per_layer:
         written = jax.lax.dynamic_update_slice(store[layer], new, (0, index, 0))
         return [*store[:layer], written, *store[layer + 1:]], written
     store = jax.lax.dynamic_update_slice(store, new[None], (layer, 0, index, 0))
