@@ -102,21 +102,26 @@ _DECODE_COMPILER_OPTIONS = {"cpu": {"xla_cpu_experimental_ynn_fusion_type": ""}}
 
 @functools.cache
 def _compiled_decode(backend: str):
-    return jax.jit(_decode, static_argnums=(0, 4, 5, 7, 10), compiler_options=_DECODE_COMPILER_OPTIONS.get(backend))
+    return jax.jit(_decode, static_argnums=(0, 4, 5, 7), compiler_options=_DECODE_COMPILER_OPTIONS.get(backend))
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _layer_copies(graphdef, state) -> list:
+    # A program of its own, so that each copy is a buffer of its own: as temporaries of the decoding
+    # program they would share one large block, mapped (and page-faulted) afresh at every call.
+    return nnx.merge(graphdef, state).unstack_layers()
 
 
 def _decode(graphdef, state, ids, mask, max_new_tokens: int, sampling: Sampling, key, stream: bool, eos_id, stops,
-            copy_layers: bool):
-    """ids/mask [B, P] left-padded -> new tokens [B, N]. copy_layers: see `layer_copy_fits`."""
+            layer_weights: list | None):
+    """ids/mask [B, P] left-padded -> new tokens [B, N]. layer_weights: see `layer_copy_fits`."""
     model: Phi = nnx.merge(graphdef, state)
     batch, prompt_len = ids.shape
     total = prompt_len + max_new_tokens
     vocab = model.config.vocab_size
     kv_mask = jnp.zeros((batch, total), jnp.int32).at[:, :prompt_len].set(mask)
     positions = jnp.maximum(jnp.cumsum(mask, axis=1) - 1, 0)
-    # Copied out of the stack once here, not once per layer and token (see `layer_copy_fits`).
-    layer_weights = model.unstack_layers() if copy_layers else None
-    cache = model.init_cache(batch, total, per_layer=copy_layers)
+    cache = model.init_cache(batch, total, per_layer=layer_weights is not None)
     out = model.run(ids, kv_mask, positions, cache=cache, cache_index=0, layer_weights=layer_weights)
     seen = jnp.zeros((batch, vocab), bool).at[jnp.arange(batch)[:, None], ids].max(mask.astype(bool))
     stop_len = stops.shape[1]
@@ -227,10 +232,13 @@ def generate(
     if on_token is not None:
         _stream_sink.append(on_token)
     try:
-        copy_layers = layer_copy_fits(model) if copy_layers is None else bool(copy_layers)
+        # Copied out of the stack once per call, not once per layer and token (see `layer_copy_fits`).
+        copies = layer_copy_fits(model) if copy_layers is None else copy_layers
+        layer_weights = _layer_copies(graphdef, state) if copies else None
         new = _compiled_decode(jax.default_backend())(
             graphdef, state, jnp.asarray(padded_ids), jnp.asarray(padded_mask), max_new_tokens, sampling,
-            jax.random.key(seed), on_token is not None, eos, jnp.asarray(stops), copy_layers)
+            jax.random.key(seed), on_token is not None, eos, jnp.asarray(stops), layer_weights)
+        del layer_weights
         new = np.asarray(new)
     finally:
         if on_token is not None:
