@@ -238,7 +238,6 @@ def generate(
         new = _compiled_decode(jax.default_backend())(
             graphdef, state, jnp.asarray(padded_ids), jnp.asarray(padded_mask), max_new_tokens, sampling,
             jax.random.key(seed), on_token is not None, eos, jnp.asarray(stops), layer_weights)
-        del layer_weights
         new = np.asarray(new)
     finally:
         if on_token is not None:
