@@ -35,6 +35,7 @@ from jax.sharding import Mesh
 
 from phi2_jax.attention import attention, attention_mask, attention_probs, flat_heads, unflat_heads
 from phi2_jax.config import PhiConfig
+from phi2_jax.dense import dense
 from phi2_jax.sharding import constrain, state_shardings
 
 Array = jax.Array
@@ -160,7 +161,7 @@ class Linear(nnx.Module):
     def __call__(self, x: Array, out_dtype=None) -> Array:
         dtype = self.compute_dtype
         x = x.astype(dtype)
-        y = jnp.einsum("...i,io->...o", x, self.kernel.value.astype(dtype), preferred_element_type=out_dtype or dtype)
+        y = dense(x, self.kernel.value.astype(dtype), out_dtype or dtype)
         if self.lora_scale:
             low = jnp.einsum("...i,ir->...r", x, self.lora_a.value.astype(dtype))
             y = y + (self.lora_scale * jnp.einsum("...r,ro->...o", low, self.lora_b.value.astype(dtype))).astype(y.dtype)

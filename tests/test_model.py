@@ -185,3 +185,22 @@ def test_full_phi2_shapes_by_eval_shape_only():
     # the forward pass traces at full size too
     out = jax.eval_shape(lambda m, ids: m.forward(ids), model, jax.ShapeDtypeStruct((1, 2048), jnp.int32))
     assert out.shape == (1, 2048, 51200) and out.dtype == jnp.float32
+
+
+@pytest.mark.parametrize("d_in,d_out", [(8, 24), (24, 8)])  # both ways the weight gradient transposes an operand
+@pytest.mark.parametrize("dtype,out_dtype", [("float32", "float32"), ("bfloat16", "float32")])
+def test_dense_gradients_equal_the_closed_form(d_in, d_out, dtype, out_dtype):
+    from phi2_jax.dense import dense
+
+    rng = np.random.default_rng(0)
+    x, w, dy = (rng.standard_normal(s).astype(np.float32) for s in [(2, 5, d_in), (d_in, d_out), (2, 5, d_out)])
+    x_c, w_c = jnp.asarray(x, dtype), jnp.asarray(w, dtype)
+    y, pullback = jax.vjp(lambda a, b: dense(a, b, jnp.dtype(out_dtype)), x_c, w_c)
+    dx, dw = pullback(jnp.asarray(dy, out_dtype))
+    x64, w64, dy64 = (np.asarray(jnp.asarray(a, dtype), np.float64) for a in (x, w, dy))
+    dy64 = np.asarray(jnp.asarray(dy64, dtype), np.float64)  # the backward pass runs in the compute dtype
+    tol = 1e-5 if dtype == "float32" else 2e-2
+    assert y.dtype == jnp.dtype(out_dtype) and dx.dtype == x_c.dtype and dw.dtype == w_c.dtype
+    np.testing.assert_allclose(np.asarray(y, np.float64), x64 @ w64, rtol=tol, atol=tol)
+    np.testing.assert_allclose(np.asarray(dx, np.float64), dy64 @ w64.T, rtol=tol, atol=tol)
+    np.testing.assert_allclose(np.asarray(dw, np.float64), np.einsum("bti,bto->io", x64, dy64), rtol=tol, atol=tol * 4)

@@ -135,10 +135,12 @@ REFUSED = [
 
 
 @pytest.mark.parametrize("overrides,message", REFUSED)
-def test_refused_configs_say_why_and_leave_no_run_dir(tmp_path, cache, overrides, message):
+def test_refused_configs_say_why_and_leave_no_run_dir(request, tmp_path, cache, overrides, message):
     run_dir = tmp_path / "run"
-    # the vocab check needs a 512-token tokenizer: the one the other runs trained and cached
-    extra = ["data.tokenizer=" + str(next((cache / "tokenizers").glob("auto-512-*.model")))] if "vocab_size=128" in overrides[0] else []
+    extra = []
+    if "vocab_size=128" in overrides[0]:  # needs a 512-token tokenizer: the one the reference run trains and caches
+        request.getfixturevalue("reference_run")
+        extra = ["data.tokenizer=" + str(next((cache / "tokenizers").glob("auto-512-*.model")))]
     proc = train_runs.run(run_dir, *overrides, *extra, devices=4, cache=cache, check=False)
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert message in proc.stderr
