@@ -13,6 +13,8 @@ import os
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
+import numpy as np
+
 from phi2_jax.errors import ConfigError
 
 
@@ -103,6 +105,9 @@ def cache_dir() -> Path:
     return Path(root)
 
 
+_TOKENIZER_TRAINING_LINES = 200_000
+
+
 def train_sentencepiece(texts: Iterable[str], vocab_size: int, name: str) -> Path:
     """Trains (or reuses from the cache) a BPE sentencepiece model on `texts`; returns its .model path.
 
@@ -112,7 +117,7 @@ def train_sentencepiece(texts: Iterable[str], vocab_size: int, name: str) -> Pat
     import sentencepiece as spm
 
     texts = list(texts)
-    digest = hashlib.sha256(f"{vocab_size}".encode())
+    digest = hashlib.sha256(f"{vocab_size} seeded-sample".encode())  # tokenizers trained before the fixed seed: retrained
     for t in texts:
         digest.update(hashlib.sha256(t.encode()).digest())
     out = cache_dir() / "tokenizers" / f"{name}-{vocab_size}-{digest.hexdigest()[:12]}"
@@ -120,12 +125,17 @@ def train_sentencepiece(texts: Iterable[str], vocab_size: int, name: str) -> Pat
     if model.is_file():
         return model
     out.parent.mkdir(parents=True, exist_ok=True)
-    # Sentencepiece trains on lines; code lines are short, so sample for speed.
+    # Sentencepiece trains on lines; code lines are short, so sample for speed. The sample is drawn here with
+    # a fixed seed: sentencepiece's own sampling and shuffling use an unseeded generator, so the same corpus
+    # gave a different tokenizer, and a different loss curve, in every fresh process.
     lines = [line for t in texts for line in t.splitlines() if line.strip()]
+    if len(lines) > _TOKENIZER_TRAINING_LINES:
+        keep = np.sort(np.random.default_rng(0).choice(len(lines), _TOKENIZER_TRAINING_LINES, replace=False))
+        lines = [lines[i] for i in keep]
     tmp = out.with_name(out.name + f".tmp{os.getpid()}")
     spm.SentencePieceTrainer.train(
         sentence_iterator=iter(lines), model_prefix=str(tmp), vocab_size=vocab_size, model_type="bpe",
-        input_sentence_size=200_000, shuffle_input_sentence=True, character_coverage=1.0, byte_fallback=True,
+        input_sentence_size=0, shuffle_input_sentence=False, character_coverage=1.0, byte_fallback=True,
         split_digits=True, remove_extra_whitespaces=False, normalization_rule_name="identity",
         allow_whitespace_only_pieces=True, user_defined_symbols=["\n", "    ", "\t"],
         pad_id=-1, unk_id=0, bos_id=-1, eos_id=1, num_threads=os.cpu_count() or 1, minloglevel=2,

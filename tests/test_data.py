@@ -1,6 +1,9 @@
 """The input pipeline: packing, sources, mixture, sharding and iterator state."""
 
 import json
+import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -98,3 +101,25 @@ def test_worker_processes_give_the_same_batches_and_resume():
     resumed = iter(train_dataset(_splits(stream), batch_size=3, seed=4, workers=2))
     resumed.set_state(state)
     np.testing.assert_array_equal(next(resumed)["input_ids"], next(plain)["input_ids"])
+
+
+def test_tokenizer_training_is_the_same_in_every_process(tmp_path):
+    """The same corpus gives the same tokenizer in fresh processes, also when its lines are sampled."""
+    script = (
+        "import json, numpy as np, sentencepiece as spm\n"
+        "from phi2_jax import tokenizer\n"
+        "rng = np.random.default_rng(1)\n"
+        "words = [''.join(rng.choice(list('abcdefghij'), rng.integers(2, 7))) for _ in range(300)]\n"
+        "lines = [' '.join(row) for row in rng.choice(words, (tokenizer._TOKENIZER_TRAINING_LINES + 10_000, 6))]\n"
+        "texts = ['\\n'.join(lines[i:i + 100]) for i in range(0, len(lines), 100)]  # more lines than it trains on\n"
+        "sp = spm.SentencePieceProcessor(model_file=str(tokenizer.train_sentencepiece(texts, 300, 't')))\n"
+        "print(json.dumps([sp.id_to_piece(i) for i in range(sp.get_piece_size())]))\n"
+    )
+    vocabularies = []
+    for run in range(2):
+        env = {**os.environ, "PHI2_JAX_CACHE": str(tmp_path / f"cache{run}")}
+        proc = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=120)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        vocabularies.append(json.loads(proc.stdout))
+    assert len(vocabularies[0]) == 300
+    assert vocabularies[0] == vocabularies[1]
