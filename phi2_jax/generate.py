@@ -109,7 +109,7 @@ def _compiled_decode(backend: str):
 def _layer_copies(graphdef, state) -> list:
     # A program of its own, so that each copy is a buffer of its own: as temporaries of the decoding
     # program they would share one large block, mapped (and page-faulted) afresh at every call.
-    return nnx.merge(graphdef, state).unstack_layers()
+    return nnx.merge(graphdef, state).unstack_layers(fuse_input_projections=True)
 
 
 def _decode(graphdef, state, ids, mask, max_new_tokens: int, sampling: Sampling, key, stream: bool, eos_id, stops,

@@ -162,9 +162,12 @@ def test_text_helper_and_cli_stream_the_same_text(gen_model, tokenizer_dir, caps
     assert "no prompt given; pass --prompt TEXT or --prompt-file FILE." in capsys.readouterr().err
 
 
-def test_generation_on_a_sharded_model_matches_one_device(gen_model):
+@pytest.mark.parametrize("axes", [{"data": 2, "fsdp": 2, "tensor": 2}, {"data": 2, "fsdp": 4, "tensor": 1}],
+                         ids=["tensor-parallel", "fsdp-fused-projections"])
+def test_generation_on_a_sharded_model_matches_one_device(gen_model, axes):
     folder, _, model = gen_model
-    sharded = phi2_jax.from_pretrained(folder, mesh=phi2_jax.make_mesh({"data": 2, "fsdp": 2, "tensor": 2}))
+    sharded = phi2_jax.from_pretrained(folder, mesh=phi2_jax.make_mesh(axes))
+    assert sharded.can_fuse_input_projections() == (axes["tensor"] == 1)
     ids = np.random.default_rng(7).integers(1, 320, (4, 6))
     np.testing.assert_array_equal(generate(sharded, ids, max_new_tokens=10, eos_token_id=-1),
                                   generate(model, ids, max_new_tokens=10, eos_token_id=-1))

@@ -89,13 +89,16 @@ def test_unknown_capture_name_is_refused(setup):
         model(np.ones((1, 3), int), capture=["resid"])
 
 
-def test_unrolled_layers_give_the_scan_s_logits_captures_and_edits(setup):
+@pytest.mark.parametrize("fuse", [False, True])
+def test_unrolled_layers_give_the_scan_s_logits_captures_and_edits(setup, fuse):
     _, model = setup
     ids = np.random.default_rng(5).integers(0, 100, (2, 6))
     edits = Edits(model.config, batch=2, length=6).add(layer=1, vector=np.linspace(-1, 1, 32)).arrays()
     names = ("residual", "attn_probs", "mlp_act")
     scanned = model.run(ids, capture=names, edits=edits)
-    unrolled = model.run(ids, capture=names, edits=edits, layer_weights=model.unstack_layers())
+    layer_weights = model.unstack_layers(fuse_input_projections=fuse)
+    assert ("input_projection" in layer_weights[0]) == fuse
+    unrolled = model.run(ids, capture=names, edits=edits, layer_weights=layer_weights)
     for got, want in zip(jax.tree.leaves(unrolled["captures"]) + [unrolled["logits"]],
                          jax.tree.leaves(scanned["captures"]) + [scanned["logits"]]):
         assert got.shape == want.shape
