@@ -293,7 +293,7 @@ class DecoderLayer(nnx.Module):
                  input_projection: dict[str, Array] | None = None):
         """Returns (new residual stream, updated cache, captured intermediates of this layer).
 
-        input_projection: {'kernel' [E, 2E' + F], 'bias'}, q/k/v/fc1 concatenated (`fuse_input_projections`).
+        input_projection: q/k/v/fc1's {'kernel' [E, E + 2 kv_dim + F], 'bias'} concatenated (see `unstack_layers`).
         """
         x = self.input_layernorm(h, h.dtype)
         attn_rng, mlp_rng = jax.random.split(rng) if rng is not None else (None, None)
