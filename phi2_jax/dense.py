@@ -44,7 +44,8 @@ def _forward(x, kernel, out_dtype):
 
 def _backward(out_dtype, residuals, dy):
     x, kernel = residuals
-    dy = dy.astype(x.dtype)  # the matmuls run in the compute dtype, accumulating in float32
+    # dy comes in the output dtype (float32 for the lm_head's logits even in bfloat16 compute); the dots
+    # promote like the einsum's own autodiff and accumulate in float32.
     dx = jnp.einsum("...o,io->...i", dy, kernel, preferred_element_type=jnp.float32).astype(x.dtype)
     rows, d_in, d_out = dy.size // dy.shape[-1], x.shape[-1], dy.shape[-1]
     x2, dy2 = x.reshape(rows, d_in), dy.reshape(rows, d_out)
