@@ -117,7 +117,8 @@ def train_sentencepiece(texts: Iterable[str], vocab_size: int, name: str) -> Pat
     import sentencepiece as spm
 
     texts = list(texts)
-    digest = hashlib.sha256(f"{vocab_size} seeded-sample".encode())  # tokenizers trained before the fixed seed: retrained
+    # "seeded-sample": tokenizers cached before the sample had a fixed seed (below) are not reused.
+    digest = hashlib.sha256(f"{vocab_size} seeded-sample".encode())
     for t in texts:
         digest.update(hashlib.sha256(t.encode()).digest())
     out = cache_dir() / "tokenizers" / f"{name}-{vocab_size}-{digest.hexdigest()[:12]}"
