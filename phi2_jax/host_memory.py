@@ -38,6 +38,10 @@ TUNABLE = "glibc.malloc.hugetlb=1"
 OPT_OUT = "PHI2_JAX_KEEP_MALLOC"
 
 
+def _glibc_and_not_opted_out() -> bool:
+    return sys.platform == "linux" and not os.environ.get(OPT_OUT) and bool(os.confstr("CS_GNU_LIBC_VERSION"))
+
+
 def _transparent_huge_pages_available() -> bool:
     try:
         mode = Path("/sys/kernel/mm/transparent_hugepage/enabled").read_text()
@@ -52,8 +56,7 @@ def reexec_with_huge_pages() -> None:
     Call it first thing under `if __name__ == "__main__":`, never from library code.
     """
     tunables = os.environ.get("GLIBC_TUNABLES", "")
-    if (sys.platform != "linux" or os.environ.get(OPT_OUT) or "glibc.malloc.hugetlb" in tunables
-            or not _transparent_huge_pages_available() or not os.confstr("CS_GNU_LIBC_VERSION")):
+    if not _glibc_and_not_opted_out() or "glibc.malloc.hugetlb" in tunables or not _transparent_huge_pages_available():
         return
     env = {**os.environ, "GLIBC_TUNABLES": f"{tunables}:{TUNABLE}" if tunables else TUNABLE, OPT_OUT: "1"}
     sys.stdout.flush()
@@ -71,7 +74,7 @@ def keep_freed_memory() -> bool:
     Call it first thing in a command's main, before JAX starts its threads; a
     no-op off glibc or with PHI2_JAX_KEEP_MALLOC set.
     """
-    if sys.platform != "linux" or os.environ.get(OPT_OUT) or not os.confstr("CS_GNU_LIBC_VERSION"):
+    if not _glibc_and_not_opted_out():
         return False
     libc = ctypes.CDLL(None)
     settings = ((_M_ARENA_MAX, 1), (_M_MMAP_MAX, 0), (_M_TRIM_THRESHOLD, 2**31 - 1))
