@@ -280,6 +280,11 @@ class MLP(nnx.Module):
         return self.fc2(act), act
 
 
+# The projections that read the layer norm's output, in the order `unstack_layers` concatenates them and
+# `DecoderLayer` splits them: (module, linear).
+INPUT_PROJECTIONS = (("self_attn", "q_proj"), ("self_attn", "k_proj"), ("self_attn", "v_proj"), ("mlp", "fc1"))
+
+
 class DecoderLayer(nnx.Module):
     """The parallel block. Built with `stack=(L,)` it holds all L layers' weights stacked."""
 
@@ -458,8 +463,7 @@ class Phi(nnx.Module):
         if fuse_input_projections and self.can_fuse_input_projections():
             for layer in layers:
                 params = layer["params"]
-                linears = [params["self_attn"]["q_proj"], params["self_attn"]["k_proj"], params["self_attn"]["v_proj"],
-                           params["mlp"]["fc1"]]
+                linears = [params[module][linear] for module, linear in INPUT_PROJECTIONS]
                 layer["input_projection"] = {
                     "kernel": jnp.concatenate([p["kernel"].get_value() for p in linears], axis=-1),
                     "bias": jnp.concatenate([p["bias"].get_value() for p in linears], axis=-1)}
@@ -469,8 +473,8 @@ class Phi(nnx.Module):
 
     def can_fuse_input_projections(self) -> bool:
         """Whether `unstack_layers(fuse_input_projections=True)` fuses (see there)."""
-        lora = set(self.config.lora_targets) & {"q_proj", "k_proj", "v_proj", "fc1"} if self.config.lora_rank else set()
-        return not lora and (self.mesh is None or self.mesh.shape.get("tensor", 1) == 1)
+        adapted = self.config.lora_rank and set(self.config.lora_targets) & {linear for _, linear in INPUT_PROJECTIONS}
+        return not adapted and (self.mesh is None or self.mesh.shape.get("tensor", 1) == 1)
 
     def init_cache(self, batch: int, max_length: int, dtype=None, per_layer: bool = False) -> dict[str, Any]:
         """An empty static KV cache {'k', 'v'} in the compute dtype, heads first: [B*K, max_length, D] per layer.
