@@ -197,7 +197,8 @@ def test_dense_gradients_equal_the_closed_form(d_in, d_out, dtype, out_dtype):
     x_c, w_c = jnp.asarray(x, dtype), jnp.asarray(w, dtype)
     y, pullback = jax.vjp(lambda a, b: dense(a, b, jnp.dtype(out_dtype)), x_c, w_c)
     dx, dw = pullback(jnp.asarray(dy, out_dtype))
-    x64, w64, dy64 = (np.asarray(jnp.asarray(a, dtype), np.float64) for a in (x, w, dy))
+    x64, w64 = (np.asarray(jnp.asarray(a, dtype), np.float64) for a in (x, w))
+    dy64 = np.asarray(jnp.asarray(dy, out_dtype), np.float64)  # dy arrives in the output dtype, unrounded
     tol = 1e-5 if dtype == "float32" else 2e-2
     assert y.dtype == jnp.dtype(out_dtype) and dx.dtype == x_c.dtype and dw.dtype == w_c.dtype
     np.testing.assert_allclose(np.asarray(y, np.float64), x64 @ w64, rtol=tol, atol=tol)
