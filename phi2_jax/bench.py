@@ -9,10 +9,14 @@ runs as a user runs it and has its own peak memory.
 
     train    tokens/s and MFU of one optimizer step (AdamW + global-norm clipping)
     prefill  tokens/s of a forward pass over batch x seq
-    decode   greedy tokens/s at batch 1 and 8, 128 new tokens, KV cache
+    decode   greedy tokens/s and MBU at batch 1 and 8, 128 new tokens, KV cache
     convert  a random full-size phi-2 folder to Orbax and back (bench_convert.py)
 
-On the CPU the MFU denominator is a float32 matmul peak measured in the run.
+MFU is the FLOPs' share of the device's peak; MBU (memory-bandwidth
+utilisation, decoding's counterpart) is the share of its memory bandwidth that
+reading every weight and the live KV cache once per token takes. On the CPU
+both denominators are measured in the run (a float32 matmul, a matrix-vector
+product over 256 MB); on a GPU they are its datasheet figures.
 """
 
 from __future__ import annotations
@@ -39,7 +43,8 @@ from flax import nnx
 from phi2_jax.config import preset
 from phi2_jax.generate import generate
 from phi2_jax.host_memory import keep_freed_memory
-from phi2_jax.metrics import device_peak_flops, train_flops_per_token
+from phi2_jax.metrics import (decode_bytes_per_token, device_memory_bandwidth, device_peak_flops, measured_cpu_bandwidth,
+                              measured_cpu_peak, train_flops_per_token)
 from phi2_jax.model import create_model
 from phi2_jax.train_step import cross_entropy
 
@@ -172,7 +177,7 @@ def bench_train(model, batch: int, seq: int, repeats: int, twin_dir: Path | None
 
     a, b, our_mb, their_mb = _measure(ours, _compare(model, twin_dir, "train", ids), repeats)
     flops = train_flops_per_token(cfg, seq) * batch * seq
-    return _rows("train", f"batch {batch} x seq {seq}", batch * seq, a, b, flops, peak, our_mb, their_mb)
+    return _rows("train", f"batch {batch} x seq {seq}", batch * seq, a, b, our_mb, their_mb, mfu_s=flops / peak)
 
 
 def bench_prefill(model, batch: int, seq: int, repeats: int, twin_dir: Path | None, peak: float) -> list[dict]:
@@ -186,10 +191,10 @@ def bench_prefill(model, batch: int, seq: int, repeats: int, twin_dir: Path | No
 
     a, b, our_mb, their_mb = _measure(ours, _compare(model, twin_dir, "prefill", ids), repeats)
     flops = train_flops_per_token(cfg, seq) / 3 * batch * seq  # forward only: a third of 6N + attention
-    return _rows("prefill", f"batch {batch} x seq {seq}", batch * seq, a, b, flops, peak, our_mb, their_mb)
+    return _rows("prefill", f"batch {batch} x seq {seq}", batch * seq, a, b, our_mb, their_mb, mfu_s=flops / peak)
 
 
-def bench_decode(model, batch: int, new_tokens: int, repeats: int, twin_dir: Path | None, peak: float,
+def bench_decode(model, batch: int, new_tokens: int, repeats: int, twin_dir: Path | None, bandwidth: float,
                  prompt_len: int = 16) -> list[dict]:
     cfg = model.config
     ids = np.random.default_rng(2).integers(1, cfg.vocab_size, (batch, prompt_len))
@@ -198,11 +203,15 @@ def bench_decode(model, batch: int, new_tokens: int, repeats: int, twin_dir: Pat
         generate(model, ids, max_new_tokens=new_tokens, eos_token_id=-1)
 
     a, b, our_mb, their_mb = _measure(ours, _compare(model, twin_dir, "decode", ids, new_tokens), repeats)
-    return _rows("decode", f"batch {batch}, {new_tokens} new tokens", batch * new_tokens, a, b, None, peak,
-                 our_mb, their_mb)
+    # The whole call is timed, the prompt's prefill included, so this slightly understates the steps' MBU.
+    read = decode_bytes_per_token(cfg, batch, prompt_len, new_tokens) * new_tokens
+    return _rows("decode", f"batch {batch}, {new_tokens} new tokens", batch * new_tokens, a, b, our_mb, their_mb,
+                 mbu_s=read / bandwidth)
 
 
-def _rows(suite, case, tokens, ours_times, their_times, flops, peak, our_mb, their_mb) -> list[dict]:
+def _rows(suite, case, tokens, ours_times, their_times, our_mb, their_mb, *, mfu_s: float | None = None,
+          mbu_s: float | None = None) -> list[dict]:
+    """One row per implementation. mfu_s / mbu_s: the case's seconds at the device's peak FLOP/s / bandwidth."""
     rows = []
     for impl, times, peak_mb in (("phi2_jax", ours_times, our_mb), ("transformers", their_times, their_mb)):
         if not times:
@@ -210,8 +219,9 @@ def _rows(suite, case, tokens, ours_times, their_times, flops, peak, our_mb, the
         median = statistics.median(times)
         row = {"suite": suite, "case": case, "impl": impl, "median_s": median, "tokens_per_s": tokens / median,
                "repeats": len(times), "peak_rss_mb": peak_mb}
-        if flops is not None:
-            row["mfu"] = flops / median / peak
+        for key, bound_s in (("mfu", mfu_s), ("mbu", mbu_s)):
+            if bound_s is not None:
+                row[key] = bound_s / median
         rows.append(row)
     if len(rows) == 2:
         rows[0]["speedup_vs_transformers"] = rows[1]["median_s"] / rows[0]["median_s"]
@@ -222,14 +232,14 @@ def _rows(suite, case, tokens, ours_times, their_times, flops, peak, our_mb, the
 
 
 def markdown(rows: list[dict]) -> str:
-    lines = ["| suite | case | impl | median s | tokens/s | MFU | peak RSS MB | ours / transformers |",
-             "|---|---|---|---|---|---|---|---|"]
+    lines = ["| suite | case | impl | median s | tokens/s | MFU | MBU | peak RSS MB | ours / transformers |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        mfu = f"{100 * r['mfu']:.1f}%" if "mfu" in r else "-"
+        mfu, mbu = (f"{100 * r[key]:.1f}%" if key in r else "-" for key in ("mfu", "mbu"))
         speed = f"{r['speedup_vs_transformers']:.2f}x" if "speedup_vs_transformers" in r else ""
         tokens = f"{r['tokens_per_s']:,.0f}" if "tokens_per_s" in r else "-"
         median = r.get("median_s", r.get("seconds"))
-        lines.append(f"| {r['suite']} | {r['case']} | {r['impl']} | {median:.3f} | {tokens} | {mfu} | "
+        lines.append(f"| {r['suite']} | {r['case']} | {r['impl']} | {median:.3f} | {tokens} | {mfu} | {mbu} | "
                      f"{r['peak_rss_mb']:,.0f} | {speed} |")
     return "\n".join(lines)
 
@@ -266,6 +276,7 @@ def main(argv=None) -> list[dict]:
         keep_freed_memory()  # the allocator setting `python -m phi2_jax.train` runs with (host_memory.py)
     dtype = args.dtype or ("float32" if jax.default_backend() == "cpu" else "bfloat16")
     peak, peak_source = device_peak_flops(dtype)
+    bandwidth, bandwidth_source = device_memory_bandwidth()
     compare = args.compare == "transformers"
     if compare and not all(importlib.util.find_spec(p) for p in ("torch", "transformers")):
         print("--compare transformers needs torch and transformers (pip install 'phi2_jax[bench]')", file=sys.stderr)
@@ -285,22 +296,28 @@ def main(argv=None) -> list[dict]:
             rows += bench_prefill(model, args.batch, args.seq, args.repeats, twin_dir, peak)
         if "decode" in suites:
             for batch in (1, 8):
-                rows += bench_decode(model, batch, args.new_tokens, args.repeats, twin_dir, peak)
+                rows += bench_decode(model, batch, args.new_tokens, args.repeats, twin_dir, bandwidth)
     if "convert" in suites:
         from phi2_jax.bench_convert import bench_convert
 
         rows += bench_convert(args.work_dir / "convert", args.convert_preset, compare, min(args.repeats, 3))
     if rows and jax.default_backend() == "cpu":
         # A shared VM's speed drifts within a run; a peak measured in a slow moment gave MFU above 100%.
-        # The peak is the best of the start and the end of the run.
-        later, _ = device_peak_flops(dtype)
-        if later > peak:
-            for row in rows:
-                if "mfu" in row:
-                    row["mfu"] *= peak / later
-            peak = later
+        # Each denominator is the best of the start and the end of the run.
+        measured = {"mfu": peak, "mbu": bandwidth}
+        measured_cpu_peak.cache_clear()  # measured again, not the start's cached figure
+        measured_cpu_bandwidth.cache_clear()
+        later = {"mfu": device_peak_flops(dtype)[0], "mbu": device_memory_bandwidth()[0]}
+        for key in measured:
+            if later[key] > measured[key]:
+                for row in rows:
+                    if key in row:
+                        row[key] *= measured[key] / later[key]
+                measured[key] = later[key]
+        peak, bandwidth = measured["mfu"], measured["mbu"]
     result = {"environment": environment(), "config": args.config, "compute_dtype": dtype,
-              "peak_flops_per_device": peak, "peak_source": peak_source, "rows": rows}
+              "peak_flops_per_device": peak, "peak_source": peak_source,
+              "memory_bandwidth_per_device": bandwidth, "bandwidth_source": bandwidth_source, "rows": rows}
     args.output.write_text(json.dumps(result, indent=2))
     print(markdown(rows))
     return rows

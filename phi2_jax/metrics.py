@@ -12,9 +12,21 @@ import jax.numpy as jnp
 
 from phi2_jax.config import PhiConfig
 
-# Dense bf16 tensor-core peaks (FLOP/s) by `device_kind`; float32 runs use TF32 at half of these.
-_GPU_BF16_PEAK = {"H100": 989e12, "H200": 989e12, "H800": 989e12, "A100": 312e12, "A800": 312e12, "L40S": 362e12,
-                  "L4": 121e12, "A10": 125e12}
+# Datasheet figures by a substring of `device_kind`, the more specific names first ("NVIDIA H100 PCIe"
+# must not be read as the SXM part, "NVIDIA H100 80GB HBM3").
+# Dense bf16 tensor-core peaks (FLOP/s); float32 runs use TF32 at half of these.
+_GPU_BF16_PEAK = (("H100 PCIe", 756e12), ("H100 NVL", 835e12), ("H200 NVL", 835e12), ("H100", 989e12),
+                  ("H200", 989e12), ("H800", 989e12), ("A100", 312e12), ("A800", 312e12), ("L40S", 362e12),
+                  ("L4", 121e12), ("A10", 125e12))
+# HBM / GDDR bandwidth (bytes/s), the denominator of decoding's memory-bandwidth utilisation.
+_GPU_MEMORY_BANDWIDTH = (("H100 PCIe", 2.0e12), ("H100 NVL", 3.9e12), ("H100", 3.35e12), ("H200", 4.8e12),
+                         ("H800", 3.35e12), ("A100-SXM4-80GB", 2.039e12), ("A100 80GB PCIe", 1.935e12),
+                         ("A100", 1.555e12), ("L40S", 0.864e12), ("L4", 0.3e12), ("A10", 0.6e12))
+
+
+def datasheet_value(device_kind: str, table: tuple[tuple[str, float], ...]) -> float | None:
+    """The first entry of `table` whose name occurs in `device_kind`, or None."""
+    return next((value for name, value in table if name in device_kind), None)
 
 
 def train_flops_per_token(config: PhiConfig, seq_len: int) -> float:
@@ -48,11 +60,56 @@ def device_peak_flops(compute_dtype: str) -> tuple[float, str]:
     if device.platform == "cpu":
         return measured_cpu_peak(), "measured float32 matmul on this CPU"
     kind = device.device_kind
-    for name, peak in _GPU_BF16_PEAK.items():
-        if name in kind:
-            factor = 1.0 if compute_dtype in ("bfloat16", "float16") else 0.5
-            return peak * factor, f"{kind} datasheet dense {'bf16' if factor == 1 else 'tf32'}"
-    return math.nan, f"unknown peak for {kind}"
+    peak = datasheet_value(kind, _GPU_BF16_PEAK)
+    if peak is None:
+        return math.nan, f"unknown peak for {kind}"
+    factor = 1.0 if compute_dtype in ("bfloat16", "float16") else 0.5
+    return peak * factor, f"{kind} datasheet dense {'bf16' if factor == 1 else 'tf32'}"
+
+
+@functools.cache
+def measured_cpu_bandwidth(megabytes: int = 256) -> float:
+    """Bytes/s of a float32 matrix-vector product over a matrix far larger than the caches, best of a few.
+
+    The denominator of decoding's bandwidth utilisation on a CPU: a batch-1 decoding step
+    is matrix-vector products over the weights, so this is the speed it could at best read them.
+    """
+    matrix = jnp.ones((megabytes * 2**20 // 4 // 4096, 4096), jnp.float32)
+    vector = jnp.ones((4096,), jnp.float32)
+    matvec = jax.jit(lambda m, v: m @ v)
+    matvec(matrix, vector).block_until_ready()
+    best = math.inf
+    for _ in range(5):
+        start = time.perf_counter()
+        matvec(matrix, vector).block_until_ready()
+        best = min(best, time.perf_counter() - start)
+    return matrix.nbytes / best
+
+
+def device_memory_bandwidth() -> tuple[float, str]:
+    """Memory bandwidth (bytes/s) of ONE device, and where the number comes from."""
+    device = jax.devices()[0]
+    if device.platform == "cpu":
+        return measured_cpu_bandwidth(), "measured float32 matrix-vector product over 256 MB on this CPU"
+    bandwidth = datasheet_value(device.device_kind, _GPU_MEMORY_BANDWIDTH)
+    if bandwidth is None:
+        return math.nan, f"unknown memory bandwidth for {device.device_kind}"
+    return bandwidth, f"{device.device_kind} datasheet memory bandwidth"
+
+
+def decode_bytes_per_token(config: PhiConfig, batch: int, prompt_len: int, new_tokens: int) -> float:
+    """Bytes a greedy decoding step must read at the least, averaged over `new_tokens` steps.
+
+    Every weight once (all but the embedding table, of which a step gathers only
+    `batch` rows) and the live part of the KV cache, both in the compute dtype:
+    the numerator of memory-bandwidth utilisation (MBU), the decoding
+    counterpart of MFU.
+    """
+    width = jnp.dtype(config.compute_dtype).itemsize
+    weights = (config.num_params() - config.vocab_size * config.hidden_size) * width
+    mean_context = prompt_len + (new_tokens - 1) / 2  # the cache holds prompt_len + i tokens at step i
+    per_position = 2 * config.num_hidden_layers * config.kv_dim * width  # k and v of every layer
+    return weights + batch * mean_context * per_position
 
 
 def format_eta(seconds: float) -> str:

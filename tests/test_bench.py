@@ -1,6 +1,9 @@
-"""The benchmark runs end to end at a tiny size and fills every column (a smoke test: no timing asserted)."""
+"""The benchmark runs end to end at a tiny size and fills every column (a smoke test: no timing asserted),
+and the counts its utilisation figures rest on."""
 
 from phi2_jax.bench import main
+from phi2_jax.config import PhiConfig
+from phi2_jax.metrics import _GPU_BF16_PEAK, _GPU_MEMORY_BANDWIDTH, datasheet_value, decode_bytes_per_token
 
 
 def test_bench_smoke_produces_every_suite_and_column(tmp_path):
@@ -16,6 +19,35 @@ def test_bench_smoke_produces_every_suite_and_column(tmp_path):
             assert row["tokens_per_s"] > 0 and row["median_s"] > 0
         if row["suite"] in ("train", "prefill"):
             assert 0 < row["mfu"]
+        if row["suite"] == "decode":
+            assert 0 < row["mbu"]
     ours = [r for r in rows if r["impl"] == "phi2_jax" and r["suite"] != "convert"]
     assert all("speedup_vs_transformers" in r for r in ours)
     assert (tmp_path / "bench.json").stat().st_size > 0
+
+
+def test_decode_bytes_per_token_is_every_weight_but_the_embedding_and_the_live_cache():
+    from transformers import PhiConfig as HFConfig, PhiForCausalLM
+
+    dims = dict(vocab_size=96, hidden_size=32, intermediate_size=80, num_hidden_layers=3, num_attention_heads=4,
+                num_key_value_heads=2, partial_rotary_factor=0.5)
+    reference = PhiForCausalLM(HFConfig(**dims))
+    weights = sum(p.numel() for name, p in reference.named_parameters() if "embed_tokens" not in name)
+    ours = PhiConfig(**dims)
+    batch, prompt, new = 3, 10, 5
+    # k and v, 3 layers, 2 kv heads of 8 dims, float32; the cache holds 10, 11, ..., 14 positions over the 5 steps.
+    cache = 2 * 3 * 2 * 8 * 4 * batch * (10 + 11 + 12 + 13 + 14) / 5
+    assert decode_bytes_per_token(ours, batch, prompt, new) == weights * 4 + cache
+    half = decode_bytes_per_token(ours.replace(compute_dtype="bfloat16"), batch, prompt, new)
+    assert half == (weights * 4 + cache) / 2
+
+
+def test_gpu_datasheet_figures_pick_the_most_specific_name():
+    # "NVIDIA H100 PCIe" contains "H100" too; it must not get the SXM part's figures.
+    assert datasheet_value("NVIDIA H100 PCIe", _GPU_MEMORY_BANDWIDTH) == 2.0e12
+    assert datasheet_value("NVIDIA H100 PCIe", _GPU_BF16_PEAK) == 756e12
+    assert datasheet_value("NVIDIA H100 80GB HBM3", _GPU_MEMORY_BANDWIDTH) == 3.35e12
+    assert datasheet_value("NVIDIA H200", _GPU_MEMORY_BANDWIDTH) == 4.8e12
+    assert datasheet_value("NVIDIA A100-SXM4-40GB", _GPU_MEMORY_BANDWIDTH) == 1.555e12
+    assert datasheet_value("NVIDIA A100-SXM4-80GB", _GPU_MEMORY_BANDWIDTH) == 2.039e12
+    assert datasheet_value("Some Accelerator", _GPU_MEMORY_BANDWIDTH) is None
