@@ -161,11 +161,11 @@ class Linear(nnx.Module):
     def __call__(self, x: Array, out_dtype=None) -> Array:
         dtype = self.compute_dtype
         x = x.astype(dtype)
-        y = dense(x, self.kernel.value.astype(dtype), out_dtype or dtype)
+        y = dense(x, self.kernel.get_value().astype(dtype), out_dtype or dtype)
         if self.lora_scale:
-            low = jnp.einsum("...i,ir->...r", x, self.lora_a.value.astype(dtype))
-            y = y + (self.lora_scale * jnp.einsum("...r,ro->...o", low, self.lora_b.value.astype(dtype))).astype(y.dtype)
-        return y + self.bias.value.astype(y.dtype)
+            low = jnp.einsum("...i,ir->...r", x, self.lora_a.get_value().astype(dtype))
+            y = y + (self.lora_scale * jnp.einsum("...r,ro->...o", low, self.lora_b.get_value().astype(dtype))).astype(y.dtype)
+        return y + self.bias.get_value().astype(y.dtype)
 
 
 class LayerNorm(nnx.Module):
@@ -183,7 +183,7 @@ class LayerNorm(nnx.Module):
         mean = x32.mean(-1, keepdims=True)
         var = jnp.square(x32 - mean).mean(-1, keepdims=True)
         y = (x32 - mean) * jax.lax.rsqrt(var + self.eps)
-        return (y * self.scale.value.astype(jnp.float32) + self.bias.value.astype(jnp.float32)).astype(out_dtype)
+        return (y * self.scale.get_value().astype(jnp.float32) + self.bias.get_value().astype(jnp.float32)).astype(out_dtype)
 
 
 class Attention(nnx.Module):
@@ -397,7 +397,7 @@ class Phi(nnx.Module):
                "cache_index": cache_index, "capture": tuple(capture)}
 
         embed_rng, layers_rng = jax.random.split(dropout_rng) if dropout_rng is not None else (None, None)
-        h = jnp.take(self.embed_tokens.value, input_ids, axis=0).astype(compute_dtype)
+        h = jnp.take(self.embed_tokens.get_value(), input_ids, axis=0).astype(compute_dtype)
         h = dropout(h, cfg.embd_pdrop, embed_rng)
         h = constrain(h, ("act_batch", "act_length", "act_embed"), mesh)
 
@@ -506,7 +506,7 @@ class Phi(nnx.Module):
         if unknown:
             raise ValueError(f"cannot capture {sorted(unknown)}; expected some of {', '.join(CAPTURE_NAMES)}.")
         capture = tuple(capture)
-        if any(isinstance(a, jax.core.Tracer) for a in [*args, dropout_rng, self.embed_tokens.value]):
+        if any(isinstance(a, jax.core.Tracer) for a in [*args, dropout_rng, self.embed_tokens.get_value()]):
             out = self.run(*args, dropout_rng=dropout_rng, capture=capture, edits=edits)
         else:
             graphdef, state = nnx.split(self)

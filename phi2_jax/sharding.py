@@ -138,7 +138,7 @@ def state_shardings(abstract_state: Any, mesh: Mesh, rules: dict[str, Any] = LOG
 
     def sharding_of(variable):
         names = variable.get_metadata().get("logical_axes")
-        shape = variable.value.shape
+        shape = variable.get_value().shape
         assert names is not None and len(names) == len(shape), f"variable {shape} lacks logical_axes"
         return variable.replace(NamedSharding(mesh, logical_to_spec(names, shape, mesh, rules)))
 

@@ -85,7 +85,7 @@ def test_float16_source_is_stored_as_is_and_restores_as_exact_float32(hf_folder,
     out = capsys.readouterr().out
     assert "stored as: ['float16']" in out and "restores as: float32" in out
     model = phi2_jax.from_pretrained(tmp_path / "ckpt")
-    fc1 = model.layers.mlp.fc1.kernel.value
+    fc1 = model.layers.mlp.fc1.kernel.get_value()
     assert fc1.dtype == np.float32
     np.testing.assert_array_equal(np.asarray(fc1[1]),
                                   half_tensors["model.layers.1.mlp.fc1.weight"].float().numpy().T)
@@ -146,7 +146,7 @@ def test_sharded_restore_of_a_converted_checkpoint(hf_folder, tmp_path):
     convert("from-hf", folder, tmp_path / "ckpt")
     mesh = phi2_jax.make_mesh({"data": 2, "fsdp": 2, "tensor": 2})
     sharded = phi2_jax.from_pretrained(tmp_path / "ckpt", mesh=mesh)
-    kernel = sharded.layers.mlp.fc1.kernel.value
+    kernel = sharded.layers.mlp.fc1.kernel.get_value()
     assert {s.data.shape for s in kernel.addressable_shards} == {(2, 16, 32)}
     ids = np.random.default_rng(2).integers(0, 100, (4, 6))
     np.testing.assert_allclose(np.asarray(sharded(ids)), np.asarray(phi2_jax.from_pretrained(folder)(ids)),

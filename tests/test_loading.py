@@ -38,7 +38,7 @@ def test_half_precision_files_load_as_transformers_upcasts_them(hf_folder, tmp_p
     model = phi2_jax.from_pretrained(tmp_path)
     np.testing.assert_allclose(np.asarray(model(ids)), reference_logits(reference, ids), rtol=1e-5, atol=1e-5)
     bf16 = phi2_jax.from_pretrained(tmp_path, dtype="bfloat16")
-    assert bf16.layers.mlp.fc1.kernel.value.dtype == np.dtype(ml_dtypes.bfloat16)
+    assert bf16.layers.mlp.fc1.kernel.get_value().dtype == np.dtype(ml_dtypes.bfloat16)
 
 
 def _copy(folder, tmp_path):

@@ -33,7 +33,7 @@ def test_fresh_adapters_leave_the_model_unchanged(hf_folder):
     ids = np.random.default_rng(0).integers(0, 512, (2, 10))
     base = np.asarray(phi2_jax.from_pretrained(folder)(ids))
     adapted = phi2_jax.from_pretrained(folder, lora_rank=4, lora_targets=ALL)
-    assert adapted.layers.mlp.fc1.lora_a.value.shape == (2, 32, 4)
+    assert adapted.layers.mlp.fc1.lora_a.get_value().shape == (2, 32, 4)
     np.testing.assert_array_equal(np.asarray(adapted(ids)), base)
 
 

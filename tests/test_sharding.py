@@ -58,7 +58,7 @@ def test_weights_really_are_sharded(hf_folder, mesh):
 
 def test_create_model_initialises_in_place(mesh):
     model = phi2_jax.create_model(phi2_jax.preset("nano"), mesh=mesh)
-    kernel = model.layers.mlp.fc1.kernel.value
+    kernel = model.layers.mlp.fc1.kernel.get_value()
     assert kernel.sharding.spec == P(None, "fsdp", "tensor")
     assert all(s.data.size == kernel.size // 4 for s in kernel.addressable_shards)
 

@@ -40,7 +40,7 @@ def test_default_run_learns_and_leaves_a_loadable_model(tmp_path, cache):
     model = phi2_jax.from_pretrained(run_dir)
     assert model.config.num_hidden_layers == 2 and model.config.vocab_size == 512
     params = train_runs.final_params(run_dir, 60)
-    np.testing.assert_array_equal(np.asarray(model.layers.mlp.fc1.kernel.value), params["layers/mlp/fc1/kernel"])
+    np.testing.assert_array_equal(np.asarray(model.layers.mlp.fc1.kernel.get_value()), params["layers/mlp/fc1/kernel"])
     # the run folder exports straight to a folder transformers loads, with the same logits
     from transformers import PhiForCausalLM
 
