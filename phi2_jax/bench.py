@@ -26,6 +26,7 @@ import functools
 import importlib.metadata
 import importlib.util
 import json
+import os
 import platform
 import statistics
 import subprocess
@@ -74,6 +75,7 @@ class PeakRSS:
 
 
 def device_peak_memory_mb() -> float | None:
+    """This process's peak device memory so far (JAX keeps no per-case peak), or None off a GPU."""
     stats = jax.devices()[0].memory_stats() or {}
     return stats["peak_bytes_in_use"] / 2**20 if "peak_bytes_in_use" in stats else None
 
@@ -90,7 +92,7 @@ class TorchWorker:
         script = Path(__file__).with_name("bench_torch_worker.py")
         self.process = subprocess.Popen([sys.executable, str(script), str(twin_dir / "weights"), compute_dtype],
                                         stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
-        self.ask(op="setup", suite=suite, ids=str(twin_dir / "ids.npy"), new_tokens=new_tokens)
+        self.device = self.ask(op="setup", suite=suite, ids=str(twin_dir / "ids.npy"), new_tokens=new_tokens)["device"]
 
     def ask(self, **request) -> dict:
         self.process.stdin.write(json.dumps(request) + "\n")
@@ -103,12 +105,21 @@ class TorchWorker:
     def run(self) -> None:
         self.ask(op="run")
 
-    def close(self) -> float:
-        """Stops the worker; returns its peak resident memory in MB."""
-        peak = self.ask(op="peak_rss_mb")["peak_rss_mb"]
+    def close(self) -> dict:
+        """Stops the worker; returns its peak memory in MB, {'peak_rss_mb', 'peak_device_mb' (None off a GPU)}."""
+        peak = self.ask(op="peak_memory")
         self.process.stdin.close()
         self.process.wait()
         return peak
+
+
+def torch_follows_to_the_gpu() -> bool:
+    """Whether transformers' side can run where ours does: on a GPU only with a CUDA build of torch."""
+    if jax.default_backend() != "gpu":
+        return True
+    check = subprocess.run([sys.executable, "-c", "import torch; print(torch.cuda.is_available())"],
+                           capture_output=True, text=True)
+    return check.stdout.strip() == "True"
 
 
 def export_twin_weights(model, twin_dir: Path) -> None:
@@ -122,11 +133,12 @@ def _compare(model, twin_dir: Path | None, suite: str, ids, new_tokens: int = 0)
     return TorchWorker(twin_dir, model.config.compute_dtype, suite, ids, new_tokens) if twin_dir is not None else None
 
 
-def _measure(ours, twin: TorchWorker | None, repeats: int) -> tuple[list[float], list[float], float, float | None]:
-    """Alternated timings of ours and the twin's, and each side's peak RSS (MB) over the runs."""
+def _measure(ours, twin: TorchWorker | None, repeats: int) -> tuple[list[float], list[float], dict, dict | None]:
+    """Alternated timings of ours and the twin's, and each side's peak memory (MB) over the runs."""
     with PeakRSS() as memory:
         a, b = alternate(ours, twin.run if twin else None, repeats)
-    return a, b, memory.peak_mb, twin.close() if twin else None
+    ours_peak = {"peak_rss_mb": memory.peak_mb, "peak_device_mb": device_peak_memory_mb()}
+    return a, b, ours_peak, twin.close() if twin else None
 
 
 def timed(fn, repeats: int) -> list[float]:
@@ -175,9 +187,9 @@ def bench_train(model, batch: int, seq: int, repeats: int, twin_dir: Path | None
         state["p"], state["o"], loss = step(state["p"], state["o"])
         loss.block_until_ready()
 
-    a, b, our_mb, their_mb = _measure(ours, _compare(model, twin_dir, "train", ids), repeats)
+    a, b, our_peak, their_peak = _measure(ours, _compare(model, twin_dir, "train", ids), repeats)
     flops = train_flops_per_token(cfg, seq) * batch * seq
-    return _rows("train", f"batch {batch} x seq {seq}", batch * seq, a, b, our_mb, their_mb, mfu_s=flops / peak)
+    return _rows("train", f"batch {batch} x seq {seq}", batch * seq, a, b, our_peak, their_peak, mfu_s=flops / peak)
 
 
 def bench_prefill(model, batch: int, seq: int, repeats: int, twin_dir: Path | None, peak: float) -> list[dict]:
@@ -189,9 +201,9 @@ def bench_prefill(model, batch: int, seq: int, repeats: int, twin_dir: Path | No
     def ours():
         forward(state, ids).block_until_ready()
 
-    a, b, our_mb, their_mb = _measure(ours, _compare(model, twin_dir, "prefill", ids), repeats)
+    a, b, our_peak, their_peak = _measure(ours, _compare(model, twin_dir, "prefill", ids), repeats)
     flops = train_flops_per_token(cfg, seq) / 3 * batch * seq  # forward only: a third of 6N + attention
-    return _rows("prefill", f"batch {batch} x seq {seq}", batch * seq, a, b, our_mb, their_mb, mfu_s=flops / peak)
+    return _rows("prefill", f"batch {batch} x seq {seq}", batch * seq, a, b, our_peak, their_peak, mfu_s=flops / peak)
 
 
 def bench_decode(model, batch: int, new_tokens: int, repeats: int, twin_dir: Path | None, bandwidth: float,
@@ -202,45 +214,49 @@ def bench_decode(model, batch: int, new_tokens: int, repeats: int, twin_dir: Pat
     def ours():
         generate(model, ids, max_new_tokens=new_tokens, eos_token_id=-1)
 
-    a, b, our_mb, their_mb = _measure(ours, _compare(model, twin_dir, "decode", ids, new_tokens), repeats)
+    a, b, our_peak, their_peak = _measure(ours, _compare(model, twin_dir, "decode", ids, new_tokens), repeats)
     # The whole call is timed, the prompt's prefill included, so this slightly understates the steps' MBU.
     read = decode_bytes_per_token(cfg, batch, prompt_len, new_tokens) * new_tokens
-    return _rows("decode", f"batch {batch}, {new_tokens} new tokens", batch * new_tokens, a, b, our_mb, their_mb,
+    return _rows("decode", f"batch {batch}, {new_tokens} new tokens", batch * new_tokens, a, b, our_peak, their_peak,
                  mbu_s=read / bandwidth)
 
 
-def _rows(suite, case, tokens, ours_times, their_times, our_mb, their_mb, *, mfu_s: float | None = None,
+def _rows(suite, case, tokens, ours_times, their_times, our_peak, their_peak, *, mfu_s: float | None = None,
           mbu_s: float | None = None) -> list[dict]:
     """One row per implementation. mfu_s / mbu_s: the case's seconds at the device's peak FLOP/s / bandwidth."""
     rows = []
-    for impl, times, peak_mb in (("phi2_jax", ours_times, our_mb), ("transformers", their_times, their_mb)):
+    for impl, times, peak in (("phi2_jax", ours_times, our_peak), ("transformers", their_times, their_peak)):
         if not times:
             continue
         median = statistics.median(times)
         row = {"suite": suite, "case": case, "impl": impl, "median_s": median, "tokens_per_s": tokens / median,
-               "repeats": len(times), "peak_rss_mb": peak_mb}
+               "repeats": len(times), "peak_rss_mb": peak["peak_rss_mb"]}
+        if peak["peak_device_mb"] is not None:
+            row["peak_device_mb"] = peak["peak_device_mb"]
         for key, bound_s in (("mfu", mfu_s), ("mbu", mbu_s)):
             if bound_s is not None:
                 row[key] = bound_s / median
         rows.append(row)
     if len(rows) == 2:
         rows[0]["speedup_vs_transformers"] = rows[1]["median_s"] / rows[0]["median_s"]
-    device_mb = device_peak_memory_mb()
-    if device_mb is not None:
-        rows[0]["peak_device_mb"] = device_mb
     return rows
 
 
 def markdown(rows: list[dict]) -> str:
-    lines = ["| suite | case | impl | median s | tokens/s | MFU | MBU | peak RSS MB | ours / transformers |",
-             "|---|---|---|---|---|---|---|---|---|"]
+    device = any("peak_device_mb" in r for r in rows)  # a column of its own only where there is a device
+    lines = ["| suite | case | impl | median s | tokens/s | MFU | MBU | peak RSS MB |"
+             + (" peak device MB |" if device else "") + " ours / transformers |",
+             "|---|---|---|---|---|---|---|---|" + ("---|" if device else "") + "---|"]
     for r in rows:
         mfu, mbu = (f"{100 * r[key]:.1f}%" if key in r else "-" for key in ("mfu", "mbu"))
         speed = f"{r['speedup_vs_transformers']:.2f}x" if "speedup_vs_transformers" in r else ""
         tokens = f"{r['tokens_per_s']:,.0f}" if "tokens_per_s" in r else "-"
         median = r.get("median_s", r.get("seconds"))
+        memory = f"{r['peak_rss_mb']:,.0f} |"
+        if device:
+            memory += f" {r['peak_device_mb']:,.0f} |" if "peak_device_mb" in r else " - |"
         lines.append(f"| {r['suite']} | {r['case']} | {r['impl']} | {median:.3f} | {tokens} | {mfu} | {mbu} | "
-                     f"{r['peak_rss_mb']:,.0f} | {speed} |")
+                     f"{memory} {speed} |")
     return "\n".join(lines)
 
 
@@ -272,6 +288,10 @@ def main(argv=None) -> list[dict]:
     parser.add_argument("--work-dir", type=Path, default=Path("/tmp/phi2_jax_bench"))
     parser.add_argument("--output", type=Path, default=Path("bench.json"))
     args = parser.parse_args(sys.argv[1:] if argv is None else argv)
+    if args.compare == "transformers":
+        # transformers' worker shares the GPU: JAX must not take 75% of it up front. Read when JAX first
+        # touches the GPU, which is below (nothing in phi2_jax does at import).
+        os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
     if argv is None and args.suite == "train":
         keep_freed_memory()  # the allocator setting `python -m phi2_jax.train` runs with (host_memory.py)
     dtype = args.dtype or ("float32" if jax.default_backend() == "cpu" else "bfloat16")
@@ -281,10 +301,14 @@ def main(argv=None) -> list[dict]:
     if compare and not all(importlib.util.find_spec(p) for p in ("torch", "transformers")):
         print("--compare transformers needs torch and transformers (pip install 'phi2_jax[bench]')", file=sys.stderr)
         raise SystemExit(2)
+    suites = SUITES if args.suite == "all" else (args.suite,)
+    if compare and set(suites) - {"convert"} and not torch_follows_to_the_gpu():  # convert's side is CPU work
+        print("--compare transformers on a GPU needs a CUDA build of torch (torch.cuda.is_available() is False "
+              "here), or transformers would run on the CPU; install one, or use --compare none.", file=sys.stderr)
+        raise SystemExit(2)
     twin_dir = args.work_dir / "twin" if compare else None
     if twin_dir is not None:
         twin_dir.mkdir(parents=True, exist_ok=True)
-    suites = SUITES if args.suite == "all" else (args.suite,)
     rows = []
     if set(suites) - {"convert"}:
         model = create_model(preset(args.config, compute_dtype=dtype), seed=0)

@@ -7,14 +7,23 @@ user runs it, alone, with its own allocator state and its own peak memory.
 (Alternating both in one process slowed our training step by 15-30%, and the
 memory column could only be the sum of both.)
 
+The model runs on the GPU when torch has one (the bench refuses a GPU run against
+a CPU-only torch), in the setup JAX runs: for training, the stored (parameter)
+dtype under autocast to the compute dtype, as our float32 parameters with
+bfloat16 compute; for prefill and decoding, weights loaded in the compute
+dtype, as transformers' users load them for inference.
+
 Protocol: one JSON object per line on stdin, one answer per line on stdout.
     {"op": "setup", "suite": "train"|"prefill"|"decode", "ids": "file.npy", "new_tokens": N}
-    {"op": "run"}          runs the suite's work once            -> {"ok": true}
-    {"op": "peak_rss_mb"}  this process's peak resident memory   -> {"peak_rss_mb": float}
+                           loads the model                     -> {"device": "cuda"|"cpu"}
+    {"op": "run"}          runs the suite's work once, to completion on the device  -> {"ok": true}
+    {"op": "peak_memory"}  this process's peak resident (and device) memory
+                           -> {"peak_rss_mb": float, "peak_device_mb": float | null}
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import resource
 import sys
@@ -24,15 +33,18 @@ import torch
 from transformers import PhiForCausalLM
 
 
-def make_work(model, suite: str, ids: torch.Tensor, new_tokens: int):
+def make_work(model, suite: str, ids: torch.Tensor, new_tokens: int, compute_dtype: torch.dtype):
     """A no-argument function doing one repetition of `suite` on `ids`, as the bench's JAX side does."""
     if suite == "train":
         model.train()
         optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.1)
+        mixed = model.dtype != compute_dtype
+        autocast = torch.autocast(ids.device.type, dtype=compute_dtype) if mixed else contextlib.nullcontext()
 
         def train_step():
             optimizer.zero_grad(set_to_none=True)
-            logits = model(ids[:, :-1]).logits.float()
+            with autocast:
+                logits = model(ids[:, :-1]).logits.float()
             loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1))
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -57,20 +69,26 @@ def make_work(model, suite: str, ids: torch.Tensor, new_tokens: int):
 
 def main() -> None:
     answers, sys.stdout = sys.stdout, sys.stderr  # anything a library prints must not break the protocol
-    model_dir, dtype = sys.argv[1], sys.argv[2]
-    model = PhiForCausalLM.from_pretrained(model_dir, dtype=getattr(torch, dtype))
+    model_dir, compute_dtype = sys.argv[1], getattr(torch, sys.argv[2])
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     work = None
     for line in sys.stdin:
         request = json.loads(line)
         if request["op"] == "setup":
-            ids = torch.from_numpy(np.load(request["ids"])).long()
-            work = make_work(model, request["suite"], ids, request.get("new_tokens", 0))
-            answer = {"ok": True}
+            stored_dtype = request["suite"] == "train"  # "auto": the dtype the weights were written in
+            model = PhiForCausalLM.from_pretrained(model_dir, dtype="auto" if stored_dtype else compute_dtype)
+            ids = torch.from_numpy(np.load(request["ids"])).long().to(device)
+            work = make_work(model.to(device), request["suite"], ids, request.get("new_tokens", 0), compute_dtype)
+            answer = {"device": device.type}
         elif request["op"] == "run":
             work()
+            if device.type == "cuda":
+                torch.cuda.synchronize()  # timed to completion, as the JAX side blocks until ready
             answer = {"ok": True}
         else:
-            answer = {"peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+            device_peak = torch.cuda.max_memory_allocated() / 2**20 if device.type == "cuda" else None
+            answer = {"peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+                      "peak_device_mb": device_peak}
         print(json.dumps(answer), file=answers, flush=True)
 
 

@@ -1,7 +1,7 @@
 """The benchmark runs end to end at a tiny size and fills every column (a smoke test: no timing asserted),
 and the counts its utilisation figures rest on."""
 
-from phi2_jax.bench import main
+from phi2_jax.bench import main, markdown
 from phi2_jax.config import PhiConfig
 from phi2_jax.metrics import _GPU_BF16_PEAK, _GPU_MEMORY_BANDWIDTH, datasheet_value, decode_bytes_per_token
 
@@ -51,3 +51,20 @@ def test_gpu_datasheet_figures_pick_the_most_specific_name():
     assert datasheet_value("NVIDIA A100-SXM4-40GB", _GPU_MEMORY_BANDWIDTH) == 1.555e12
     assert datasheet_value("NVIDIA A100-SXM4-80GB", _GPU_MEMORY_BANDWIDTH) == 2.039e12
     assert datasheet_value("Some Accelerator", _GPU_MEMORY_BANDWIDTH) is None
+
+
+def test_bench_trains_transformers_mixed_precision_against_ours(tmp_path):
+    # float32 parameters with bfloat16 compute, as on a GPU: the worker trains its float32 weights under autocast.
+    rows = main(["train", "--config", "nano", "--dtype", "bfloat16", "--seq", "16", "--batch", "2", "--repeats", "1",
+                 "--compare", "transformers", "--work-dir", str(tmp_path), "--output", str(tmp_path / "bench.json")])
+    assert [r["impl"] for r in rows] == ["phi2_jax", "transformers"]
+    assert all(r["median_s"] > 0 and r["mfu"] > 0 for r in rows)
+
+
+def test_markdown_rows_have_as_many_cells_as_the_header():
+    cpu_row = {"suite": "decode", "case": "batch 1", "impl": "phi2_jax", "median_s": 1.0, "tokens_per_s": 128.0,
+               "mbu": 0.5, "peak_rss_mb": 700.0, "speedup_vs_transformers": 2.0}
+    for rows in ([cpu_row], [{**cpu_row, "peak_device_mb": 1234.0}, {**cpu_row, "impl": "transformers"}]):
+        lines = markdown(rows).splitlines()
+        assert len({line.count("|") for line in lines}) == 1, lines
+    assert "peak device MB" in lines[0] and "1,234" in lines[2] and "| - |" in lines[3]
