@@ -41,11 +41,11 @@ import numpy as np
 import optax
 from flax import nnx
 
-from phi2_jax.config import preset
+from phi2_jax.config import REMAT_POLICIES, preset
 from phi2_jax.generate import generate
 from phi2_jax.host_memory import keep_freed_memory
-from phi2_jax.metrics import (decode_bytes_per_token, device_memory_bandwidth, device_peak_flops, measured_cpu_bandwidth,
-                              measured_cpu_peak, train_flops_per_token)
+from phi2_jax.metrics import (decode_bytes_per_token, device_memory_bandwidth, device_peak_flops,
+                              measured_cpu_bandwidth, measured_cpu_peak, train_flops_per_token)
 from phi2_jax.model import create_model
 from phi2_jax.train_step import cross_entropy
 
@@ -280,6 +280,8 @@ def main(argv=None) -> list[dict]:
     parser.add_argument("--config", default="phi-small", help="model preset (default phi-small: 512 x 8 layers)")
     parser.add_argument("--compare", choices=["transformers", "none"], default="none")
     parser.add_argument("--dtype", default=None, help="compute dtype (default float32 on CPU, bfloat16 on GPU)")
+    parser.add_argument("--remat", choices=REMAT_POLICIES, default="none",
+                        help="rematerialisation policy of the train suite (configs/phi2.yaml trains with save_dots)")
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--seq", type=int, default=256)
     parser.add_argument("--new-tokens", type=int, default=128)
@@ -311,7 +313,7 @@ def main(argv=None) -> list[dict]:
         twin_dir.mkdir(parents=True, exist_ok=True)
     rows = []
     if set(suites) - {"convert"}:
-        model = create_model(preset(args.config, compute_dtype=dtype), seed=0)
+        model = create_model(preset(args.config, compute_dtype=dtype, remat=args.remat), seed=0)
         if twin_dir is not None:
             export_twin_weights(model, twin_dir)
         if "train" in suites:
@@ -339,7 +341,7 @@ def main(argv=None) -> list[dict]:
                         row[key] *= measured[key] / later[key]
                 measured[key] = later[key]
         peak, bandwidth = measured["mfu"], measured["mbu"]
-    result = {"environment": environment(), "config": args.config, "compute_dtype": dtype,
+    result = {"environment": environment(), "config": args.config, "compute_dtype": dtype, "remat": args.remat,
               "peak_flops_per_device": peak, "peak_source": peak_source,
               "memory_bandwidth_per_device": bandwidth, "bandwidth_source": bandwidth_source, "rows": rows}
     args.output.write_text(json.dumps(result, indent=2))
