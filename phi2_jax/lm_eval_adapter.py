@@ -3,9 +3,10 @@
     python -m phi2_jax.lm_eval_adapter --model PATH --tasks piqa,arc_easy,hellaswag [--num-fewshot 0]
 
 or from Python: `lm_eval.simple_evaluate(model=phi2_jax.lm_eval_adapter.lm_eval_model(PATH), tasks=[...])`.
-`Harness` implements the three request types on plain tuples (usable and
-tested without lm_eval installed); `lm_eval_model` wraps it in lm_eval's `LM`
-class and registers it as model type "phi2_jax".
+`Harness` implements the three request types on plain tuples (usable without
+lm_eval installed); `lm_eval_model` wraps it in lm_eval's `LM` class and
+registers it as model type "phi2_jax". The tests run a local lm_eval task
+through it and hold its scores to transformers.
 """
 
 from __future__ import annotations

@@ -143,3 +143,38 @@ def test_scoring_on_a_sharded_model_matches_one_device(setup):
     split = loglikelihood(sharded, requests, eos_id=tokenizer.eos_id, batch_size=2)  # padded up to 4 rows
     np.testing.assert_allclose([s for s, _ in split], [s for s, _ in single], rtol=1e-5)
     assert [g for _, g in split] == [g for _, g in single]
+
+
+def test_lm_eval_scores_a_local_task_through_the_registered_model(setup, tmp_path, monkeypatch):
+    lm_eval = pytest.importorskip("lm_eval")
+    from lm_eval.tasks import TaskManager
+
+    from phi2_jax.lm_eval_adapter import lm_eval_model
+
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")  # the task's data is a local file; nothing is fetched
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    folder, reference, _, tokenizer, tok_dir = setup
+    docs = [{"question": "what is 7 times 8?", "choices": ["56", "54", "15"], "label": 0},
+            {"question": "which ocean is the largest?", "choices": ["the Atlantic", "the Pacific"], "label": 1},
+            {"question": "what does def start in Python?", "choices": ["a loop", "a class", "a function"], "label": 2}]
+    (tmp_path / "docs.jsonl").write_text("".join(json.dumps(d) + "\n" for d in docs))
+    (tmp_path / "tasks").mkdir()
+    (tmp_path / "tasks" / "local_mc.yaml").write_text(
+        "task: phi2_local_mc\ndataset_path: json\n"
+        f"dataset_kwargs:\n  data_files:\n    test: {tmp_path / 'docs.jsonl'}\n"
+        "test_split: test\noutput_type: multiple_choice\n"
+        'doc_to_text: "Question: {{question}}\\nAnswer:"\ndoc_to_choice: "{{choices}}"\ndoc_to_target: label\n'
+        "metric_list:\n  - metric: acc\n")
+    results = lm_eval.simple_evaluate(model=lm_eval_model(str(folder), str(tok_dir), batch_size=2),
+                                      tasks=["phi2_local_mc"], task_manager=TaskManager(include_path=str(tmp_path / "tasks")),
+                                      log_samples=True)
+    correct = 0
+    for sample in sorted(results["samples"]["phi2_local_mc"], key=lambda s: s["doc_id"]):
+        doc = docs[sample["doc_id"]]
+        ours = [float(ll) for ll, _ in sample["filtered_resps"]]
+        # lm_eval asks for the continuation after its default target delimiter, one space.
+        expected = [reference_loglik(reference, tokenizer, f"Question: {doc['question']}\nAnswer:", " " + choice)
+                    for choice in doc["choices"]]
+        np.testing.assert_allclose(ours, expected, rtol=1e-4)
+        correct += int(np.argmax(expected) == doc["label"])
+    assert results["results"]["phi2_local_mc"]["acc,none"] == pytest.approx(correct / len(docs))
