@@ -1,6 +1,7 @@
 """`python -m phi2_jax.train` end to end on the CPU: learning, exact resume, sharded and multi-process equivalence."""
 
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -203,3 +204,20 @@ def test_launch_local_sh_runs_a_two_process_training(tmp_path, cache):
     assert "2 processes" in proc.stdout and "step 6/6" in proc.stdout
     assert (run_dir / "checkpoints" / "6").is_dir()
     assert "step 6/6" not in (tmp_path / "logs" / "process_1.log").read_text()  # process 1 stays quiet
+
+
+def test_launch_recipes_xla_flags_are_known_to_this_xla():
+    # XLA aborts at start on a flag it does not know: a renamed or dropped GPU flag would kill the job.
+    recipes = [train_runs.ROOT / "launch" / name for name in ("slurm.sbatch", "k8s-jobset.yaml")]
+    flags = sorted({flag for recipe in recipes for flag in re.findall(r"--xla_\w+=\S+", recipe.read_text())})
+    assert len(flags) >= 3, flags
+
+    def starts_with(xla_flags):
+        env = {**os.environ, "XLA_FLAGS": " ".join(xla_flags), "JAX_PLATFORMS": "cpu"}
+        probe = subprocess.run([train_runs.sys.executable, "-c", "import jax; jax.devices()"], env=env,
+                               capture_output=True, text=True, timeout=120)
+        return probe.returncode == 0, probe.stderr[-1000:]
+
+    ok, error = starts_with(flags)
+    assert ok, error
+    assert not starts_with(["--xla_gpu_no_such_flag=true"])[0]  # the probe does catch an unknown flag
