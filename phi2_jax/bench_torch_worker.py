@@ -75,8 +75,8 @@ def main() -> None:
     for line in sys.stdin:
         request = json.loads(line)
         if request["op"] == "setup":
-            stored_dtype = request["suite"] == "train"  # "auto": the dtype the weights were written in
-            model = PhiForCausalLM.from_pretrained(model_dir, dtype="auto" if stored_dtype else compute_dtype)
+            training = request["suite"] == "train"  # trains the weights as written ("auto"), under autocast
+            model = PhiForCausalLM.from_pretrained(model_dir, dtype="auto" if training else compute_dtype)
             ids = torch.from_numpy(np.load(request["ids"])).long().to(device)
             work = make_work(model.to(device), request["suite"], ids, request.get("new_tokens", 0), compute_dtype)
             answer = {"device": device.type}

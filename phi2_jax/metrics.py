@@ -40,18 +40,22 @@ def train_flops_per_token(config: PhiConfig, seq_len: int) -> float:
     return 6.0 * n + 12.0 * config.num_hidden_layers * seq_len * config.hidden_size
 
 
+def _fastest_seconds(fn, *args, runs: int = 5) -> float:
+    """The fastest of `runs` timed calls of the jitted `fn`, after one untimed call that compiles it."""
+    fn(*args).block_until_ready()
+    best = math.inf
+    for _ in range(runs):
+        start = time.perf_counter()
+        fn(*args).block_until_ready()
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
 @functools.cache
 def measured_cpu_peak(size: int = 1024) -> float:
     """FLOP/s of a float32 matmul on this CPU, best of a few runs: the MFU denominator on a CPU."""
     a = jnp.ones((size, size), jnp.float32)
-    matmul = jax.jit(lambda x: x @ x)
-    matmul(a).block_until_ready()
-    best = math.inf
-    for _ in range(5):
-        start = time.perf_counter()
-        matmul(a).block_until_ready()
-        best = min(best, time.perf_counter() - start)
-    return 2.0 * size**3 / best
+    return 2.0 * size**3 / _fastest_seconds(jax.jit(lambda x: x @ x), a)
 
 
 def device_peak_flops(compute_dtype: str) -> tuple[float, str]:
@@ -76,14 +80,7 @@ def measured_cpu_bandwidth(megabytes: int = 256) -> float:
     """
     matrix = jnp.ones((megabytes * 2**20 // 4 // 4096, 4096), jnp.float32)
     vector = jnp.ones((4096,), jnp.float32)
-    matvec = jax.jit(lambda m, v: m @ v)
-    matvec(matrix, vector).block_until_ready()
-    best = math.inf
-    for _ in range(5):
-        start = time.perf_counter()
-        matvec(matrix, vector).block_until_ready()
-        best = min(best, time.perf_counter() - start)
-    return matrix.nbytes / best
+    return matrix.nbytes / _fastest_seconds(jax.jit(lambda m, v: m @ v), matrix, vector)
 
 
 def device_memory_bandwidth() -> tuple[float, str]:
