@@ -182,4 +182,24 @@ def attention(
         return jax.nn.dot_product_attention(q, k, v, mask=mask, implementation="cudnn")
     mask = attention_mask(batch, q_len, kv_len, q_offset=q_offset, kv_mask=kv_mask,
                           q_segment_ids=q_segment_ids, kv_segment_ids=kv_segment_ids)
-    return xla_attention(q, k, v, mask, kv_flat)
+    blocks = causal_blocks(q_len) if not kv_flat and isinstance(q_offset, int) and q_offset == 0 and q_len == kv_len else 1
+    if blocks == 1:
+        return xla_attention(q, k, v, mask, kv_flat)
+    # Query block i sees only keys [0, (i + 1) * rows): the causal mask hides the rest, so their scores are
+    # never computed (a quarter to almost half of attention's work, as flash attention skips those tiles).
+    rows = q_len // blocks
+    return jnp.concatenate([
+        xla_attention(q[:, i * rows:(i + 1) * rows], k[:, :(i + 1) * rows], v[:, :(i + 1) * rows],
+                      mask[:, :, i * rows:(i + 1) * rows, :(i + 1) * rows])
+        for i in range(blocks)], axis=1)
+
+
+CAUSAL_BLOCK_ROWS = 128  # smaller query blocks lose more to small dots than they save (XLA:CPU, 4 x 256 tokens)
+
+
+def causal_blocks(q_len: int) -> int:
+    """How many query blocks the xla backend splits causal self-attention over T tokens into (at most 8)."""
+    blocks = min(8, q_len // CAUSAL_BLOCK_ROWS)
+    while blocks > 1 and q_len % blocks:
+        blocks -= 1
+    return max(blocks, 1)

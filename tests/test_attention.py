@@ -2,6 +2,7 @@
 
 import logging
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -76,3 +77,34 @@ def test_auto_falls_back_to_xla_on_cpu_and_says_why(caplog, monkeypatch):
 def test_forcing_cudnn_on_cpu_is_refused_with_the_reason():
     with pytest.raises(ConfigError, match="attention_backend 'cudnn' cannot run here: the default device is cpu"):
         resolve_backend("cudnn", jnp.bfloat16, 80)
+
+
+def test_causal_blocks_split_long_self_attention_evenly():
+    assert [phi2_jax.attention.causal_blocks(t) for t in (100, 255, 256, 384, 1024, 2048, 1000)] == [1, 1, 2, 3, 8, 8, 5]
+
+
+def test_causal_query_blocks_equal_numpy_and_unblocked_gradients(monkeypatch):
+    """Self-attention split into query blocks (each seeing only the keys up to its end) is the same function."""
+    rng = np.random.default_rng(2)
+    q = jnp.asarray(rng.normal(size=(2, 12, 4, 8)).astype(np.float32))
+    k = jnp.asarray(rng.normal(size=(2, 12, 2, 8)).astype(np.float32))
+    v = jnp.asarray(rng.normal(size=(2, 12, 2, 8)).astype(np.float32))
+    kv_mask = np.array([[1] * 12, [0] * 3 + [1] * 9])
+    segments = np.array([[1] * 5 + [2] * 7, [0] * 3 + [1] * 4 + [2] * 5])
+    cotangent = jnp.asarray(rng.normal(size=q.shape).astype(np.float32) * kv_mask[:, :, None, None])
+
+    def run(q, k, v):
+        return attention(q, k, v, backend="xla", kv_mask=jnp.asarray(kv_mask), q_segment_ids=jnp.asarray(segments),
+                         kv_segment_ids=jnp.asarray(segments))
+
+    def grads():  # padded rows' outputs are implementation-defined, so they get a zero cotangent
+        return jax.grad(lambda *qkv: jnp.sum(run(*qkv) * cotangent), argnums=(0, 1, 2))(q, k, v)
+
+    unblocked = grads()
+    monkeypatch.setattr(phi2_jax.attention, "CAUSAL_BLOCK_ROWS", 2)
+    assert phi2_jax.attention.causal_blocks(12) == 6
+    valid = kv_mask.astype(bool)
+    np.testing.assert_allclose(np.asarray(run(q, k, v))[valid], numpy_attention(
+        *(np.asarray(x) for x in (q, k, v)), kv_mask, segments)[valid], rtol=1e-5, atol=1e-6)
+    for blocked, reference in zip(grads(), unblocked):
+        np.testing.assert_allclose(np.asarray(blocked), np.asarray(reference), rtol=1e-5, atol=1e-6)
