@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import os
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -108,31 +108,31 @@ def cache_dir() -> Path:
 _TOKENIZER_TRAINING_LINES = 200_000
 
 
-def train_sentencepiece(texts: Iterable[str], vocab_size: int, name: str) -> Path:
-    """Trains (or reuses from the cache) a BPE sentencepiece model on `texts`; returns its .model path.
+def train_sentencepiece(corpus: Callable[[], Iterable[str]], vocab_size: int, name: str,
+                        corpus_key: str | None = None) -> Path:
+    """Trains (or reuses from the cache) a BPE sentencepiece model on the texts of `corpus()`; returns its .model path.
 
-    The cache key covers the vocab size and the texts themselves, so a changed
-    corpus never silently reuses a stale tokenizer.
+    `corpus()` yields the texts afresh each time it is called (`lambda: texts` for
+    a list): they are streamed, never all held in memory. The cache key covers the
+    vocab size and the corpus: `corpus_key` if the caller has a cheaper name for
+    its contents (the data pipeline's file fingerprints), else a hash of every
+    text, so a changed corpus never silently reuses a stale tokenizer.
     """
     import sentencepiece as spm
 
-    texts = list(texts)
+    if corpus_key is None:
+        contents = hashlib.sha256()
+        for text in corpus():
+            contents.update(hashlib.sha256(text.encode()).digest())
+        corpus_key = contents.hexdigest()
     # "seeded-sample": tokenizers cached before the sample had a fixed seed (below) are not reused.
-    digest = hashlib.sha256(f"{vocab_size} seeded-sample".encode())
-    for t in texts:
-        digest.update(hashlib.sha256(t.encode()).digest())
+    digest = hashlib.sha256(f"{vocab_size} seeded-sample|{corpus_key}".encode())
     out = cache_dir() / "tokenizers" / f"{name}-{vocab_size}-{digest.hexdigest()[:12]}"
     model = out.with_suffix(".model")
     if model.is_file():
         return model
     out.parent.mkdir(parents=True, exist_ok=True)
-    # Sentencepiece trains on lines; code lines are short, so sample for speed. The sample is drawn here with
-    # a fixed seed: sentencepiece's own sampling and shuffling use an unseeded generator, so the same corpus
-    # gave a different tokenizer, and a different loss curve, in every fresh process.
-    lines = [line for t in texts for line in t.splitlines() if line.strip()]
-    if len(lines) > _TOKENIZER_TRAINING_LINES:
-        keep = np.sort(np.random.default_rng(0).choice(len(lines), _TOKENIZER_TRAINING_LINES, replace=False))
-        lines = [lines[i] for i in keep]
+    lines = _sampled_lines(corpus, _TOKENIZER_TRAINING_LINES)
     tmp = out.with_name(out.name + f".tmp{os.getpid()}")
     spm.SentencePieceTrainer.train(
         sentence_iterator=iter(lines), model_prefix=str(tmp), vocab_size=vocab_size, model_type="bpe",
@@ -145,3 +145,29 @@ def train_sentencepiece(texts: Iterable[str], vocab_size: int, name: str) -> Pat
     os.replace(f"{tmp}.model", model)
     Path(f"{tmp}.vocab").unlink(missing_ok=True)
     return model
+
+
+def _sampled_lines(corpus: Callable[[], Iterable[str]], limit: int) -> list[str]:
+    """The corpus's non-blank lines, or `limit` of them drawn with a fixed seed, in corpus order.
+
+    Sentencepiece trains on lines; code lines are short, so a sample is enough. It
+    is drawn here with a fixed seed: sentencepiece's own sampling and shuffling use
+    an unseeded generator, so the same corpus gave a different tokenizer, and a
+    different loss curve, in every fresh process.
+    """
+    def lines():
+        return (line for text in corpus() for line in text.splitlines() if line.strip())
+
+    count = sum(1 for _ in lines())
+    if count <= limit:
+        return list(lines())
+    keep = np.sort(np.random.default_rng(0).choice(count, limit, replace=False))
+    sample, wanted = [], iter(keep)
+    next_index = next(wanted)
+    for index, line in enumerate(lines()):
+        if index == next_index:
+            sample.append(line)
+            next_index = next(wanted, -1)
+            if next_index < 0:
+                break
+    return sample

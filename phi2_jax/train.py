@@ -322,7 +322,8 @@ def main(argv=None) -> None:
     if argv is None:  # a command line, not a call from Python
         keep_freed_memory()
     args = parse_args(sys.argv[1:] if argv is None else argv)
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    # force: importing orbax already gave the root logger a WARNING-level handler (absl logs at import).
+    logging.basicConfig(level=logging.INFO, format="%(message)s", force=True)
     for noisy in ("absl", "jax._src", "orbax"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     config = load_run_config(args.config, args.overrides)

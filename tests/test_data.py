@@ -2,6 +2,7 @@
 
 import json
 import os
+import pickle
 import subprocess
 import sys
 
@@ -9,7 +10,7 @@ import numpy as np
 import pytest
 
 from phi2_jax import ConfigError
-from phi2_jax.data import PackedSequences, Splits, read_source, train_dataset
+from phi2_jax.data import PackedSequences, Splits, build_splits, is_validation, read_source, train_dataset
 from phi2_jax.tokenizer import load_tokenizer
 from tests.hf_reference import train_bpe_tokenizer
 
@@ -71,10 +72,10 @@ def test_jsonl_and_parquet_sources(tmp_path):
 def test_bad_sources_say_file_and_line(tmp_path):
     (tmp_path / "bad.jsonl").write_text('{"text": "ok"}\n{"text": broken}\n')
     with pytest.raises(ConfigError, match=r"bad.jsonl line 2 is not valid JSON"):
-        read_source({"path": str(tmp_path / "bad.jsonl")})
+        list(read_source({"path": str(tmp_path / "bad.jsonl")}))
     (tmp_path / "nofield.jsonl").write_text('{"body": "x"}\n')
     with pytest.raises(ConfigError, match=r"nofield.jsonl line 1 has no string field 'text'"):
-        read_source({"path": str(tmp_path / "nofield.jsonl")})
+        list(read_source({"path": str(tmp_path / "nofield.jsonl")}))
     with pytest.raises(ConfigError, match=r"matches no files"):
         read_source({"path": str(tmp_path / "*.txt")})
 
@@ -112,7 +113,7 @@ def test_tokenizer_training_is_the_same_in_every_process(tmp_path):
         "words = [''.join(rng.choice(list('abcdefghij'), rng.integers(2, 7))) for _ in range(300)]\n"
         "lines = [' '.join(row) for row in rng.choice(words, (tokenizer._TOKENIZER_TRAINING_LINES + 10_000, 6))]\n"
         "texts = ['\\n'.join(lines[i:i + 100]) for i in range(0, len(lines), 100)]  # more lines than it trains on\n"
-        "sp = spm.SentencePieceProcessor(model_file=str(tokenizer.train_sentencepiece(texts, 300, 't')))\n"
+        "sp = spm.SentencePieceProcessor(model_file=str(tokenizer.train_sentencepiece(lambda: texts, 300, 't')))\n"
         "print(json.dumps([sp.id_to_piece(i) for i in range(sp.get_piece_size())]))\n"
     )
     vocabularies = []
@@ -123,3 +124,81 @@ def test_tokenizer_training_is_the_same_in_every_process(tmp_path):
         vocabularies.append(json.loads(proc.stdout))
     assert len(vocabularies[0]) == 300
     assert vocabularies[0] == vocabularies[1]
+
+
+def _corpus(folder, count=60):
+    """A small code corpus in two formats: one text file per document and a JSONL file."""
+    folder.mkdir()
+    texts = [f"def f{i}(x):\n    return x * {i} + {i % 7}\n" for i in range(count)]
+    for i, text in enumerate(texts[:count // 2]):
+        (folder / f"doc{i:03d}.py").write_text(text)
+    (folder / "rest.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in texts[count // 2:]))
+    return texts
+
+
+def test_token_files_hold_every_document_and_eos_in_order_and_are_reused(tmp_path, monkeypatch):
+    monkeypatch.setenv("PHI2_JAX_CACHE", str(tmp_path / "cache"))
+    _corpus(tmp_path / "corpus")
+    tokenizer = load_tokenizer(train_bpe_tokenizer([f"def g(x): return x * {i}" for i in range(50)], 300, tmp_path / "tok"))
+    sources = [{"path": str(tmp_path / "corpus" / "*.py")}, {"path": str(tmp_path / "corpus" / "*.jsonl"), "weight": 2}]
+    splits = build_splits(sources, str(tmp_path / "tok"), 8, 0.2, 300)
+
+    # The reference: each source's documents, split by name, encoded one by one, each followed by EOS.
+    def expected(docs):
+        return [t for d in docs for t in tokenizer.encode(d.text) + [tokenizer.eos_id]]
+    docs = [list(read_source(s)) for s in sources]
+    for packed, source_docs in zip(splits.train, docs):
+        assert list(packed.tokens) == expected([d for d in source_docs if not is_validation(d, 0.2)])
+    assert list(splits.validation.tokens) == expected([d for s in docs for d in s if is_validation(d, 0.2)])
+    assert splits.weights == [1.0, 2.0]
+    assert sorted(p.suffix for p in (tmp_path / "cache" / "tokens").iterdir()) == [".int32"] * 3
+
+    # Cached: a second build reads no document at all.
+    monkeypatch.setattr("phi2_jax.data.read_source", lambda source: pytest.fail("re-read a cached source"))
+    again = build_splits(sources, str(tmp_path / "tok"), 8, 0.2, 300)
+    assert [list(p.tokens) for p in again.train] == [list(p.tokens) for p in splits.train]
+
+
+def test_an_edited_source_is_tokenized_again(tmp_path, monkeypatch):
+    monkeypatch.setenv("PHI2_JAX_CACHE", str(tmp_path / "cache"))
+    _corpus(tmp_path / "corpus")
+    tokenizer_dir = train_bpe_tokenizer(["def g(x): return x"] * 20, 300, tmp_path / "tok")
+    sources = [{"path": str(tmp_path / "corpus" / "*.jsonl")}]
+    before = build_splits(sources, str(tokenizer_dir), 8, 0.0, 300).train[0].tokens
+    with open(tmp_path / "corpus" / "rest.jsonl", "a") as f:
+        f.write(json.dumps({"text": "x = 1\n" * 40}) + "\n")
+    after = build_splits(sources, str(tokenizer_dir), 8, 0.0, 300).train[0].tokens
+    assert len(after) > len(before) and list(after[:len(before)]) == list(before)
+
+
+def test_a_bad_record_midway_leaves_no_token_file(tmp_path, monkeypatch):
+    monkeypatch.setenv("PHI2_JAX_CACHE", str(tmp_path / "cache"))
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    lines = [json.dumps({"text": f"print({i})"}) for i in range(600)]  # past the first batch of 256 documents
+    (corpus / "data.jsonl").write_text("\n".join(lines[:500] + ["{broken"] + lines[500:]) + "\n")
+    tokenizer_dir = train_bpe_tokenizer(["print(1)"] * 20, 300, tmp_path / "tok")
+    with pytest.raises(ConfigError, match=r"data.jsonl line 501 is not valid JSON"):
+        build_splits([{"path": str(corpus / "data.jsonl")}], str(tokenizer_dir), 8, 0.1, 300)
+    assert list((tmp_path / "cache" / "tokens").iterdir()) == []  # no partial stream to be reused later
+
+
+def test_sources_are_read_lazily_file_by_file(tmp_path):
+    _corpus(tmp_path / "corpus")
+    docs = read_source({"path": str(tmp_path / "corpus" / "*.py")})  # checks the pattern, reads nothing yet
+    for path in sorted((tmp_path / "corpus").glob("*.py"))[1:]:
+        path.unlink()
+    assert next(docs).text.startswith("def f0(x):")  # only the first file has been opened
+    with pytest.raises(FileNotFoundError):
+        next(docs)
+
+
+def test_a_token_file_reaches_grain_workers_as_its_path(tmp_path):
+    path = tmp_path / "tokens.int32"
+    np.arange(100_001, dtype=np.int32).tofile(path)
+    from phi2_jax.data import read_tokens
+
+    packed = PackedSequences(read_tokens(path), 16, eos_id=-1)
+    pickled = pickle.dumps(packed)
+    assert len(pickled) < 2_000  # not the 400 kB of tokens
+    np.testing.assert_array_equal(pickle.loads(pickled)[7]["input_ids"], packed[7]["input_ids"])
