@@ -65,8 +65,11 @@ def _files(pattern: str) -> list[str]:
     return files
 
 
-def _source_files(source: dict) -> list[Path]:
-    """The files a source reads, after checking its keys (raises ConfigError before anything is read)."""
+_FORMATS = ("auto", "text", "jsonl", "parquet")
+
+
+def _source_files(source: dict) -> list[str]:
+    """The files a source reads, as glob spells them (documents are named after them), after checking its keys."""
     unknown = set(source) - {"path", "format", "weight", "field"}
     if unknown:
         raise ConfigError(f"data source {source} has unknown key '{sorted(unknown)[0]}'; expected path, format, weight, field.")
@@ -74,11 +77,8 @@ def _source_files(source: dict) -> list[Path]:
     if fmt not in _FORMATS:
         raise ConfigError(f"data source format '{fmt}' is unknown; expected {', '.join(_FORMATS)}.")
     if source.get("path", "") == "stdlib":
-        return stdlib_files()
-    return [Path(f) for f in _files(source.get("path", ""))]
-
-
-_FORMATS = ("auto", "text", "jsonl", "parquet")
+        return [str(p) for p in stdlib_files()]
+    return _files(source.get("path", ""))
 
 
 def read_source(source: dict) -> Iterator[Document]:
@@ -95,22 +95,22 @@ def read_source(source: dict) -> Iterator[Document]:
     return _file_documents(files, fmt, field)
 
 
-def _stdlib_documents(files: list[Path]) -> Iterator[Document]:
+def _stdlib_documents(files: list[str]) -> Iterator[Document]:
     root = Path(sysconfig.get_paths()["stdlib"])
-    for path in files:
+    for path in map(Path, files):
         try:
             yield Document(str(path.relative_to(root)), path.read_text(encoding="utf-8"))
         except (UnicodeDecodeError, OSError):
             continue
 
 
-def _file_documents(files: list[Path], fmt: str, field: str) -> Iterator[Document]:
+def _file_documents(files: list[str], fmt: str, field: str) -> Iterator[Document]:
     for file in files:
-        kind = fmt if fmt != "auto" else {".jsonl": "jsonl", ".parquet": "parquet"}.get(file.suffix, "text")
+        kind = fmt if fmt != "auto" else {".jsonl": "jsonl", ".parquet": "parquet"}.get(Path(file).suffix, "text")
         if kind == "text":
-            yield Document(str(file), file.read_text(encoding="utf-8", errors="replace"))
+            yield Document(file, Path(file).read_text(encoding="utf-8", errors="replace"))
         elif kind == "jsonl":
-            for n, record in jsonl_objects(file, ConfigError):
+            for n, record in jsonl_objects(Path(file), ConfigError):
                 if not isinstance(record.get(field), str):
                     raise ConfigError(f"{file} line {n} has no string field '{field}'.")
                 yield Document(f"{file}:{n}", record[field])
@@ -135,8 +135,8 @@ def source_fingerprint(source: dict) -> str:
     """
     digest = hashlib.sha256(json.dumps({k: source.get(k) for k in ("path", "format", "field")}).encode())
     for file in _source_files(source):
-        stat = file.stat()
-        digest.update(f"{file.resolve()}|{stat.st_size}|{stat.st_mtime_ns}\n".encode())
+        stat = os.stat(file)
+        digest.update(f"{os.path.abspath(file)}|{stat.st_size}|{stat.st_mtime_ns}\n".encode())
     return digest.hexdigest()
 
 
