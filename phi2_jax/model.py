@@ -160,12 +160,17 @@ class Linear(nnx.Module):
 
     def __call__(self, x: Array, out_dtype=None) -> Array:
         dtype = self.compute_dtype
-        x = x.astype(dtype)
-        y = dense(x, self.kernel.get_value().astype(dtype), out_dtype or dtype)
+        y = affine(x, self.kernel.get_value(), self.bias.get_value(), dtype, out_dtype or dtype)
         if self.lora_scale:
-            low = jnp.einsum("...i,ir->...r", x, self.lora_a.get_value().astype(dtype))
+            low = jnp.einsum("...i,ir->...r", x.astype(dtype), self.lora_a.get_value().astype(dtype))
             y = y + (self.lora_scale * jnp.einsum("...r,ro->...o", low, self.lora_b.get_value().astype(dtype))).astype(y.dtype)
-        return y + self.bias.get_value().astype(y.dtype)
+        return y
+
+
+def affine(x: Array, kernel: Array, bias: Array, compute_dtype, out_dtype) -> Array:
+    """x @ kernel + bias with the matmul in `compute_dtype` (float32 accumulation), the result in `out_dtype`."""
+    y = dense(x.astype(compute_dtype), kernel.astype(compute_dtype), out_dtype)
+    return y + bias.astype(y.dtype)
 
 
 class LayerNorm(nnx.Module):
@@ -305,8 +310,7 @@ class DecoderLayer(nnx.Module):
         projected, fc1_out = None, None
         if input_projection is not None:
             dtype = self.mlp.fc1.compute_dtype
-            y = dense(x.astype(dtype), input_projection["kernel"].astype(dtype), dtype)
-            y = y + input_projection["bias"].astype(dtype)
+            y = affine(x, input_projection["kernel"], input_projection["bias"], dtype, dtype)
             cfg = self.self_attn.config
             q, k, v, fc1_out = jnp.split(y, np.cumsum([cfg.hidden_size, cfg.kv_dim, cfg.kv_dim]), axis=-1)
             projected = (q, k, v)
