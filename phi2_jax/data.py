@@ -59,7 +59,10 @@ def stdlib_documents() -> Iterator[Document]:
 
 
 def _files(pattern: str) -> list[str]:
-    files = sorted(glob.glob(pattern, recursive=True))
+    if os.path.isdir(pattern):
+        raise ConfigError(f"data source '{pattern}' is a folder; expected a file or a glob such as "
+                          f"'{os.path.join(pattern, '**', '*.jsonl')}'.")
+    files = [f for f in sorted(glob.glob(pattern, recursive=True)) if os.path.isfile(f)]
     if not files:
         raise ConfigError(f"data source '{pattern}' matches no files.")
     return files
@@ -115,16 +118,32 @@ def _file_documents(files: list[str], fmt: str, field: str) -> Iterator[Document
                     raise ConfigError(f"{file} line {n} has no string field '{field}'.")
                 yield Document(f"{file}:{n}", record[field])
         else:
-            try:
-                import pyarrow.parquet as pq
-            except ImportError:
-                raise ConfigError(f"{file} is Parquet; install pyarrow (pip install 'phi2_jax[parquet]').") from None
-            n = 0
-            for batch in pq.ParquetFile(file).iter_batches(columns=[field]):
-                for text in batch.column(0).to_pylist():
-                    if text:
-                        yield Document(f"{file}:{n}", text)
-                    n += 1
+            yield from _parquet_documents(file, field)
+
+
+def _parquet_documents(file: str, field: str) -> Iterator[Document]:
+    """One record batch at a time; rows with an empty or null text are skipped but keep their row numbers."""
+    try:
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+    except ImportError:
+        raise ConfigError(f"{file} is Parquet; install pyarrow (pip install 'phi2_jax[parquet]').") from None
+    try:
+        parquet = pq.ParquetFile(file)
+    except (pa.ArrowException, OSError) as error:
+        raise ConfigError(f"{file} could not be read as Parquet ({error}).") from None
+    schema = parquet.schema_arrow
+    if field not in schema.names:
+        raise ConfigError(f"{file} has no column '{field}'; its columns are {', '.join(schema.names)} (set the source's field).")
+    kind = schema.field(field).type
+    if not (pa.types.is_string(kind) or pa.types.is_large_string(kind)):
+        raise ConfigError(f"{file} column '{field}' holds {kind}; expected strings.")
+    n = 0
+    for batch in parquet.iter_batches(columns=[field]):
+        for text in batch.column(0).to_pylist():
+            if text:
+                yield Document(f"{file}:{n}", text)
+            n += 1
 
 
 def source_fingerprint(source: dict) -> str:

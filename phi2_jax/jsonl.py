@@ -11,8 +11,13 @@ from phi2_jax.errors import UserInputError
 
 def jsonl_objects(path: Path, error: type[UserInputError] = UserInputError) -> Iterator[tuple[int, dict]]:
     """(line number, object) for each non-blank line; invalid JSON or a non-object line raises `error`."""
-    with open(path, encoding="utf-8") as lines:  # line by line: a training corpus may be larger than memory
-        for n, line in enumerate(lines, 1):
+    with open(path, "rb") as lines:  # line by line: a training corpus may be larger than memory
+        for n, raw in enumerate(lines, 1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as decode_error:
+                raise error(f"{path} line {n} is not UTF-8 text ({decode_error.reason} at byte "
+                            f"{decode_error.start}); expected UTF-8 JSON.") from None
             if not line.strip():
                 continue
             try:

@@ -78,6 +78,32 @@ def test_bad_sources_say_file_and_line(tmp_path):
         list(read_source({"path": str(tmp_path / "nofield.jsonl")}))
     with pytest.raises(ConfigError, match=r"matches no files"):
         read_source({"path": str(tmp_path / "*.txt")})
+    (tmp_path / "latin1.jsonl").write_bytes(b'{"text": "ok"}\n{"text": "caf\xe9"}\n')
+    with pytest.raises(ConfigError, match=r"latin1.jsonl line 2 is not UTF-8 text"):
+        list(read_source({"path": str(tmp_path / "latin1.jsonl")}))
+    (tmp_path / "folder").mkdir()
+    with pytest.raises(ConfigError, match=r"'.*folder' is a folder; expected a file or a glob such as '.*folder/\*\*/\*.jsonl'"):
+        read_source({"path": str(tmp_path / "folder")})
+    with pytest.raises(ConfigError, match=r"matches no files"):  # a glob matching only folders
+        read_source({"path": str(tmp_path / "fold*")})
+
+
+@pytest.mark.parametrize("table, field, message", [
+    ({"content": ["x = 1"]}, "text", r"has no column 'text'; its columns are content"),
+    ({"text": [1, 2]}, "text", r"column 'text' holds int64; expected strings"),
+    (None, "text", r"could not be read as Parquet"),
+], ids=["missing-column", "not-strings", "not-parquet"])
+def test_bad_parquet_sources_are_refused_in_a_sentence(tmp_path, table, field, message):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    path = tmp_path / "data.parquet"
+    if table is None:
+        path.write_text("this is not parquet")
+    else:
+        pq.write_table(pa.table(table), path)
+    with pytest.raises(ConfigError, match=message):
+        list(read_source({"path": str(path), "field": field}))
 
 
 def test_hf_tokenizer_json_round_trips(tmp_path):
