@@ -40,17 +40,23 @@ def test_float32_logits_equal_transformers(hf_folder, name):
     assert rel_err(logits, ref) < 1e-5
 
 
-@pytest.mark.parametrize("name", ["v5_gqa", "msft_full_rotary"])
-def test_float32_gradients_equal_transformers_autograd(hf_folder, name):
-    """Every parameter's gradient of the next-token loss against torch autograd through PhiForCausalLM."""
+@pytest.mark.parametrize("name, length", [("v5_gqa", 9), ("msft_full_rotary", 9), ("v5_gqa", 257)],
+                         ids=["v5_gqa", "msft_full_rotary", "v5_gqa-causal-blocks"])
+def test_float32_gradients_equal_transformers_autograd(hf_folder, name, length):
+    """Every parameter's gradient of the next-token loss against torch autograd through PhiForCausalLM.
+
+    At 256 positions the xla attention splits the queries into causal blocks (see attention.py).
+    """
     import torch
 
+    from phi2_jax.attention import causal_blocks
     from phi2_jax.hf_layout import flatten, iter_hf_tensors
     from phi2_jax.train_step import cross_entropy
 
+    assert (causal_blocks(length - 1) > 1) == (length > 256)
     folder, reference = hf_folder(name, **PARITY_CONFIGS[name])
     model = phi2_jax.from_pretrained(folder)
-    ids = np.random.default_rng(3).integers(0, reference.config.vocab_size, (2, 9))
+    ids = np.random.default_rng(3).integers(0, reference.config.vocab_size, (2, length))
     graphdef, params = nnx.split(model)
 
     def loss(p):
