@@ -28,7 +28,8 @@ class ModelSection:
 
 @dataclasses.dataclass
 class DataSection:
-    # Each source: {path: "stdlib" | glob, format: auto|text|jsonl|parquet, weight: 1.0, field: "text"}.
+    # Each source: {path: "stdlib" | glob, format: auto|text|jsonl|parquet|tokens, weight: 1.0, field: "text"};
+    # tokens: .npy token-id arrays made with data.tokenizer, EOS after each document, split: train|validation.
     sources: list[dict[str, Any]] = dataclasses.field(default_factory=lambda: [{"path": "stdlib"}])
     tokenizer: str = "auto"  # "auto": sentencepiece trained on the training split; or tokenizer.json / .model
     seq_len: int = 256

@@ -10,7 +10,9 @@ import numpy as np
 import pytest
 
 from phi2_jax import ConfigError
-from phi2_jax.data import PackedSequences, Splits, build_splits, is_validation, read_source, train_dataset
+from phi2_jax.data import PackedSequences, Splits, build_splits, train_dataset
+from phi2_jax.sources import is_validation, read_source
+from phi2_jax.token_files import TokenArrays
 from phi2_jax.tokenizer import load_tokenizer
 from tests.hf_reference import train_bpe_tokenizer
 
@@ -174,15 +176,15 @@ def test_token_files_hold_every_document_and_eos_in_order_and_are_reused(tmp_pat
         return [t for d in docs for t in tokenizer.encode(d.text) + [tokenizer.eos_id]]
     docs = [list(read_source(s)) for s in sources]
     for packed, source_docs in zip(splits.train, docs):
-        assert list(packed.tokens) == expected([d for d in source_docs if not is_validation(d, 0.2)])
-    assert list(splits.validation.tokens) == expected([d for s in docs for d in s if is_validation(d, 0.2)])
+        assert list(packed.tokens[:]) == expected([d for d in source_docs if not is_validation(d, 0.2)])
+    assert list(splits.validation.tokens[:]) == expected([d for s in docs for d in s if is_validation(d, 0.2)])
     assert splits.weights == [1.0, 2.0]
     assert sorted(p.suffix for p in (tmp_path / "cache" / "tokens").iterdir()) == [".int32"] * 3
 
     # Cached: a second build reads no document at all.
     monkeypatch.setattr("phi2_jax.data.read_source", lambda source: pytest.fail("re-read a cached source"))
     again = build_splits(sources, str(tmp_path / "tok"), 8, 0.2, 300)
-    assert [list(p.tokens) for p in again.train] == [list(p.tokens) for p in splits.train]
+    assert [list(p.tokens[:]) for p in again.train] == [list(p.tokens[:]) for p in splits.train]
 
 
 def test_an_edited_source_is_tokenized_again(tmp_path, monkeypatch):
@@ -190,10 +192,10 @@ def test_an_edited_source_is_tokenized_again(tmp_path, monkeypatch):
     _corpus(tmp_path / "corpus")
     tokenizer_dir = train_bpe_tokenizer(["def g(x): return x"] * 20, 300, tmp_path / "tok")
     sources = [{"path": str(tmp_path / "corpus" / "*.jsonl")}]
-    before = build_splits(sources, str(tokenizer_dir), 8, 0.0, 300).train[0].tokens
+    before = build_splits(sources, str(tokenizer_dir), 8, 0.0, 300).train[0].tokens[:]
     with open(tmp_path / "corpus" / "rest.jsonl", "a") as f:
         f.write(json.dumps({"text": "x = 1\n" * 40}) + "\n")
-    after = build_splits(sources, str(tokenizer_dir), 8, 0.0, 300).train[0].tokens
+    after = build_splits(sources, str(tokenizer_dir), 8, 0.0, 300).train[0].tokens[:]
     assert len(after) > len(before) and list(after[:len(before)]) == list(before)
 
 
@@ -219,12 +221,60 @@ def test_sources_are_read_lazily_file_by_file(tmp_path):
         next(docs)
 
 
-def test_a_token_file_reaches_grain_workers_as_its_path(tmp_path):
-    path = tmp_path / "tokens.int32"
-    np.arange(100_001, dtype=np.int32).tofile(path)
-    from phi2_jax.data import read_tokens
-
-    packed = PackedSequences(read_tokens(path), 16, eos_id=-1)
+def test_token_files_read_as_one_stream_and_reach_grain_workers_as_paths(tmp_path):
+    stream = np.arange(100_001, dtype=np.int32)
+    stream[:40_000].tofile(tmp_path / "a.int32")                 # the pipeline's own raw cache format
+    np.save(tmp_path / "b.npy", stream[40_000:70_000].astype(np.uint32))   # .npy of another integer dtype
+    np.save(tmp_path / "c.npy", stream[70_000:])
+    tokens = TokenArrays([tmp_path / "a.int32", tmp_path / "b.npy", tmp_path / "c.npy"])
+    assert len(tokens) == len(stream) and tokens[-1] == stream[-1] and tokens[40_000] == 40_000
+    for start, stop in [(0, 10), (39_990, 40_010), (39_999, 70_001), (69_995, 100_001), (5, 5)]:
+        np.testing.assert_array_equal(tokens[start:stop], stream[start:stop])  # across file boundaries too
+    packed = PackedSequences(tokens, 16, eos_id=-1)
     pickled = pickle.dumps(packed)
-    assert len(pickled) < 2_000  # not the 400 kB of tokens
-    np.testing.assert_array_equal(pickle.loads(pickled)[7]["input_ids"], packed[7]["input_ids"])
+    assert len(pickled) < 2_000  # the paths, not the 400 kB of tokens
+    for i in (0, 2_499, len(packed) - 1):
+        np.testing.assert_array_equal(pickle.loads(pickled)[i]["input_ids"], stream[i * 16:i * 16 + 16])
+
+
+def test_pretokenized_sources_train_and_validate_as_given(tmp_path, monkeypatch):
+    monkeypatch.setenv("PHI2_JAX_CACHE", str(tmp_path / "cache"))
+    tokenizer_dir = train_bpe_tokenizer(["def g(x): return x"] * 20, 300, tmp_path / "tok")
+    rng = np.random.default_rng(0)
+    np.save(tmp_path / "train-0.npy", rng.integers(0, 300, 5_000).astype(np.uint16))
+    np.save(tmp_path / "train-1.npy", rng.integers(0, 300, 3_000).astype(np.uint16))
+    np.save(tmp_path / "valid.npy", rng.integers(0, 300, 900).astype(np.uint16))
+    _corpus(tmp_path / "corpus")
+    sources = [{"path": str(tmp_path / "train-*.npy"), "format": "tokens", "weight": 3},
+               {"path": str(tmp_path / "valid.npy"), "format": "tokens", "split": "validation"},
+               {"path": str(tmp_path / "corpus" / "*.jsonl")}]
+    splits = build_splits(sources, str(tokenizer_dir), 8, 0.5, 300)
+    given = np.concatenate([np.load(tmp_path / f"train-{i}.npy") for i in (0, 1)])
+    np.testing.assert_array_equal(splits.train[0].tokens[:], given)
+    assert splits.weights == [3.0, 1.0]
+    # Validation: the text source's held-out documents, then the validation token file.
+    text_validation = [d for d in read_source(sources[2]) if is_validation(d, 0.5)]
+    held_out = [t for d in text_validation for t in splits.tokenizer.encode(d.text) + [splits.tokenizer.eos_id]]
+    np.testing.assert_array_equal(splits.validation.tokens[:], np.concatenate([held_out, np.load(tmp_path / "valid.npy")]))
+
+
+@pytest.mark.parametrize("array, sources, message", [
+    (np.array([1, 2, 300]), None, r"holds token id 300, outside the model's vocabulary of 300"),
+    (np.ones((4, 4), np.int32), None, r"holds a 2-d int32 array; expected a 1-d array of token ids"),
+    (np.ones(8, np.float32), None, r"holds a 1-d float32 array"),
+    (np.ones(64, np.int32), [{"format": "tokens", "split": "validation"}], r"validation token files only"),
+    (np.ones(64, np.int32), [{"split": "validation"}], r"'split' takes train or validation, for token files"),
+], ids=["out-of-vocabulary", "2-d", "float", "validation-only", "split-on-text"])
+def test_bad_token_sources_are_refused_in_a_sentence(tmp_path, monkeypatch, array, sources, message):
+    monkeypatch.setenv("PHI2_JAX_CACHE", str(tmp_path / "cache"))
+    np.save(tmp_path / "tokens.npy", array)
+    tokenizer_dir = train_bpe_tokenizer(["def g(x): return x"] * 20, 300, tmp_path / "tok")
+    sources = [{"path": str(tmp_path / "tokens.npy"), **extra} for extra in sources or [{"format": "tokens"}]]
+    with pytest.raises(ConfigError, match=message):
+        build_splits(sources, str(tokenizer_dir), 8, 0.1, 300)
+
+
+def test_auto_tokenizer_needs_text_sources(tmp_path):
+    np.save(tmp_path / "tokens.npy", np.ones(64, np.int32))
+    with pytest.raises(ConfigError, match=r"'auto' trains on text sources and there are none"):
+        build_splits([{"path": str(tmp_path / "tokens.npy"), "format": "tokens"}], "auto", 8, 0.1, 300)

@@ -1,0 +1,149 @@
+"""Token files: the data pipeline's cache of tokenized documents, and token files a user brings.
+
+Written as raw int32 (`TokenFile`, published whole or not at all) and read back
+memory-mapped (`TokenArrays`), so training never loads a corpus into memory.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+
+from phi2_jax.errors import ConfigError
+from phi2_jax.sources import Document
+from phi2_jax.tokenizer import Tokenizer
+
+log = logging.getLogger(__name__)
+
+
+class TokenFile:
+    """Writes documents' tokens, each followed by EOS, as raw int32 to `path`, published whole or not at all.
+
+    Documents are tokenized 256 at a time and appended to a temporary sibling,
+    which is renamed to `path` when the `with` block ends cleanly and deleted if
+    it raises, so an interrupted run never leaves a truncated stream behind.
+    """
+
+    _BATCH = 256
+
+    def __init__(self, path: Path, tokenizer: Tokenizer, label: str):
+        self.path, self.tokenizer, self.label = path, tokenizer, label
+        self.pending: list[str] = []
+        self.documents = self.tokens = 0
+
+    def __enter__(self) -> TokenFile:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.tmp = self.path.with_name(f"{self.path.name}.tmp{os.getpid()}-{np.random.randint(1 << 30)}")
+        self.file = open(self.tmp, "wb")
+        self.start = self.logged = time.perf_counter()
+        return self
+
+    def add(self, doc: Document) -> None:
+        self.pending.append(doc.text)
+        if len(self.pending) == self._BATCH:
+            self._flush()
+
+    def _flush(self) -> None:
+        if not self.pending:
+            return
+        eos = [self.tokenizer.eos_id]
+        ids = np.asarray([t for ids in self.tokenizer.encode_batch(self.pending) for t in ids + eos], np.int32)
+        self.file.write(ids.tobytes())
+        self.documents, self.tokens, self.pending = self.documents + len(self.pending), self.tokens + len(ids), []
+        now = time.perf_counter()
+        if now - self.logged > 10:  # a large corpus takes a while: say how far it got
+            self.logged = now
+            log.info("tokenizing %s: %d documents, %.1fM tokens, %.0fk tokens/s", self.label, self.documents,
+                     self.tokens / 1e6, self.tokens / (now - self.start) / 1e3)
+
+    def __exit__(self, kind, error, traceback) -> None:
+        try:
+            if kind is None:
+                self._flush()
+            self.file.close()
+            if kind is None:
+                os.replace(self.tmp, self.path)  # atomic: a concurrent process sees the whole stream or none
+                log.info("tokenized %s: %d documents, %d tokens in %.1fs", self.label, self.documents, self.tokens,
+                         time.perf_counter() - self.start)
+        finally:
+            self.tmp.unlink(missing_ok=True)
+
+
+class TokenArrays:
+    """Token files read as one 1-D stream, memory-mapped: slices page in on demand.
+
+    Files are the pipeline's raw int32 caches or .npy arrays of any integer
+    dtype (tokenized elsewhere). A slice across a file boundary is joined. Pickled
+    as its paths, so Grain's worker processes map the files again instead of
+    receiving a copy of every token.
+    """
+
+    def __init__(self, paths: list[Path]):
+        self.paths = [Path(p) for p in paths]
+        self._map()
+
+    def _map(self) -> None:
+        self.arrays = [_map_file(p) for p in self.paths]
+        self.starts = np.cumsum([0] + [len(a) for a in self.arrays])
+
+    def __len__(self) -> int:
+        return int(self.starts[-1])
+
+    def __getitem__(self, index: slice | int) -> np.ndarray:
+        if isinstance(index, (int, np.integer)):
+            position = index + len(self) if index < 0 else index
+            if not 0 <= position < len(self):
+                raise IndexError(f"token {index} of {len(self)}")
+            return self[position:position + 1][0]
+        start, stop, step = index.indices(len(self))
+        assert step == 1, "token streams are read in contiguous windows"
+        parts = []
+        file = int(np.searchsorted(self.starts, start, side="right")) - 1
+        while start < stop:
+            offset = start - self.starts[file]
+            take = min(stop - start, len(self.arrays[file]) - offset)
+            parts.append(np.asarray(self.arrays[file][offset:offset + take]))
+            start, file = start + take, file + 1
+        if not parts:
+            return np.zeros(0, self.arrays[0].dtype if self.arrays else np.int32)
+        return parts[0] if len(parts) == 1 else np.concatenate(parts)
+
+    def __getstate__(self) -> dict:
+        return {"paths": self.paths}
+
+    def __setstate__(self, state: dict) -> None:
+        self.paths = state["paths"]
+        self._map()
+
+
+def _map_file(path: Path) -> np.ndarray:
+    if path.suffix == ".npy":
+        try:
+            array = np.load(path, mmap_mode="r", allow_pickle=False)
+        except (ValueError, OSError) as error:
+            raise ConfigError(f"{path} could not be read as a .npy array ({error}).") from None
+        if array.ndim != 1 or not np.issubdtype(array.dtype, np.integer):
+            raise ConfigError(f"{path} holds a {array.ndim}-d {array.dtype} array; expected a 1-d array of token ids.")
+        return array
+    if path.stat().st_size == 0:  # np.memmap cannot map an empty file
+        return np.zeros(0, np.int32)
+    return np.memmap(path, dtype=np.int32, mode="r")
+
+
+def check_token_ids(tokens: TokenArrays, vocab_size: int, sample: int = 1 << 20) -> None:
+    """Refuses token files whose ids fall outside [0, vocab_size), checking each file's first and last `sample` ids.
+
+    An out-of-range id would index past the embedding table, which XLA clamps
+    without complaint; reading all of a large corpus to check every id would take
+    as long as an epoch, so the ends of each file stand for the rest.
+    """
+    for path, array in zip(tokens.paths, tokens.arrays):
+        for part in (array[:sample], array[-sample:]):
+            if len(part) and (int(part.min()) < 0 or int(part.max()) >= vocab_size):
+                bad = int(part.min()) if int(part.min()) < 0 else int(part.max())
+                raise ConfigError(f"{path} holds token id {bad}, outside the model's vocabulary of {vocab_size}; "
+                                  f"expected ids made by the configured tokenizer.")
