@@ -13,6 +13,9 @@ S-slot cache):
 A query row with no visible key (a left-padding position) yields garbage but
 finite values: padded outputs are implementation-defined, and NaNs there would
 poison gradients through the sum.
+
+The xla backend splits long causal self-attention into query blocks that skip
+the keys the causal mask hides (`causal_blocks`), as flash attention does.
 """
 
 from __future__ import annotations
@@ -89,6 +92,17 @@ def xla_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, kv_
         out = jnp.einsum("bkqs,bksd->bkqd", probs, v, preferred_element_type=jnp.float32)
     out = out.reshape(batch, num_kv_heads, groups, q_len, head_dim).transpose(0, 3, 1, 2, 4)
     return out.reshape(batch, q_len, num_heads, head_dim).astype(q.dtype)
+
+
+CAUSAL_BLOCK_ROWS = 128  # smaller query blocks lose more to small dots than they save (XLA:CPU, 4 x 256 tokens)
+
+
+def causal_blocks(q_len: int) -> int:
+    """How many query blocks the xla backend splits causal self-attention over T tokens into (at most 8)."""
+    blocks = min(8, q_len // CAUSAL_BLOCK_ROWS)
+    while blocks > 1 and q_len % blocks:
+        blocks -= 1
+    return max(blocks, 1)
 
 
 def flat_heads(x: jax.Array) -> jax.Array:
@@ -182,7 +196,8 @@ def attention(
         return jax.nn.dot_product_attention(q, k, v, mask=mask, implementation="cudnn")
     mask = attention_mask(batch, q_len, kv_len, q_offset=q_offset, kv_mask=kv_mask,
                           q_segment_ids=q_segment_ids, kv_segment_ids=kv_segment_ids)
-    blocks = causal_blocks(q_len) if not kv_flat and isinstance(q_offset, int) and q_offset == 0 and q_len == kv_len else 1
+    self_attention = not kv_flat and isinstance(q_offset, int) and q_offset == 0 and q_len == kv_len
+    blocks = causal_blocks(q_len) if self_attention else 1
     if blocks == 1:
         return xla_attention(q, k, v, mask, kv_flat)
     # Query block i sees only keys [0, (i + 1) * rows): the causal mask hides the rest, so their scores are
@@ -192,14 +207,3 @@ def attention(
         xla_attention(q[:, i * rows:(i + 1) * rows], k[:, :(i + 1) * rows], v[:, :(i + 1) * rows],
                       mask[:, :, i * rows:(i + 1) * rows, :(i + 1) * rows])
         for i in range(blocks)], axis=1)
-
-
-CAUSAL_BLOCK_ROWS = 128  # smaller query blocks lose more to small dots than they save (XLA:CPU, 4 x 256 tokens)
-
-
-def causal_blocks(q_len: int) -> int:
-    """How many query blocks the xla backend splits causal self-attention over T tokens into (at most 8)."""
-    blocks = min(8, q_len // CAUSAL_BLOCK_ROWS)
-    while blocks > 1 and q_len % blocks:
-        blocks -= 1
-    return max(blocks, 1)

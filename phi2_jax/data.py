@@ -110,23 +110,7 @@ def build_splits(sources: list[dict], tokenizer_spec: str, seq_len: int, val_fra
     for tokens in given.values():
         check_token_ids(tokens, vocab_size)
 
-    tokenizer_key = f"{hashlib.sha256(Path(tokenizer.source).read_bytes()).hexdigest()}|{tokenizer.vocab_size}"
-    folder = cache_dir() / "tokens"
-    train_files = {i: folder / f"{_digest(tokenizer_key, 'train', key)}.int32" for i, key in keys.items()}
-    val_file = folder / f"{_digest(tokenizer_key, 'validation', *keys.values())}.int32"
-    if texts and (not val_file.is_file() or not all(f.is_file() for f in train_files.values())):
-        # One pass over each source writes its training tokens and its share of the validation tokens.
-        with _token_file_if(not val_file.is_file(), val_file, tokenizer, "validation documents") as val_out:
-            for i, source in texts.items():
-                train_file = train_files[i]
-                if train_file.is_file() and val_out is None:
-                    continue
-                with _token_file_if(not train_file.is_file(), train_file, tokenizer,
-                                    f"training documents of '{source.get('path')}'") as train_out:
-                    for doc in documents(source):
-                        out = val_out if is_validation(doc, val_fraction) else train_out
-                        if out is not None:
-                            out.add(doc)
+    train_files, val_file = _cached_token_files(texts, keys, documents, tokenizer, val_fraction)
 
     train_sets, weights, val_paths = [], [], [val_file] if texts else []
     for i, source in enumerate(sources):
@@ -145,6 +129,32 @@ def build_splits(sources: list[dict], tokenizer_spec: str, seq_len: int, val_fra
         raise ConfigError("data.sources holds validation token files only; expected at least one training source.")
     val = PackedSequences(TokenArrays(val_paths), seq_len, tokenizer.eos_id)
     return Splits(train_sets, weights, val, tokenizer)
+
+
+def _cached_token_files(texts: dict[int, dict], keys: dict[int, str], documents, tokenizer: Tokenizer,
+                        val_fraction: float) -> tuple[dict[int, Path], Path]:
+    """The token files of each text source's training documents and of all their validation documents.
+
+    Missing ones are written in one streaming pass over each source that needs
+    one, each document appended to its split's file.
+    """
+    tokenizer_key = f"{hashlib.sha256(Path(tokenizer.source).read_bytes()).hexdigest()}|{tokenizer.vocab_size}"
+    folder = cache_dir() / "tokens"
+    train_files = {i: folder / f"{_digest(tokenizer_key, 'train', key)}.int32" for i, key in keys.items()}
+    val_file = folder / f"{_digest(tokenizer_key, 'validation', *keys.values())}.int32"
+    if not texts or (val_file.is_file() and all(f.is_file() for f in train_files.values())):
+        return train_files, val_file
+    with _token_file_if(not val_file.is_file(), val_file, tokenizer, "validation documents") as val_out:
+        for i, source in texts.items():
+            if train_files[i].is_file() and val_out is None:
+                continue
+            with _token_file_if(not train_files[i].is_file(), train_files[i], tokenizer,
+                                f"training documents of '{source.get('path')}'") as train_out:
+                for doc in documents(source):
+                    out = val_out if is_validation(doc, val_fraction) else train_out
+                    if out is not None:
+                        out.add(doc)
+    return train_files, val_file
 
 
 def _digest(*parts: str) -> str:

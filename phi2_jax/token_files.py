@@ -62,9 +62,11 @@ class TokenFile:
 
     def __exit__(self, kind, error, traceback) -> None:
         try:
-            if kind is None:
-                self._flush()
-            self.file.close()
+            try:
+                if kind is None:
+                    self._flush()
+            finally:
+                self.file.close()
             if kind is None:
                 os.replace(self.tmp, self.path)  # atomic: a concurrent process sees the whole stream or none
                 log.info("tokenized %s: %d documents, %d tokens in %.1fs", self.label, self.documents, self.tokens,
