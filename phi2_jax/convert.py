@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shutil
 import sys
 from collections.abc import Callable
@@ -30,6 +29,7 @@ import jax
 import numpy as np
 
 from phi2_jax import checkpoint
+from phi2_jax.atomic_dir import write_atomically
 from phi2_jax.config import PhiConfig
 from phi2_jax.errors import UserInputError, WeightsError, exit_on_user_error
 from phi2_jax.hf_files import HFWeights
@@ -44,41 +44,6 @@ from phi2_jax.safetensors_io import write_streaming
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt", "added_tokens.json",
                    "special_tokens_map.json", "tokenizer.model")
-
-
-# ----------------------------------------------------------------------------- atomic destinations
-def staging_dir(dest: Path, overwrite: bool) -> Path:
-    """A fresh hidden sibling of `dest` to write into; refuses a non-empty `dest` unless `overwrite`."""
-    if dest.exists() and not dest.is_dir():
-        raise UserInputError(f"{dest} exists and is not a folder; expected a new or empty folder.")
-    if dest.is_dir() and any(dest.iterdir()) and not overwrite:
-        raise UserInputError(f"{dest} is not empty; choose a new folder or pass --overwrite to replace it.")
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    staging = dest.parent / f".{dest.name}.partial-{os.getpid()}"
-    shutil.rmtree(staging, ignore_errors=True)
-    staging.mkdir()
-    return staging
-
-
-def publish(staging: Path, dest: Path) -> None:
-    """Moves the finished `staging` folder to `dest`; an existing `dest` is removed only after that succeeds."""
-    old = None
-    if dest.exists():
-        old = dest.parent / f".{dest.name}.old-{os.getpid()}"
-        dest.rename(old)
-    staging.rename(dest)
-    if old is not None:
-        shutil.rmtree(old)
-
-
-def _atomically(dest: Path, overwrite: bool, write: Callable[[Path], None]) -> None:
-    staging = staging_dir(dest, overwrite)
-    try:
-        write(staging)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-    publish(staging, dest)
 
 
 # ----------------------------------------------------------------------------- from-hf
@@ -135,7 +100,7 @@ def from_hf(hf_dir: Path, ckpt_dir: Path, dtype: str = "float32", overwrite: boo
                                        "format": "phi2_jax model checkpoint v1"})
         progress.close()
 
-    _atomically(ckpt_dir, overwrite, write)
+    write_atomically(ckpt_dir, overwrite, write)
     return config, sorted(stored)
 
 
@@ -277,7 +242,7 @@ def to_hf(source: Path, hf_dir: Path, dtype: str = "float16", max_shard_size: st
     order = [(path, layer) for _, rule, layer in tensor_plan(config, "transformers") for path in rule.ours]
     ours = _with_merged_adapters(ReadAhead(lambda path, layer: reader.read(leaf_keys(path, layer)), order), config)
     names: list[str] = []
-    _atomically(hf_dir, overwrite, lambda staging: names.extend(
+    write_atomically(hf_dir, overwrite, lambda staging: names.extend(
         write_hf_folder(staging, config, ours, dtype, max_shard_size, tokenizer, f"to-hf {hf_dir.name}")))
     return names
 
@@ -297,7 +262,7 @@ def save_pretrained(model, hf_dir: str | Path, *, dtype: str = "float32", max_sh
 
     ours = _with_merged_adapters(read, config)
     names: list[str] = []
-    _atomically(Path(hf_dir), overwrite, lambda staging: names.extend(
+    write_atomically(Path(hf_dir), overwrite, lambda staging: names.extend(
         write_hf_folder(staging, config, ours, dtype, max_shard_size, tokenizer, f"save {Path(hf_dir).name}")))
     return names
 

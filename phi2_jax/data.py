@@ -88,11 +88,6 @@ def build_splits(sources: list[dict], tokenizer_spec: str, seq_len: int, val_fra
     texts = {i: s for i, s in enumerate(sources) if i not in given}  # source index -> text source
     keys = {i: f"{source_fingerprint(source)}|{max_documents}|{val_fraction}" for i, source in texts.items()}
 
-    def documents(source: dict, validation: bool | None = None) -> Iterator[Document]:
-        docs = read_source(source)
-        docs = itertools.islice(docs, max_documents) if max_documents else docs
-        return (d for d in docs if validation is None or is_validation(d, val_fraction) == validation)
-
     if tokenizer_spec == "auto":
         if not texts:
             raise ConfigError("data.tokenizer 'auto' trains on text sources and there are none; expected the "
@@ -100,8 +95,8 @@ def build_splits(sources: list[dict], tokenizer_spec: str, seq_len: int, val_fra
         log.info("tokenizer: a %d-token sentencepiece BPE on the training documents (trained once, then cached)",
                  vocab_size)
         tokenizer = load_tokenizer(train_sentencepiece(
-            lambda: (d.text for source in texts.values() for d in documents(source, validation=False)), vocab_size,
-            "auto", corpus_key="|".join(keys.values())))
+            lambda: (d.text for source in texts.values() for d in documents(source, max_documents)
+                     if not is_validation(d, val_fraction)), vocab_size, "auto", corpus_key="|".join(keys.values())))
     else:
         tokenizer = load_tokenizer(tokenizer_spec)
     if tokenizer.vocab_size > vocab_size:
@@ -110,7 +105,7 @@ def build_splits(sources: list[dict], tokenizer_spec: str, seq_len: int, val_fra
     for tokens in given.values():
         check_token_ids(tokens, vocab_size)
 
-    train_files, val_file = _cached_token_files(texts, keys, documents, tokenizer, val_fraction)
+    train_files, val_file = _cached_token_files(texts, keys, tokenizer, val_fraction, max_documents)
 
     train_sets, weights, val_paths = [], [], [val_file] if texts else []
     for i, source in enumerate(sources):
@@ -131,30 +126,44 @@ def build_splits(sources: list[dict], tokenizer_spec: str, seq_len: int, val_fra
     return Splits(train_sets, weights, val, tokenizer)
 
 
-def _cached_token_files(texts: dict[int, dict], keys: dict[int, str], documents, tokenizer: Tokenizer,
-                        val_fraction: float) -> tuple[dict[int, Path], Path]:
-    """The token files of each text source's training documents and of all their validation documents.
+def documents(source: dict, max_documents: int = 0) -> Iterator[Document]:
+    """A text source's documents, the first `max_documents` of them if that is set."""
+    docs = read_source(source)
+    return itertools.islice(docs, max_documents) if max_documents else docs
 
-    Missing ones are written in one streaming pass over each source that needs
-    one, each document appended to its split's file.
-    """
+
+def _cached_token_files(texts: dict[int, dict], keys: dict[int, str], tokenizer: Tokenizer, val_fraction: float,
+                        max_documents: int) -> tuple[dict[int, Path], Path]:
+    """The cached token files of each text source's training documents and of all their validation documents."""
     tokenizer_key = f"{hashlib.sha256(Path(tokenizer.source).read_bytes()).hexdigest()}|{tokenizer.vocab_size}"
     folder = cache_dir() / "tokens"
     train_files = {i: folder / f"{_digest(tokenizer_key, 'train', key)}.int32" for i, key in keys.items()}
     val_file = folder / f"{_digest(tokenizer_key, 'validation', *keys.values())}.int32"
-    if not texts or (val_file.is_file() and all(f.is_file() for f in train_files.values())):
-        return train_files, val_file
+    if texts:
+        tokenize_sources(texts, tokenizer, val_fraction, train_files, val_file, max_documents)
+    return train_files, val_file
+
+
+def tokenize_sources(texts: dict[int, dict], tokenizer: Tokenizer, val_fraction: float, train_files: dict[int, Path],
+                     val_file: Path, max_documents: int = 0) -> None:
+    """Writes whichever of the token files do not exist yet: each text source's training documents to
+    train_files[i], all sources' validation documents (split by name) to val_file.
+
+    One streaming pass over each source that still needs one; each file is
+    published whole when its pass ends (see `TokenFile`).
+    """
+    if val_file.is_file() and all(f.is_file() for f in train_files.values()):
+        return
     with _token_file_if(not val_file.is_file(), val_file, tokenizer, "validation documents") as val_out:
         for i, source in texts.items():
             if train_files[i].is_file() and val_out is None:
                 continue
             with _token_file_if(not train_files[i].is_file(), train_files[i], tokenizer,
                                 f"training documents of '{source.get('path')}'") as train_out:
-                for doc in documents(source):
+                for doc in documents(source, max_documents):
                     out = val_out if is_validation(doc, val_fraction) else train_out
                     if out is not None:
                         out.add(doc)
-    return train_files, val_file
 
 
 def _digest(*parts: str) -> str:

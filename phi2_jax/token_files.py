@@ -131,6 +131,9 @@ def _map_file(path: Path) -> np.ndarray:
         if array.ndim != 1 or not np.issubdtype(array.dtype, np.integer):
             raise ConfigError(f"{path} holds a {array.ndim}-d {array.dtype} array; expected a 1-d array of token ids.")
         return array
+    if path.suffix != ".int32":  # a raw file's dtype is its suffix: no guessing at a .bin's
+        raise ConfigError(f"{path} is neither a .npy array nor a raw .int32 token file; expected one of those "
+                          f"(save other token arrays with numpy.save).")
     if path.stat().st_size == 0:  # np.memmap cannot map an empty file
         return np.zeros(0, np.int32)
     return np.memmap(path, dtype=np.int32, mode="r")

@@ -278,3 +278,43 @@ def test_auto_tokenizer_needs_text_sources(tmp_path):
     np.save(tmp_path / "tokens.npy", np.ones(64, np.int32))
     with pytest.raises(ConfigError, match=r"'auto' trains on text sources and there are none"):
         build_splits([{"path": str(tmp_path / "tokens.npy"), "format": "tokens"}], "auto", 8, 0.1, 300)
+
+
+def test_pretokenized_folder_trains_like_the_trainers_own_cache(tmp_path, monkeypatch, capsys):
+    from phi2_jax import pretokenize
+
+    monkeypatch.setenv("PHI2_JAX_CACHE", str(tmp_path / "cache"))
+    _corpus(tmp_path / "corpus")
+    tokenizer_dir = str(train_bpe_tokenizer(["def g(x): return x"] * 20, 300, tmp_path / "tok"))
+    patterns = [str(tmp_path / "corpus" / "*.py"), str(tmp_path / "corpus" / "*.jsonl")]
+    out = tmp_path / "tokens"
+    pretokenize.main([str(out), "--tokenizer", tokenizer_dir, "--val-fraction", "0.2",
+                      *(arg for p in patterns for arg in ("--source", p))])
+    assert "wrote" in capsys.readouterr().out
+    summary = json.loads((out / "tokens.json").read_text())
+    assert summary["eos_id"] == load_tokenizer(tokenizer_dir).eos_id and len(summary["files"]) == 3
+
+    from_text = build_splits([{"path": p} for p in patterns], tokenizer_dir, 8, 0.2, 300)
+    from_files = build_splits([{"path": str(out / "train-*.int32"), "format": "tokens"},
+                               {"path": str(out / "validation.int32"), "format": "tokens", "split": "validation"}],
+                              tokenizer_dir, 8, 0.2, 300)
+    np.testing.assert_array_equal(from_files.train[0].tokens[:],
+                                  np.concatenate([packed.tokens[:] for packed in from_text.train]))
+    np.testing.assert_array_equal(from_files.validation.tokens[:], from_text.validation.tokens[:])
+    assert summary["files"]["train-000.int32"]["tokens"] == len(from_text.train[0].tokens)
+
+    # An existing folder is kept unless --overwrite; a bad source leaves no folder behind.
+    before = (out / "tokens.json").read_text()
+    with pytest.raises(SystemExit) as refused:
+        pretokenize.main([str(out), "--tokenizer", tokenizer_dir, "--source", patterns[0]])
+    assert refused.value.code == 2 and "is not empty" in capsys.readouterr().err
+    assert (out / "tokens.json").read_text() == before
+    with pytest.raises(SystemExit):
+        pretokenize.main([str(tmp_path / "new"), "--tokenizer", tokenizer_dir, "--source", str(tmp_path / "*.nothing")])
+    assert "matches no files" in capsys.readouterr().err and not (tmp_path / "new").exists()
+
+
+def test_token_files_need_a_known_dtype(tmp_path):
+    np.ones(8, np.uint16).tofile(tmp_path / "train.bin")
+    with pytest.raises(ConfigError, match=r"train.bin is neither a .npy array nor a raw .int32 token file"):
+        TokenArrays([tmp_path / "train.bin"])
