@@ -84,7 +84,8 @@ def build_splits(sources: list[dict], tokenizer_spec: str, seq_len: int, val_fra
 
     if not sources:
         raise ConfigError("data.sources is empty; expected at least one source such as {path: stdlib}.")
-    given = {i: TokenArrays([Path(f) for f in source_files(s)]) for i, s in enumerate(sources) if s.get("format") == "tokens"}
+    given = {i: TokenArrays([Path(f) for f in source_files(source)])  # source index -> its token files
+             for i, source in enumerate(sources) if source.get("format") == "tokens"}
     texts = {i: s for i, s in enumerate(sources) if i not in given}  # source index -> text source
     keys = {i: f"{source_fingerprint(source)}|{max_documents}|{val_fraction}" for i, source in texts.items()}
 

@@ -48,15 +48,15 @@ def pretokenize(out_dir: Path, tokenizer_path: str, sources: list[dict], val_fra
 
     def write(staging: Path) -> None:
         start = time.perf_counter()
-        train_files = {i: staging / f"train-{i:03d}.int32" for i in texts}
-        tokenize_sources(texts, tokenizer, val_fraction, train_files, staging / "validation.int32")
+        train_files, val_file = {i: staging / f"train-{i:03d}.int32" for i in texts}, staging / "validation.int32"
+        tokenize_sources(texts, tokenizer, val_fraction, train_files, val_file)
+        files = {path.name: {"tokens": len(TokenArrays([path])), "source": texts[i]} for i, path in train_files.items()}
+        files[val_file.name] = {"tokens": len(TokenArrays([val_file]))}
         summary.update({
             "tokenizer": str(Path(tokenizer.source).resolve()),
             "tokenizer_sha256": hashlib.sha256(Path(tokenizer.source).read_bytes()).hexdigest(),
             "vocab_size": tokenizer.vocab_size, "eos_id": tokenizer.eos_id, "dtype": "int32",
-            "val_fraction": val_fraction, "seconds": round(time.perf_counter() - start, 1),
-            "files": {path.name: {"tokens": len(TokenArrays([path])), **({"source": texts[i]} if i is not None else {})}
-                      for i, path in [*train_files.items(), (None, staging / "validation.int32")]},
+            "val_fraction": val_fraction, "seconds": round(time.perf_counter() - start, 1), "files": files,
         })
         (staging / "tokens.json").write_text(json.dumps(summary, indent=2) + "\n")
 
@@ -67,7 +67,8 @@ def pretokenize(out_dir: Path, tokenizer_path: str, sources: list[dict], val_fra
 def parse_args(argv):
     parser = argparse.ArgumentParser(prog="python -m phi2_jax.pretokenize", description=__doc__.split("\n\n")[0])
     parser.add_argument("out_dir", type=Path, help="a new (or empty) folder for the token files")
-    parser.add_argument("--tokenizer", required=True, help="tokenizer.json, a folder holding one, or a sentencepiece .model")
+    parser.add_argument("--tokenizer", required=True,
+                        help="tokenizer.json, a folder holding one, or a sentencepiece .model")
     parser.add_argument("--source", action="append", required=True,
                         help="a glob of text / .jsonl / .parquet files, or 'stdlib'; repeat for more sources")
     parser.add_argument("--format", default="auto", choices=("auto", "text", "jsonl", "parquet"),

@@ -121,7 +121,8 @@ def _parquet_documents(file: str, field: str) -> Iterator[Document]:
         raise ConfigError(f"{file} could not be read as Parquet ({error}).") from None
     schema = parquet.schema_arrow
     if field not in schema.names:
-        raise ConfigError(f"{file} has no column '{field}'; its columns are {', '.join(schema.names)} (set the source's field).")
+        raise ConfigError(f"{file} has no column '{field}'; its columns are {', '.join(schema.names)} "
+                          f"(set the source's field).")
     kind = schema.field(field).type
     if not (pa.types.is_string(kind) or pa.types.is_large_string(kind)):
         raise ConfigError(f"{file} column '{field}' holds {kind}; expected strings.")
