@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
-import logging
 import sys
 import time
 from pathlib import Path
@@ -30,6 +29,7 @@ from pathlib import Path
 from phi2_jax.atomic_dir import write_atomically
 from phi2_jax.data import tokenize_sources
 from phi2_jax.errors import ConfigError, exit_on_user_error
+from phi2_jax.progress import log_info_to_stderr
 from phi2_jax.sources import source_files
 from phi2_jax.token_files import TokenArrays
 from phi2_jax.tokenizer import load_tokenizer
@@ -82,7 +82,7 @@ def parse_args(argv):
 @exit_on_user_error
 def main(argv=None) -> None:
     args = parse_args(sys.argv[1:] if argv is None else argv)
-    logging.basicConfig(level=logging.INFO, format="%(message)s", force=argv is None)
+    log_info_to_stderr(command_line=argv is None)
     sources = [{"path": path, "format": args.format, "field": args.field} for path in args.source]
     summary = pretokenize(args.out_dir, args.tokenizer, sources, args.val_fraction, args.overwrite)
     counts = ", ".join(f"{name} {entry['tokens']:,}" for name, entry in summary["files"].items())

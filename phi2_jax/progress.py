@@ -1,7 +1,9 @@
-"""A one-line progress bar on stderr: items, bytes, rate and ETA, redrawn at most a few times a second."""
+"""Progress on stderr: a one-line bar (items, bytes, rate and ETA, redrawn at most a few times a second), and
+the commands' INFO logs."""
 
 from __future__ import annotations
 
+import logging
 import sys
 import time
 
@@ -38,3 +40,16 @@ class Progress:
             self._draw(time.perf_counter())
         self.stream.write(f"  done in {time.perf_counter() - self.start:.1f}s\n")
         self.stream.flush()
+
+
+def log_info_to_stderr(command_line: bool) -> None:
+    """Shows this package's INFO logs (what a long step is doing) on stderr, other libraries' warnings only.
+
+    A command line owns its process's logging, so its handler replaces the root
+    logger's: importing orbax (absl logs at import) has already given the root a
+    WARNING-level one, which would hide every INFO line. A caller from Python keeps
+    its own configuration.
+    """
+    logging.basicConfig(level=logging.INFO, format="%(message)s", force=command_line)
+    for noisy in ("absl", "jax._src", "orbax"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)

@@ -29,9 +29,13 @@ class Document:
     text: str
 
 
+def _stdlib_root() -> Path:
+    return Path(sysconfig.get_paths()["stdlib"])
+
+
 def stdlib_files() -> list[Path]:
     """Every .py file of the running interpreter's standard library (tests excluded), in a fixed order."""
-    root = Path(sysconfig.get_paths()["stdlib"])
+    root = _stdlib_root()
     return [p for p in sorted(root.rglob("*.py")) if not _STDLIB_SKIP & set(p.relative_to(root).parts)]
 
 
@@ -86,7 +90,7 @@ def read_source(source: dict) -> Iterator[Document]:
 
 
 def _stdlib_documents(files: list[str]) -> Iterator[Document]:
-    root = Path(sysconfig.get_paths()["stdlib"])
+    root = _stdlib_root()
     for path in map(Path, files):
         try:
             yield Document(str(path.relative_to(root)), path.read_text(encoding="utf-8"))

@@ -322,11 +322,9 @@ def main(argv=None) -> None:
     if argv is None:  # a command line, not a call from Python
         keep_freed_memory()
     args = parse_args(sys.argv[1:] if argv is None else argv)
-    # A command line owns its process's logging; importing orbax has already given the root logger a
-    # WARNING-level handler (absl logs at import), so it is replaced. A caller from Python keeps its own.
-    logging.basicConfig(level=logging.INFO, format="%(message)s", force=argv is None)
-    for noisy in ("absl", "jax._src", "orbax"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
+    from phi2_jax.progress import log_info_to_stderr
+
+    log_info_to_stderr(command_line=argv is None)
     config = load_run_config(args.config, args.overrides)
     if args.dry_run:
         # Only the CPU backend reads this (before its first use): a GPU host compiles for its real GPUs.

@@ -5,6 +5,7 @@ import re
 import signal
 import socket
 import subprocess
+import sys
 import time
 
 import numpy as np
@@ -197,7 +198,7 @@ def test_finetuning_starts_at_the_transformers_loss(tmp_path, cache, hf_folder, 
 
 def test_launch_local_sh_runs_a_two_process_training(tmp_path, cache):
     run_dir = tmp_path / "local2"
-    env = {**train_runs.train_env(1, cache), "PYTHON": train_runs.sys.executable, "RUN_LOGS": str(tmp_path / "logs")}
+    env = {**train_runs.train_env(1, cache), "PYTHON": sys.executable, "RUN_LOGS": str(tmp_path / "logs")}
     proc = subprocess.run(["bash", "launch/local.sh", "2", *train_runs.FAST, "train.steps=6", f"run_dir={run_dir}"],
                           cwd=train_runs.ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
@@ -214,7 +215,7 @@ def test_launch_recipes_xla_flags_are_known_to_this_xla():
 
     def starts_with(xla_flags):
         env = {**os.environ, "XLA_FLAGS": " ".join(xla_flags), "JAX_PLATFORMS": "cpu"}
-        probe = subprocess.run([train_runs.sys.executable, "-c", "import jax; jax.devices()"], env=env,
+        probe = subprocess.run([sys.executable, "-c", "import jax; jax.devices()"], env=env,
                                capture_output=True, text=True, timeout=120)
         return probe.returncode == 0, probe.stderr[-1000:]
 
