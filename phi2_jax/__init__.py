@@ -9,9 +9,9 @@ Notebook API:
 
 from phi2_jax.config import PRESETS, PhiConfig, preset
 from phi2_jax.errors import ConfigError, UserInputError, WeightsError
-from phi2_jax.generate import generate, generate_text
-from phi2_jax.loading import from_pretrained
-from phi2_jax.model import Phi, abstract_model, create_model, param_count
+from phi2_jax.inference.generate import generate, generate_text
+from phi2_jax.hf.loading import from_pretrained
+from phi2_jax.model.transformer import Phi, abstract_model, create_model, param_count
 from phi2_jax.sharding import MeshConfig, make_mesh
 
 __all__ = [
@@ -22,8 +22,8 @@ __all__ = [
 
 def save_pretrained(model, hf_dir, **options):
     """`phi2_jax.convert.save_pretrained`: writes `model` as a Hugging Face folder (see there for the options)."""
-    # Imported on call: importing phi2_jax.convert here would load it before `python -m phi2_jax.convert` runs
+    # Imported on call: importing phi2_jax.hf.convert here would load it before `python -m phi2_jax.convert` runs
     # it as __main__, which Python warns about on every conversion.
-    from phi2_jax.convert import save_pretrained as save
+    from phi2_jax.hf.convert import save_pretrained as save
 
     return save(model, hf_dir, **options)

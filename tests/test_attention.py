@@ -7,9 +7,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-import phi2_jax.attention
+import phi2_jax.model.attention
 from phi2_jax import ConfigError
-from phi2_jax.attention import attention, resolve_backend
+from phi2_jax.model.attention import attention, resolve_backend
 
 
 def numpy_attention(q, k, v, kv_mask, segments, q_offset=0):
@@ -68,8 +68,8 @@ def test_query_offset_attends_to_a_cache_prefix(kv_flat):
 
 
 def test_auto_falls_back_to_xla_on_cpu_and_says_why(caplog, monkeypatch):
-    monkeypatch.setattr(phi2_jax.attention, "_fallback_reported", set())  # said once per process: maybe already
-    with caplog.at_level(logging.INFO, logger="phi2_jax.attention"):
+    monkeypatch.setattr(phi2_jax.model.attention, "_fallback_reported", set())  # said once per process: maybe already
+    with caplog.at_level(logging.INFO, logger="phi2_jax.model.attention"):
         assert resolve_backend("auto", jnp.bfloat16, 80) == "xla"
     assert "the default device is cpu, not a GPU" in caplog.text
 
@@ -101,7 +101,7 @@ def test_causal_query_blocks_equal_numpy_and_unblocked_gradients(monkeypatch):
         return jax.grad(lambda *qkv: jnp.sum(run(*qkv) * cotangent), argnums=(0, 1, 2))(q, k, v)
 
     unblocked = grads()
-    monkeypatch.setattr(phi2_jax.attention, "CAUSAL_BLOCK_ROWS", 2)
+    monkeypatch.setattr(phi2_jax.model.attention, "CAUSAL_BLOCK_ROWS", 2)
     assert phi2_jax.attention.causal_blocks(12) == 6
     valid = kv_mask.astype(bool)
     np.testing.assert_allclose(np.asarray(run(q, k, v))[valid], numpy_attention(

@@ -1,9 +1,9 @@
 """The benchmark runs end to end at a tiny size and fills every column (a smoke test: no timing asserted),
 and the counts its utilisation figures rest on."""
 
-from phi2_jax.bench import main, markdown
+from phi2_jax.bench.suites import main, markdown
 from phi2_jax.config import PhiConfig
-from phi2_jax.metrics import _GPU_BF16_PEAK, _GPU_MEMORY_BANDWIDTH, datasheet_value, decode_bytes_per_token
+from phi2_jax.training.metrics import _GPU_BF16_PEAK, _GPU_MEMORY_BANDWIDTH, datasheet_value, decode_bytes_per_token
 
 
 def test_bench_smoke_produces_every_suite_and_column(tmp_path):

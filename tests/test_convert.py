@@ -12,7 +12,7 @@ from safetensors.torch import load_file, save_file
 from transformers import PhiForCausalLM
 
 import phi2_jax
-from phi2_jax.convert import main
+from phi2_jax.hf.convert import main
 from tests.hf_reference import reference_logits
 
 SMALL = dict(dialect="5.x", vocab_size=100, hidden_size=32, intermediate_size=64, num_hidden_layers=2,

@@ -10,10 +10,10 @@ import numpy as np
 import pytest
 
 from phi2_jax import ConfigError
-from phi2_jax.data import PackedSequences, Splits, build_splits, train_dataset
-from phi2_jax.sources import is_validation, read_source
-from phi2_jax.token_files import TokenArrays
-from phi2_jax.tokenizer import load_tokenizer
+from phi2_jax.data.pipeline import PackedSequences, Splits, build_splits, train_dataset
+from phi2_jax.data.sources import is_validation, read_source
+from phi2_jax.data.token_files import TokenArrays
+from phi2_jax.data.tokenizer import load_tokenizer
 from tests.hf_reference import train_bpe_tokenizer
 
 
@@ -281,7 +281,7 @@ def test_auto_tokenizer_needs_text_sources(tmp_path):
 
 
 def test_pretokenized_folder_trains_like_the_trainers_own_cache(tmp_path, monkeypatch, capsys):
-    from phi2_jax import pretokenize
+    from phi2_jax.data import pretokenize
 
     monkeypatch.setenv("PHI2_JAX_CACHE", str(tmp_path / "cache"))
     _corpus(tmp_path / "corpus")

@@ -8,11 +8,11 @@ import pytest
 import torch
 
 import phi2_jax
-from phi2_jax.evaluate import evaluate, main, pass_at_k
-from phi2_jax.lm_eval_adapter import Harness
-from phi2_jax.sandbox import Limits, run_program
-from phi2_jax.tasks import SAMPLES, extract_answer, load_task
-from phi2_jax.tokenizer import load_tokenizer
+from phi2_jax.evaluation.harness import evaluate, main, pass_at_k
+from phi2_jax.evaluation.lm_eval_adapter import Harness
+from phi2_jax.evaluation.sandbox import Limits, run_program
+from phi2_jax.evaluation.tasks import SAMPLES, extract_answer, load_task
+from phi2_jax.data.tokenizer import load_tokenizer
 from tests.hf_reference import train_bpe_tokenizer
 
 EVAL = dict(dialect="5.x", vocab_size=512, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
@@ -134,7 +134,7 @@ def test_cli_writes_json_and_a_table(setup, tmp_path, capsys):
 
 def test_scoring_on_a_sharded_model_matches_one_device(setup):
     folder, _, model, tokenizer, _ = setup
-    from phi2_jax.scoring import loglikelihood
+    from phi2_jax.inference.scoring import loglikelihood
     sharded = phi2_jax.from_pretrained(folder, mesh=phi2_jax.make_mesh({"data": 2, "fsdp": 2, "tensor": 2}))
     requests = [(tokenizer.encode("Question: which planet?\nAnswer:"), tokenizer.encode(" Mercury")),
                 (tokenizer.encode("def add(a, b):"), tokenizer.encode("\n    return a + b")),
@@ -149,7 +149,7 @@ def test_lm_eval_scores_a_local_task_through_the_registered_model(setup, tmp_pat
     lm_eval = pytest.importorskip("lm_eval")
     from lm_eval.tasks import TaskManager
 
-    from phi2_jax.lm_eval_adapter import lm_eval_model
+    from phi2_jax.evaluation.lm_eval_adapter import lm_eval_model
 
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")  # the task's data is a local file; nothing is fetched
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")

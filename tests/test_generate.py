@@ -8,8 +8,8 @@ import torch
 
 import phi2_jax
 from phi2_jax import UserInputError
-from phi2_jax.generate import Sampling, generate, generate_text, layer_copy_fits, main, sample_logits
-from phi2_jax.sampling import greedy_complete
+from phi2_jax.inference.generate import Sampling, generate, generate_text, layer_copy_fits, main, sample_logits
+from phi2_jax.inference.greedy import greedy_complete
 from tests.hf_reference import train_bpe_tokenizer
 
 GEN = dict(dialect="5.x", vocab_size=320, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
@@ -40,7 +40,7 @@ def test_layer_copies_are_made_only_when_they_take_at_most_half_the_free_memory(
     _, reference, model = gen_model
     layer_bytes = 4 * sum(p.numel() for p in reference.model.layers.parameters())  # float32 weights
     for free, expected in [(2 * layer_bytes, True), (2 * layer_bytes - 1, False), (0, False)]:
-        monkeypatch.setattr(sys.modules["phi2_jax.generate"], "free_device_memory", lambda free=free: free)
+        monkeypatch.setattr(sys.modules["phi2_jax.inference.generate"], "free_device_memory", lambda free=free: free)
         assert layer_copy_fits(model) is expected
 
 
@@ -150,7 +150,7 @@ def tokenizer_dir(tmp_path_factory):
 
 def test_text_helper_and_cli_stream_the_same_text(gen_model, tokenizer_dir, capsys):
     folder, _, model = gen_model
-    from phi2_jax.tokenizer import load_tokenizer
+    from phi2_jax.data.tokenizer import load_tokenizer
     tok = load_tokenizer(tokenizer_dir)
     texts = generate_text(model, tok, ["def add(a, b):", "return"], max_new_tokens=12)
     main(["--model", str(folder), "--tokenizer", str(tokenizer_dir), "--prompt", "def add(a, b):",

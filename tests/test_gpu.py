@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from phi2_jax.attention import attention, cudnn_supported
+from phi2_jax.model.attention import attention, cudnn_supported
 
 pytestmark = pytest.mark.skipif(jax.default_backend() != "gpu", reason="needs a GPU")
 

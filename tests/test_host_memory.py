@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from phi2_jax.host_memory import _transparent_huge_pages_available
+from phi2_jax.util.host_memory import _transparent_huge_pages_available
 
-SCRIPT = ("import os, sys; from phi2_jax.host_memory import reexec_with_huge_pages; reexec_with_huge_pages(); "
+SCRIPT = ("import os, sys; from phi2_jax.util.host_memory import reexec_with_huge_pages; reexec_with_huge_pages(); "
           "print(os.environ.get('GLIBC_TUNABLES'), sys.argv[1:])")
 
 
@@ -32,7 +32,7 @@ def test_reexec_sets_the_tunable_once_keeps_arguments_and_can_be_turned_off():
 
 REUSE_SCRIPT = """
 import ctypes, resource, sys
-from phi2_jax.host_memory import keep_freed_memory
+from phi2_jax.util.host_memory import keep_freed_memory
 applied = keep_freed_memory()
 libc = ctypes.CDLL(None)
 libc.malloc.restype = ctypes.c_void_p

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import phi2_jax
-from phi2_jax.interpret import Edits, logit_lens
+from phi2_jax.model.interpret import Edits, logit_lens
 
 CFG = dict(dialect="5.x", vocab_size=100, hidden_size=32, intermediate_size=64, num_hidden_layers=3,
            num_attention_heads=4, partial_rotary_factor=0.5)

@@ -7,10 +7,10 @@ from transformers import PhiForCausalLM
 
 import phi2_jax
 from phi2_jax import ConfigError
-from phi2_jax.convert import main as convert
-from phi2_jax.convert import save_pretrained
-from phi2_jax.hf_layout import flatten, unflatten
-from phi2_jax.lora import merge_adapters
+from phi2_jax.hf.convert import main as convert
+from phi2_jax.hf.convert import save_pretrained
+from phi2_jax.hf.layout import flatten, unflatten
+from phi2_jax.model.lora import merge_adapters
 from tests import train_runs
 from tests.hf_reference import reference_logits
 
@@ -92,7 +92,7 @@ def test_unknown_lora_target_is_refused():
 
 def test_decoding_with_adapters_on_the_fused_projections_keeps_them(hf_folder):
     """Layer copies for decoding fuse q/k/v/fc1 only without adapters there; adapted decoding equals the scan's."""
-    from phi2_jax.generate import generate
+    from phi2_jax.inference.generate import generate
 
     folder, _ = hf_folder("lora", **CFG)
     assert phi2_jax.from_pretrained(folder, lora_rank=4, lora_targets=("dense", "fc2")).can_fuse_input_projections()

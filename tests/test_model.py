@@ -7,8 +7,8 @@ import pytest
 from flax import nnx
 
 import phi2_jax
-from phi2_jax.hf_layout import hf_names_and_shapes
-from phi2_jax.loading import our_shapes
+from phi2_jax.hf.layout import hf_names_and_shapes
+from phi2_jax.hf.loading import our_shapes
 from tests.hf_reference import reference_logits
 
 # Four configs that differ in rotary fraction, qk_layernorm, head count, GQA, vocab size and config dialect.
@@ -49,9 +49,9 @@ def test_float32_gradients_equal_transformers_autograd(hf_folder, name, length):
     """
     import torch
 
-    from phi2_jax.attention import causal_blocks
-    from phi2_jax.hf_layout import flatten, iter_hf_tensors
-    from phi2_jax.train_step import cross_entropy
+    from phi2_jax.model.attention import causal_blocks
+    from phi2_jax.hf.layout import flatten, iter_hf_tensors
+    from phi2_jax.training.step import cross_entropy
 
     assert (causal_blocks(length - 1) > 1) == (length > 256)
     folder, reference = hf_folder(name, **PARITY_CONFIGS[name])
@@ -196,7 +196,7 @@ def test_full_phi2_shapes_by_eval_shape_only():
 @pytest.mark.parametrize("d_in,d_out", [(8, 24), (24, 8)])  # both ways the weight gradient transposes an operand
 @pytest.mark.parametrize("dtype,out_dtype", [("float32", "float32"), ("bfloat16", "float32")])
 def test_dense_gradients_equal_the_closed_form(d_in, d_out, dtype, out_dtype):
-    from phi2_jax.dense import dense
+    from phi2_jax.model.dense import dense
 
     rng = np.random.default_rng(0)
     x, w, dy = (rng.standard_normal(s).astype(np.float32) for s in [(2, 5, d_in), (d_in, d_out), (2, 5, d_out)])

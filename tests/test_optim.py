@@ -7,8 +7,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from phi2_jax.optim import decay_mask, learning_rate_schedule, make_optimizer
-from phi2_jax.run_config import OptimSection
+from phi2_jax.training.optim import decay_mask, learning_rate_schedule, make_optimizer
+from phi2_jax.training.run_config import OptimSection
 
 
 def test_warmup_then_cosine_matches_the_formula():

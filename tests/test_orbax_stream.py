@@ -7,7 +7,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from jax.sharding import NamedSharding, PartitionSpec
 
-from phi2_jax.orbax_stream import ParamReader, ParamWriter
+from phi2_jax.checkpoint.orbax_stream import ParamReader, ParamWriter
 
 
 def test_chunked_leaves_in_both_orders_restore_exactly_in_orbax_and_in_the_reader(tmp_path):

@@ -8,7 +8,7 @@ from jax.sharding import PartitionSpec as P
 
 import phi2_jax
 from phi2_jax import ConfigError, MeshConfig, make_mesh
-from phi2_jax.hf_layout import flatten
+from phi2_jax.hf.layout import flatten
 from phi2_jax.sharding import logical_to_spec
 
 CONFIG = dict(dialect="5.x", vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=2,

@@ -46,7 +46,7 @@ def test_default_run_learns_and_leaves_a_loadable_model(tmp_path, cache):
     # the run folder exports straight to a folder transformers loads, with the same logits
     from transformers import PhiForCausalLM
 
-    from phi2_jax.convert import main as convert
+    from phi2_jax.hf.convert import main as convert
     from tests.hf_reference import reference_logits
 
     convert(["to-hf", str(run_dir), str(tmp_path / "hf"), "--dtype", "float32"])
@@ -172,7 +172,7 @@ def test_finetuning_starts_at_the_transformers_loss(tmp_path, cache, hf_folder, 
     """init_from a transformers model: the first logged loss is transformers' loss on the same packed batch."""
     import torch
 
-    from phi2_jax.data import build_splits, train_dataset
+    from phi2_jax.data.pipeline import build_splits, train_dataset
 
     folder, reference = hf_folder("finetune", dialect="5.x", vocab_size=512, hidden_size=32, intermediate_size=64,
                                   num_hidden_layers=2, num_attention_heads=4, partial_rotary_factor=0.5,

@@ -50,7 +50,7 @@ def train_losses(run_dir: Path) -> dict[int, float]:
 def final_params(run_dir: Path, step: int) -> dict[str, np.ndarray]:
     import orbax.checkpoint as ocp
 
-    from phi2_jax.hf_layout import flatten
+    from phi2_jax.hf.layout import flatten
 
     restored = ocp.StandardCheckpointer().restore((run_dir / "checkpoints" / str(step) / "params").absolute())
     layers = restored.pop("layers")  # stored one entry per layer: stack them back

@@ -16,14 +16,14 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh
 
-from phi2_jax.checkpoint import read_meta, resolve_step_dir, restore_params
+from phi2_jax.checkpoint.run_checkpoints import read_meta, resolve_step_dir, restore_params
 from phi2_jax.config import PhiConfig
 from phi2_jax.errors import WeightsError
-from phi2_jax.hf_files import HFWeights
-from phi2_jax.host_arrays import numpy_dtype
-from phi2_jax.hf_layout import detect_layout, flatten, hf_names_and_shapes, to_params, unflatten
-from phi2_jax.lora import fresh_adapters, is_adapter
-from phi2_jax.model import Phi, abstract_model, place_state
+from phi2_jax.hf.files import HFWeights
+from phi2_jax.util.host_arrays import numpy_dtype
+from phi2_jax.hf.layout import detect_layout, flatten, hf_names_and_shapes, to_params, unflatten
+from phi2_jax.model.lora import fresh_adapters, is_adapter
+from phi2_jax.model.transformer import Phi, abstract_model, place_state
 from phi2_jax.sharding import state_shardings, with_shardings
 
 

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from phi2_jax.errors import ConfigError
-from phi2_jax.jsonl import jsonl_objects
+from phi2_jax.util.jsonl import jsonl_objects
 
 _STDLIB_SKIP = {"site-packages", "test", "tests", "idle_test", "__pycache__", "lib2to3", "turtledemo"}
 

@@ -20,9 +20,9 @@ from pathlib import Path
 import numpy as np
 
 from phi2_jax.config import PhiConfig, preset
-from phi2_jax.hf_layout import hf_names_and_shapes, tensor_plan
-from phi2_jax.loading import our_shapes
-from phi2_jax.safetensors_io import write_streaming
+from phi2_jax.hf.layout import hf_names_and_shapes, tensor_plan
+from phi2_jax.hf.loading import our_shapes
+from phi2_jax.hf.safetensors_io import write_streaming
 
 
 def write_random_hf_folder(config: PhiConfig, folder: Path, shards: int = 2, seed: int = 0) -> int:
@@ -135,7 +135,7 @@ def bench_convert(work: Path, preset_name: str = "phi-2", compare: bool = True, 
 
 def _check_identical(source: Path, exported: Path) -> None:
     """Spot-checks that the round trip is exact, so a fast wrong converter cannot pass the benchmark."""
-    from phi2_jax.hf_files import HFWeights
+    from phi2_jax.hf.files import HFWeights
 
     a, b = HFWeights(source), HFWeights(exported)
     for name in a.names[:3] + a.names[-3:]:

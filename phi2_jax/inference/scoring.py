@@ -20,7 +20,7 @@ import numpy as np
 from flax import nnx
 from jax.sharding import NamedSharding
 
-from phi2_jax.model import Phi
+from phi2_jax.model.transformer import Phi
 from phi2_jax.sharding import logical_to_spec
 
 LENGTH_BUCKET = 64

@@ -4,7 +4,7 @@ Measures our implementation and, with `--compare transformers` (needs torch and
 transformers), `PhiForCausalLM` on the same config, dtype and weights on the
 same machine, alternating runs; prints medians and ratios as a markdown table
 and writes JSON. Speed targets live here, never in timed tests. transformers
-runs in a worker process of its own (`bench_torch_worker.py`), so each side
+runs in a worker process of its own (`torch_worker.py`), so each side
 runs as a user runs it and has its own peak memory.
 
     train    tokens/s and MFU of one optimizer step (AdamW + global-norm clipping)
@@ -42,12 +42,12 @@ import optax
 from flax import nnx
 
 from phi2_jax.config import REMAT_POLICIES, preset
-from phi2_jax.generate import generate
-from phi2_jax.host_memory import keep_freed_memory
-from phi2_jax.metrics import (decode_bytes_per_token, device_memory_bandwidth, device_peak_flops,
+from phi2_jax.inference.generate import generate
+from phi2_jax.util.host_memory import keep_freed_memory_on_cpu
+from phi2_jax.training.metrics import (decode_bytes_per_token, device_memory_bandwidth, device_peak_flops,
                               measured_cpu_bandwidth, measured_cpu_peak, train_flops_per_token)
-from phi2_jax.model import create_model
-from phi2_jax.train_step import cross_entropy
+from phi2_jax.model.transformer import create_model
+from phi2_jax.training.step import cross_entropy
 
 SUITES = ("train", "prefill", "decode", "convert")
 
@@ -81,7 +81,7 @@ def device_peak_memory_mb() -> float | None:
 
 
 class TorchWorker:
-    """transformers' PhiForCausalLM holding exactly our weights, in a process of its own (bench_torch_worker.py).
+    """transformers' PhiForCausalLM holding exactly our weights, in a process of its own (torch_worker.py).
 
     One worker per case, so its peak RSS is that case's. The weights come from
     `export_twin_weights`, our own Hugging Face export, which the converter tests hold exact.
@@ -89,7 +89,7 @@ class TorchWorker:
 
     def __init__(self, twin_dir: Path, compute_dtype: str, suite: str, ids: np.ndarray, new_tokens: int = 0):
         np.save(twin_dir / "ids.npy", np.asarray(ids))
-        script = Path(__file__).with_name("bench_torch_worker.py")
+        script = Path(__file__).with_name("torch_worker.py")
         self.process = subprocess.Popen([sys.executable, str(script), str(twin_dir / "weights"), compute_dtype],
                                         stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
         self.device = self.ask(op="setup", suite=suite, ids=str(twin_dir / "ids.npy"), new_tokens=new_tokens)["device"]
@@ -124,7 +124,7 @@ def torch_follows_to_the_gpu() -> bool:
 
 def export_twin_weights(model, twin_dir: Path) -> None:
     """Writes `model` once as a Hugging Face folder under `twin_dir`, for every case's worker to load."""
-    from phi2_jax.convert import save_pretrained
+    from phi2_jax.hf.convert import save_pretrained
 
     save_pretrained(model, twin_dir / "weights", dtype=model.config.param_dtype, overwrite=True)
 
@@ -295,7 +295,7 @@ def main(argv=None) -> list[dict]:
         # touches the GPU, which is below (nothing in phi2_jax does at import).
         os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
     if argv is None and args.suite == "train":
-        keep_freed_memory()  # the allocator setting `python -m phi2_jax.train` runs with (host_memory.py)
+        keep_freed_memory_on_cpu("bench train")  # what `python -m phi2_jax.train` runs with (host_memory.py)
     dtype = args.dtype or ("float32" if jax.default_backend() == "cpu" else "bfloat16")
     suites = SUITES if args.suite == "all" else (args.suite,)
     peak, peak_source = device_peak_flops(dtype)
@@ -325,7 +325,7 @@ def main(argv=None) -> list[dict]:
             for batch in (1, 8):
                 rows += bench_decode(model, batch, args.new_tokens, args.repeats, twin_dir, bandwidth)
     if "convert" in suites:
-        from phi2_jax.bench_convert import bench_convert
+        from phi2_jax.bench.convert import bench_convert
 
         rows += bench_convert(args.work_dir / "convert", args.convert_preset, compare, min(args.repeats, 3))
     if rows and jax.default_backend() == "cpu":

@@ -6,7 +6,7 @@ Families, as Phi-2's release reports them:
   generation with an extracted answer: gsm8k
   code run against unit tests: humaneval, mbpp
 Prompts follow lm-evaluation-harness' formats. Small sample files for each
-family ship in `phi2_jax/tasks/` (`--task piqa` uses the sample).
+family ship in `phi2_jax/evaluation/samples/` (`--task piqa` uses the sample).
 """
 
 from __future__ import annotations
@@ -16,9 +16,9 @@ import re
 from pathlib import Path
 
 from phi2_jax.errors import UserInputError
-from phi2_jax.jsonl import jsonl_objects
+from phi2_jax.util.jsonl import jsonl_objects
 
-SAMPLES = Path(__file__).parent / "tasks"
+SAMPLES = Path(__file__).parent / "samples"
 
 
 @dataclasses.dataclass(frozen=True)

@@ -19,7 +19,7 @@ import ml_dtypes
 import numpy as np
 import tensorstore as ts
 
-from phi2_jax.host_arrays import contiguous
+from phi2_jax.util.host_arrays import contiguous
 
 _ZARR_DTYPES = {np.dtype("float32"): "<f4", np.dtype("float16"): "<f2", np.dtype(ml_dtypes.bfloat16): "bfloat16"}
 

@@ -14,8 +14,8 @@ from pathlib import Path
 import numpy as np
 
 from phi2_jax.errors import ConfigError
-from phi2_jax.sources import Document
-from phi2_jax.tokenizer import Tokenizer
+from phi2_jax.data.sources import Document
+from phi2_jax.data.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
 

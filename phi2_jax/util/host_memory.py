@@ -24,17 +24,51 @@ training step of the bench's phi-small.
   21.6 s, to-hf 29.3 / 21.4 -> 15.4 / 17.5 s. Tunables are read once at
   process start, so the command execs itself again with it set.
 
+Both were measured on XLA:CPU only, so the commands apply them only when the platform JAX will
+run on is the CPU (`platform_before_jax_starts`): a GPU host's allocator is left as it is.
 Set PHI2_JAX_KEEP_MALLOC=1 to opt out of both. Library code never calls these.
 """
 
 from __future__ import annotations
 
 import ctypes
+import importlib.util
+import logging
 import os
 import sys
 from pathlib import Path
 
+log = logging.getLogger(__name__)
+
 TUNABLE = "glibc.malloc.hugetlb=1"
+_GPU_PLUGINS = ("jax_cuda12_plugin", "jax_cuda13_plugin", "jax_rocm60_plugin", "jax_rocm7_plugin")
+
+
+def platform_before_jax_starts() -> str:
+    """The platform JAX will pick ('cpu', 'cuda', 'rocm', 'tpu', ...), judged without starting JAX.
+
+    JAX_PLATFORMS when set (its first entry); otherwise an installed GPU plugin with a
+    GPU device node present, or an installed libtpu; otherwise the CPU.
+    """
+    requested = os.environ.get("JAX_PLATFORMS", "").split(",")[0].strip().lower()
+    if requested:
+        return requested
+    gpu_present = Path("/dev/nvidia0").exists() or Path("/dev/kfd").exists()
+    for plugin in _GPU_PLUGINS:
+        if gpu_present and importlib.util.find_spec(plugin) is not None:
+            return "rocm" if "rocm" in plugin else "cuda"
+    if importlib.util.find_spec("libtpu") is not None:
+        return "tpu"
+    return "cpu"
+
+
+def keep_freed_memory_on_cpu(command: str) -> None:
+    """`keep_freed_memory()` where the platform is the CPU, and a log line saying what was decided."""
+    platform = platform_before_jax_starts()
+    if platform != "cpu":
+        log.info("%s: host allocator left as is (platform %s; its tuning was measured on XLA:CPU)", command, platform)
+    elif keep_freed_memory():
+        log.info("%s: host allocator keeps freed memory (platform cpu)", command)
 OPT_OUT = "PHI2_JAX_KEEP_MALLOC"
 
 

@@ -16,8 +16,8 @@ import ml_dtypes
 import numpy as np
 
 from phi2_jax.errors import WeightsError
-from phi2_jax.host_arrays import numpy_dtype
-from phi2_jax.safetensors_io import SafetensorsFile
+from phi2_jax.util.host_arrays import numpy_dtype
+from phi2_jax.hf.safetensors_io import SafetensorsFile
 
 SAFETENSORS = "model.safetensors"
 SAFETENSORS_INDEX = "model.safetensors.index.json"

@@ -18,9 +18,9 @@ import optax
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from phi2_jax.hf_layout import flatten, unflatten
-from phi2_jax.lora import is_adapter
-from phi2_jax.model import Phi, abstract_model
+from phi2_jax.hf.layout import flatten, unflatten
+from phi2_jax.model.lora import is_adapter
+from phi2_jax.model.transformer import Phi, abstract_model
 from phi2_jax.sharding import logical_to_spec, state_shardings, with_shardings
 
 

@@ -29,9 +29,9 @@ import grain
 import numpy as np
 
 from phi2_jax.errors import ConfigError
-from phi2_jax.sources import Document, is_validation, read_source, source_files, source_fingerprint
-from phi2_jax.token_files import TokenArrays, TokenFile, check_token_ids
-from phi2_jax.tokenizer import Tokenizer, cache_dir
+from phi2_jax.data.sources import Document, is_validation, read_source, source_files, source_fingerprint
+from phi2_jax.data.token_files import TokenArrays, TokenFile, check_token_ids
+from phi2_jax.data.tokenizer import Tokenizer, cache_dir
 
 log = logging.getLogger(__name__)
 
@@ -80,7 +80,7 @@ def build_splits(sources: list[dict], tokenizer_spec: str, seq_len: int, val_fra
     streaming pass, appending each document to its split's token file. Token
     sources (format: tokens) are used as they are, for the split they name.
     """
-    from phi2_jax.tokenizer import load_tokenizer, train_sentencepiece
+    from phi2_jax.data.tokenizer import load_tokenizer, train_sentencepiece
 
     if not sources:
         raise ConfigError("data.sources is empty; expected at least one source such as {path: stdlib}.")
@@ -195,11 +195,7 @@ def train_dataset(splits: Splits, batch_size: int, seed: int, process_index: int
     ds = grain.MapDataset.range(len(mixed) // global_batch * batch_size).map(row)
     ds = ds.batch(batch_size, drop_remainder=True)
     it = ds.to_iter_dataset(grain.ReadOptions(num_threads=2, prefetch_buffer_size=4))
-    if workers > 0:
-        from absl import flags
-
-        if not flags.FLAGS.is_parsed():  # Grain's worker processes read absl flags; we have no absl main
-            flags.FLAGS.mark_as_parsed()
+    if workers > 0:  # Grain's worker processes read absl flags: the command marks them parsed (trainer.main)
         it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=workers))
     return it
 

@@ -1,7 +1,7 @@
 """The transformers side of `python -m phi2_jax.bench`, in a process of its own.
 
-Run as a script (`python .../bench_torch_worker.py MODEL_DIR DTYPE`), never as
-`phi2_jax.bench_torch_worker`: importing the package would load jax into this
+Run as a script (`python .../torch_worker.py MODEL_DIR DTYPE`), never as
+`phi2_jax.bench.torch_worker`: importing the package would load jax into this
 process, and the point of a separate process is that each framework runs as a
 user runs it, alone, with its own allocator state and its own peak memory.
 (Alternating both in one process slowed our training step by 15-30%, and the

@@ -13,7 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from phi2_jax.model import Phi
+from phi2_jax.model.transformer import Phi
 
 
 @functools.partial(jax.jit, static_argnums=(0, 3))

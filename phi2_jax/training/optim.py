@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import optax
 
-from phi2_jax.hf_layout import flatten, unflatten
+from phi2_jax.hf.layout import flatten, unflatten
 
 
 def learning_rate_schedule(lr: float, steps: int, warmup_steps: int, schedule: str, min_lr_ratio: float) -> optax.Schedule:

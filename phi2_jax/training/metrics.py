@@ -11,6 +11,7 @@ import jax
 import jax.numpy as jnp
 
 from phi2_jax.config import PhiConfig
+from phi2_jax.util.progress import format_eta
 
 # Datasheet figures by a substring of `device_kind`, the more specific names first ("NVIDIA H100 PCIe"
 # must not be read as the SXM part, "NVIDIA H100 80GB HBM3").
@@ -109,13 +110,6 @@ def decode_bytes_per_token(config: PhiConfig, batch: int, prompt_len: int, new_t
     return weights + batch * mean_context * per_position
 
 
-def format_eta(seconds: float) -> str:
-    if not math.isfinite(seconds):
-        return "?"
-    seconds = int(seconds)
-    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m" if seconds >= 3600 else f"{seconds // 60}m{seconds % 60:02d}s"
-
-
 def progress_line(step: int, total: int, loss: float, lr: float, grad_norm: float, tokens_per_s: float,
                   mfu: float, eta_s: float) -> str:
     return (f"step {step}/{total}  loss {loss:.4f}  lr {lr:.3e}  grad_norm {grad_norm:.3f}  "
@@ -144,12 +138,11 @@ class EventWriter:
 
 def plot_loss_curve(history: dict[str, list[tuple[int, float]]], path: Path) -> None:
     """Writes a PNG of training (and validation) loss against step."""
-    import matplotlib
+    # The Figure API draws without pyplot, so the caller's backend (a notebook's inline one) is left alone.
+    from matplotlib.figure import Figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 4), dpi=110)
+    fig = Figure(figsize=(7, 4), dpi=110)
+    ax = fig.add_subplot()
     for name, points in history.items():
         if points:
             steps, values = zip(*points)
@@ -161,4 +154,3 @@ def plot_loss_curve(history: dict[str, list[tuple[int, float]]], path: Path) -> 
     ax.legend()
     fig.tight_layout()
     fig.savefig(path)
-    plt.close(fig)

@@ -4,10 +4,17 @@ the commands' INFO logs."""
 from __future__ import annotations
 
 import logging
+import math
 import sys
 import time
 
-from phi2_jax.metrics import format_eta
+
+def format_eta(seconds: float) -> str:
+    """'4m05s' or '2h13m'; '?' for an unknown (infinite) time."""
+    if not math.isfinite(seconds):
+        return "?"
+    seconds = int(seconds)
+    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m" if seconds >= 3600 else f"{seconds // 60}m{seconds % 60:02d}s"
 
 
 class Progress:
@@ -50,6 +57,8 @@ def log_info_to_stderr(command_line: bool) -> None:
     WARNING-level one, which would hide every INFO line. A caller from Python keeps
     its own configuration.
     """
-    logging.basicConfig(level=logging.INFO, format="%(message)s", force=command_line)
+    if not command_line:
+        return
+    logging.basicConfig(level=logging.INFO, format="%(message)s", force=True)
     for noisy in ("absl", "jax._src", "orbax"):
         logging.getLogger(noisy).setLevel(logging.WARNING)

@@ -33,9 +33,9 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh
 
-from phi2_jax.attention import attention, attention_mask, attention_probs, flat_heads, unflat_heads
+from phi2_jax.model.attention import attention, attention_mask, attention_probs, flat_heads, unflat_heads
 from phi2_jax.config import PhiConfig
-from phi2_jax.dense import dense
+from phi2_jax.model.dense import dense
 from phi2_jax.sharding import constrain, state_shardings
 
 Array = jax.Array

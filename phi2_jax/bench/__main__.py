@@ -1,0 +1,3 @@
+from phi2_jax.bench.suites import main
+
+main()

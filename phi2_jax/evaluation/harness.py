@@ -1,0 +1,190 @@
+"""`python -m phi2_jax.evaluate`: perplexity and the benchmark families Phi-2 reports.
+
+    python -m phi2_jax.evaluate --model PATH --task piqa --task gsm8k=data/gsm8k.jsonl \
+        --task humaneval --ppl notes.txt --output results.json
+
+Multiple choice: acc (highest summed log-likelihood) and acc_norm (per byte of
+the continuation), as lm-evaluation-harness scores PIQA, ARC, HellaSwag,
+WinoGrande, BoolQ and MMLU. GSM8K: greedy few-shot generation, the final
+number extracted and compared exactly. Code: completions run against the
+task's tests in the sandbox (`sandbox.py`), scored pass@k.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from phi2_jax.errors import UserInputError, exit_on_user_error
+from phi2_jax.util.progress import Progress
+from phi2_jax.evaluation.sandbox import Limits, run_program
+from phi2_jax.inference.scoring import loglikelihood, rolling_loglikelihood
+from phi2_jax.evaluation.tasks import extract_answer, load_task
+
+
+def pass_at_k(n: int, c: int, k: int) -> float:
+    """Unbiased pass@k from n samples of which c passed (Chen et al., 2021): 1 - C(n-c, k) / C(n, k)."""
+    if n - c < k:
+        return 1.0
+    return 1.0 - math.prod((n - c - i) / (n - i) for i in range(k))
+
+
+def score_multiple_choice(model, tokenizer, items, batch_size: int) -> dict:
+    """acc / acc_norm over `MultipleChoice` items, with each option's log-likelihood per item."""
+    requests, owners = [], []
+    for n, item in enumerate(items):
+        for context, continuation in item.options:
+            requests.append((tokenizer.encode(context), tokenizer.encode(continuation)))
+            owners.append(n)
+    progress = Progress("  scoring choices", len(requests))
+    scores = loglikelihood(model, requests, eos_id=tokenizer.eos_id, batch_size=batch_size,
+                           progress=lambda k: progress.advance(k))
+    progress.close()
+    correct = correct_norm = 0
+    per_item = []
+    for n, item in enumerate(items):
+        logliks = [s for (s, _), o in zip(scores, owners) if o == n]
+        norm = [ll / max(len(cont.encode()), 1) for ll, (_, cont) in zip(logliks, item.options)]
+        correct += int(np.argmax(logliks) == item.gold)
+        correct_norm += int(np.argmax(norm) == item.gold)
+        per_item.append({"logliks": logliks, "gold": item.gold})
+    return {"acc": correct / len(items), "acc_norm": correct_norm / len(items), "n": len(items), "items": per_item}
+
+
+def score_generation(model, tokenizer, items, max_new_tokens: int, batch_size: int) -> dict:
+    """Exact match of the extracted final answer of greedy completions (GSM8K style)."""
+    from phi2_jax.inference.generate import generate_text
+
+    progress = Progress("  generating", len(items))
+    completions = []
+    for start in range(0, len(items), batch_size):
+        chunk = items[start:start + batch_size]
+        completions += generate_text(model, tokenizer, [i.prompt for i in chunk], max_new_tokens=max_new_tokens,
+                                     stop=["\n\nQuestion:", "Question:"])
+        progress.advance(len(chunk))
+    progress.close()
+    answers = [extract_answer(c) for c in completions]
+    correct = [a == i.answer for a, i in zip(answers, items)]
+    return {"exact_match": sum(correct) / len(items), "n": len(items),
+            "items": [{"answer": a, "gold": i.answer, "completion": c} for a, i, c in zip(answers, items, completions)]}
+
+
+def score_code(model, tokenizer, items, samples: int, temperature: float, max_new_tokens: int,
+               limits: Limits) -> dict:
+    """pass@k (k <= samples) of completions run against each task's tests in the sandbox."""
+    from phi2_jax.inference.generate import generate_text
+
+    progress = Progress("  generating + testing", len(items) * samples)
+    results = []
+    for item in items:
+        passed, statuses = [], []
+        for s in range(samples):
+            completion = generate_text(model, tokenizer, [item.prompt], max_new_tokens=max_new_tokens, stop=item.stop,
+                                       temperature=temperature if samples > 1 else 0.0, seed=s)[0]
+            outcome = run_program(item.prompt + completion + item.test_suffix, limits)
+            passed.append(outcome.passed)
+            statuses.append(outcome.status)
+            progress.advance(1)
+        results.append({"task_id": item.task_id, "passed": sum(passed), "n": samples, "statuses": statuses})
+    progress.close()
+    scores = {f"pass@{k}": float(np.mean([pass_at_k(r["n"], r["passed"], k) for r in results]))
+              for k in (1, 5, 10) if k <= samples}
+    return {**scores, "n": len(items), "items": results}
+
+
+def perplexity(model, tokenizer, files: list[Path], batch_size: int) -> dict:
+    """Token perplexity over text files: every token predicted, the first of each file from end-of-text."""
+    total_logprob, total_tokens = 0.0, 0
+    for file in files:
+        if not file.is_file():
+            raise UserInputError(f"perplexity file {file} does not exist.")
+        ids = tokenizer.encode(file.read_text(encoding="utf-8"))
+        if not ids:
+            raise UserInputError(f"perplexity file {file} is empty.")
+        total_logprob += rolling_loglikelihood(model, ids, eos_id=tokenizer.eos_id, batch_size=batch_size)
+        total_tokens += len(ids)
+    return {"perplexity": math.exp(-total_logprob / total_tokens), "tokens": total_tokens,
+            "nll_per_token": -total_logprob / total_tokens}
+
+
+def evaluate(model, tokenizer, tasks: dict[str, Path | None], *, ppl_files: list[Path] = (), num_fewshot=None,
+             limit: int | None = None, batch_size: int = 8, max_new_tokens: int = 256, code_samples: int = 1,
+             code_temperature: float = 0.8, limits: Limits = Limits()) -> dict:
+    """Scores `model` on each task ({name: JSONL path or None for the shipped sample}) and on `ppl_files`."""
+    results = {}
+    for name, path in tasks.items():
+        kind, items = load_task(name, path, num_fewshot)
+        items = items[:limit] if limit else items
+        print(f"{name}: {len(items)} {kind.replace('_', ' ')} items", file=sys.stderr)
+        if kind == "multiple_choice":
+            results[name] = score_multiple_choice(model, tokenizer, items, batch_size)
+        elif kind == "generation":
+            results[name] = score_generation(model, tokenizer, items, max_new_tokens, batch_size)
+        else:
+            results[name] = score_code(model, tokenizer, items, code_samples, code_temperature, max_new_tokens, limits)
+    if ppl_files:
+        results["perplexity"] = perplexity(model, tokenizer, list(ppl_files), batch_size)
+    return results
+
+
+def table(results: dict) -> str:
+    lines = ["| task | metric | value | n |", "|---|---|---|---|"]
+    for task, metrics in results.items():
+        n = metrics.get("n", metrics.get("tokens", ""))
+        for key, value in metrics.items():
+            if key in ("n", "items", "tokens"):
+                continue
+            lines.append(f"| {task} | {key} | {value:.4f} | {n} |")
+    return "\n".join(lines)
+
+
+def parse_task(spec: str) -> tuple[str, Path | None]:
+    name, _, path = spec.partition("=")
+    return name.strip(), Path(path) if path else None
+
+
+@exit_on_user_error
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m phi2_jax.evaluate", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", required=True, type=Path)
+    parser.add_argument("--tokenizer", type=Path, help="default: the model folder's / run's tokenizer")
+    parser.add_argument("--task", action="append", default=[], help="NAME or NAME=FILE.jsonl (repeatable)")
+    parser.add_argument("--ppl", action="append", default=[], type=Path, help="text file for perplexity (repeatable)")
+    parser.add_argument("--num-fewshot", type=int)
+    parser.add_argument("--limit", type=int, help="first N items of each task")
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--max-new-tokens", type=int, default=256)
+    parser.add_argument("--code-samples", type=int, default=1, help="completions per code task (pass@k, k <= this)")
+    parser.add_argument("--timeout", type=float, default=10.0, help="seconds per code test run")
+    parser.add_argument("--output", type=Path, help="write the results (with per-item details) as JSON")
+    args = parser.parse_args(sys.argv[1:] if argv is None else argv)
+    if not args.task and not args.ppl:
+        raise UserInputError("nothing to evaluate; pass --task NAME[=FILE] and/or --ppl FILE.")
+
+    from phi2_jax.inference.generate import default_tokenizer_path
+    from phi2_jax.hf.loading import from_pretrained
+    from phi2_jax.data.tokenizer import load_tokenizer
+
+    tasks = dict(parse_task(t) for t in args.task)
+    for name, path in tasks.items():
+        load_task(name, path, args.num_fewshot)  # refuse a bad file before loading the model
+    if not args.model.exists():
+        raise UserInputError(f"--model {args.model} does not exist.")
+    tokenizer = load_tokenizer(args.tokenizer or default_tokenizer_path(args.model))
+    model = from_pretrained(args.model)
+    results = evaluate(model, tokenizer, tasks, ppl_files=args.ppl, num_fewshot=args.num_fewshot, limit=args.limit,
+                       batch_size=args.batch_size, max_new_tokens=args.max_new_tokens, code_samples=args.code_samples,
+                       limits=Limits(seconds=args.timeout))
+    print(table(results))
+    if args.output:
+        args.output.parent.mkdir(parents=True, exist_ok=True)
+        args.output.write_text(json.dumps(results, indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,355 @@
+"""Generation with a static KV cache: prefill once, then the whole decode loop in one jitted `lax.while_loop`.
+
+    phi2_jax.generate(model, input_ids, attention_mask=None, max_new_tokens=32,
+                      temperature=0.0, top_k=None, top_p=None, seed=0)
+      -> [batch, prompt + new] token ids, padded with EOS after a row finishes
+
+Batches are left-padded (a right-padded batch is re-aligned first); positions
+come from the mask, as transformers' `generate` computes them. One compiled
+program per (batch, prompt bucket, max_new_tokens, sampling mode); prompts are
+padded on the left up to a multiple of 32 so nearby lengths share it.
+
+CLI: python -m phi2_jax.generate --model PATH --prompt "def f(x):" [--prompt-file F] ...
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import functools
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from phi2_jax.errors import UserInputError, exit_on_user_error
+from phi2_jax.model.transformer import Phi
+
+PROMPT_BUCKET = 32
+
+
+@dataclasses.dataclass(frozen=True)
+class Sampling:
+    """Static sampling choices (each combination compiles once)."""
+
+    temperature: float = 0.0          # 0: greedy
+    top_k: int | None = None
+    top_p: float | None = None
+    repetition_penalty: float = 1.0
+
+
+def sample_logits(logits: jax.Array, key: jax.Array, sampling: Sampling, seen: jax.Array) -> jax.Array:
+    """Next tokens [B] from float32 logits [B, V], in transformers' order: penalty, temperature, top-k, top-p."""
+    if sampling.repetition_penalty != 1.0:
+        penalised = jnp.where(logits > 0, logits / sampling.repetition_penalty, logits * sampling.repetition_penalty)
+        logits = jnp.where(seen, penalised, logits)
+    if sampling.temperature == 0.0:
+        return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    logits = logits / sampling.temperature
+    if sampling.top_k is not None:
+        kth = jax.lax.top_k(logits, sampling.top_k)[0][:, -1:]
+        logits = jnp.where(logits < kth, -jnp.inf, logits)
+    if sampling.top_p is not None and sampling.top_p < 1.0:
+        order = jnp.argsort(-logits, axis=-1)
+        sorted_logits = jnp.take_along_axis(logits, order, axis=-1)
+        probs = jax.nn.softmax(sorted_logits, axis=-1)
+        # Keep the smallest prefix whose mass reaches top_p (the first token always stays).
+        drop_sorted = (jnp.cumsum(probs, axis=-1) - probs) >= sampling.top_p
+        drop = jnp.zeros_like(drop_sorted).at[jnp.arange(logits.shape[0])[:, None], order].set(drop_sorted)
+        logits = jnp.where(drop, -jnp.inf, logits)
+    return jax.random.categorical(key, logits, axis=-1).astype(jnp.int32)
+
+
+def layer_copy_fits(model: Phi) -> bool:
+    """Whether a second copy of the layer weights takes at most half of the first device's free memory.
+
+    Decoding reads every weight once per token. Scanning over the stacked
+    weights makes XLA copy each layer's slice out before its matmuls, so a step
+    moves the weights twice; a copy of the layers made once per `generate` call
+    avoids that (batch-1 decoding of phi-small 11.1 -> 7.8 ms/token on the CPU),
+    at the price of holding the layer weights twice for the duration of the call
+    and of a longer compile, the layers being unrolled (full phi-2: 15.5 s
+    instead of 2.0 s on the dev CPU).
+    """
+    arrays = jax.tree.leaves(nnx.state(model.layers))
+    needed = sum(int(np.prod(a.sharding.shard_shape(a.shape))) * a.dtype.itemsize for a in arrays)
+    return needed <= free_device_memory() / 2
+
+
+def free_device_memory() -> float:
+    """Bytes free on the first device: its allocator's limit less what is in use, or the host's free RAM on the CPU."""
+    stats = jax.devices()[0].memory_stats() or {}
+    if "bytes_limit" in stats:
+        return stats["bytes_limit"] - stats.get("bytes_in_use", 0)
+    try:
+        with open("/proc/meminfo") as meminfo:
+            fields = dict(line.split(":", 1) for line in meminfo)
+        return int(fields["MemAvailable"].split()[0]) * 1024
+    except (OSError, KeyError, ValueError):
+        return float("inf")  # not Linux: no reading, so no reason to refuse
+
+
+# XLA:CPU hands dots to YNNPACK by default, which is faster at training and prefill shapes but slower at
+# decoding's few-row ones: batch-8 decoding of phi-small takes 34 ms/token with it, 20 ms/token with Eigen's
+# dots (batch 1 the same either way); training steps and prefill are 5-15% faster with it, so only the
+# decoding program turns it off.
+_DECODE_COMPILER_OPTIONS = {"cpu": {"xla_cpu_experimental_ynn_fusion_type": ""}}
+
+
+@functools.cache
+def _compiled_decode(backend: str):
+    return jax.jit(_decode, static_argnums=(0, 4, 5, 7), compiler_options=_DECODE_COMPILER_OPTIONS.get(backend))
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _layer_copies(graphdef, state) -> list:
+    # A program of its own, so that each copy is a buffer of its own: as temporaries of the decoding
+    # program they would share one large block, mapped (and page-faulted) afresh at every call.
+    return nnx.merge(graphdef, state).unstack_layers(fuse_input_projections=True)
+
+
+def _decode(graphdef, state, ids, mask, max_new_tokens: int, sampling: Sampling, key, stream: bool, eos_id, stops,
+            layer_weights: list | None):
+    """ids/mask [B, P] left-padded -> new tokens [B, N]. layer_weights: see `layer_copy_fits`."""
+    model: Phi = nnx.merge(graphdef, state)
+    batch, prompt_len = ids.shape
+    total = prompt_len + max_new_tokens
+    vocab = model.config.vocab_size
+    kv_mask = jnp.zeros((batch, total), jnp.int32).at[:, :prompt_len].set(mask)
+    positions = jnp.maximum(jnp.cumsum(mask, axis=1) - 1, 0)
+    cache = model.init_cache(batch, total, per_layer=layer_weights is not None)
+    out = model.run(ids, kv_mask, positions, cache=cache, cache_index=0, layer_weights=layer_weights)
+    seen = jnp.zeros((batch, vocab), bool).at[jnp.arange(batch)[:, None], ids].max(mask.astype(bool))
+    stop_len = stops.shape[1]
+    state0 = {
+        "i": jnp.int32(0), "cache": out["cache"], "kv_mask": kv_mask, "logits": out["logits"][:, -1],
+        "position": positions[:, -1] + 1, "done": jnp.zeros(batch, bool),
+        "tokens": jnp.full((batch, max_new_tokens), eos_id, jnp.int32), "seen": seen,
+        "window": jnp.full((batch, stop_len), -1, jnp.int32),
+    }
+
+    def cond(s):
+        return (s["i"] < max_new_tokens) & ~jnp.all(s["done"])
+
+    def body(s):
+        i = s["i"]
+        token = sample_logits(s["logits"], jax.random.fold_in(key, i), sampling, s["seen"])
+        token = jnp.where(s["done"], eos_id, token)
+        if stream:
+            jax.debug.callback(_stream_callback, i, token, ordered=True)
+        window = jnp.concatenate([s["window"][:, 1:], token[:, None]], axis=1)
+        # A stop sequence matches when the newest tokens equal it (-1 pads its left side).
+        stop_hit = jnp.any(jnp.all((window[:, None, :] == stops[None]) | (stops[None] < 0), axis=-1)
+                           & (stops[None, :, -1] >= 0), axis=-1)
+        done = s["done"] | (token == eos_id) | stop_hit
+        kv_mask = s["kv_mask"].at[:, prompt_len + i].set(1)
+        step = model.run(token[:, None], kv_mask, s["position"][:, None], cache=s["cache"], cache_index=prompt_len + i,
+                         layer_weights=layer_weights)
+        return {"i": i + 1, "cache": step["cache"], "kv_mask": kv_mask, "logits": step["logits"][:, 0],
+                "position": s["position"] + 1, "done": done, "tokens": s["tokens"].at[:, i].set(token),
+                "seen": s["seen"].at[jnp.arange(batch), token].set(True), "window": window}
+
+    return jax.lax.while_loop(cond, body, state0)["tokens"]
+
+
+_stream_sink: list[Callable] = []
+
+
+def _stream_callback(step, tokens):
+    for sink in _stream_sink:
+        sink(int(step), np.asarray(tokens))
+
+
+def left_align(input_ids: np.ndarray, attention_mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Moves every row's real tokens to the right end (left padding), whatever padding it came with."""
+    out_ids, out_mask = np.zeros_like(input_ids), np.zeros_like(attention_mask)
+    width = input_ids.shape[1]
+    for r in range(input_ids.shape[0]):
+        real = input_ids[r][attention_mask[r].astype(bool)]
+        out_ids[r, width - len(real):] = real
+        out_mask[r, width - len(real):] = 1
+    return out_ids, out_mask
+
+
+def generate(
+    model: Phi,
+    input_ids,
+    attention_mask=None,
+    *,
+    max_new_tokens: int = 32,
+    temperature: float = 0.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    repetition_penalty: float = 1.0,
+    seed: int = 0,
+    eos_token_id: int | None = None,
+    stop_sequences: Sequence[Sequence[int]] = (),
+    on_token: Callable[[int, np.ndarray], None] | None = None,
+    copy_layers: bool | None = None,
+) -> np.ndarray:
+    """Prompt + continuation ids [B, P + max_new_tokens]; rows are padded with EOS after they finish.
+
+    input_ids [B, P] (numpy or jax); attention_mask [B, P] marks real tokens
+    (left or right padding). eos_token_id defaults to the config's.
+    stop_sequences: token id sequences that end a row like EOS does.
+    on_token(step, tokens [B]) is called as each token is produced (streaming).
+    copy_layers: hold a second copy of the layer weights during the call so that each
+    decoding step reads every weight once (faster); None decides by free memory
+    (`layer_copy_fits`). The tokens are the same either way.
+    """
+    ids = np.asarray(input_ids, np.int32)
+    if ids.ndim != 2 or ids.shape[1] == 0:
+        raise UserInputError(f"input_ids must be a non-empty [batch, time] array, got shape {ids.shape}.")
+    mask = np.ones_like(ids) if attention_mask is None else np.asarray(attention_mask, np.int32)
+    lengths = mask.sum(axis=1)
+    if (lengths == 0).any():
+        raise UserInputError(f"prompt {int(np.argmin(lengths))} of the batch is empty; expected at least one token.")
+    if max_new_tokens < 1:
+        raise UserInputError(f"max_new_tokens must be at least 1, got {max_new_tokens}.")
+    context = model.config.max_position_embeddings
+    if lengths.max() + max_new_tokens > context:
+        raise UserInputError(f"a prompt of {int(lengths.max())} tokens plus max_new_tokens {max_new_tokens} exceeds the "
+                             f"model's context of {context} tokens.")
+    ids, mask = left_align(ids, mask)
+    ids, mask = ids[:, ids.shape[1] - lengths.max():], mask[:, mask.shape[1] - lengths.max():]
+    bucket = min(-(-ids.shape[1] // PROMPT_BUCKET) * PROMPT_BUCKET, context - max_new_tokens)
+    pad = bucket - ids.shape[1]
+    padded_ids = np.pad(ids, ((0, 0), (pad, 0)))
+    padded_mask = np.pad(mask, ((0, 0), (pad, 0)))
+    eos = model.config.eos_token_id if eos_token_id is None else eos_token_id
+    eos = -1 if eos is None else eos
+    stop_len = max([len(s) for s in stop_sequences] + [1])
+    stops = np.full((max(len(stop_sequences), 1), stop_len), -1, np.int32)
+    for n, seq in enumerate(stop_sequences):
+        if len(seq):
+            stops[n, stop_len - len(seq):] = seq
+    sampling = Sampling(float(temperature), top_k, top_p, float(repetition_penalty))
+    graphdef, state = nnx.split(model)
+    if on_token is not None:
+        _stream_sink.append(on_token)
+    try:
+        # Copied out of the stack once per call, not once per layer and token (see `layer_copy_fits`).
+        copies = layer_copy_fits(model) if copy_layers is None else copy_layers
+        layer_weights = _layer_copies(graphdef, state) if copies else None
+        new = _compiled_decode(jax.default_backend())(
+            graphdef, state, jnp.asarray(padded_ids), jnp.asarray(padded_mask), max_new_tokens, sampling,
+            jax.random.key(seed), on_token is not None, eos, jnp.asarray(stops), layer_weights)
+        new = np.asarray(new)
+    finally:
+        if on_token is not None:
+            jax.effects_barrier()
+            _stream_sink.remove(on_token)
+    return np.concatenate([ids, new], axis=1)
+
+
+def generate_text(model: Phi, tokenizer, prompts: Sequence[str], *, max_new_tokens: int = 64,
+                  stop: Sequence[str] = (), **sampling) -> list[str]:
+    """Continuations of text prompts (the prompt itself not included), cut at EOS and at the first stop string."""
+    encoded = [tokenizer.encode(p) for p in prompts]
+    if any(not e for e in encoded):
+        raise UserInputError("a prompt is empty; expected at least one token of text.")
+    width = max(len(e) for e in encoded)
+    ids = np.zeros((len(encoded), width), np.int32)
+    mask = np.zeros_like(ids)
+    for r, e in enumerate(encoded):
+        ids[r, width - len(e):], mask[r, width - len(e):] = e, 1
+    stop_ids = [tokenizer.encode(s) for s in stop if s]
+    out = generate(model, ids, mask, max_new_tokens=max_new_tokens, eos_token_id=tokenizer.eos_id,
+                   stop_sequences=stop_ids, **sampling)
+    texts = []
+    for row in out[:, width:]:
+        row = row.tolist()
+        row = row[: row.index(tokenizer.eos_id)] if tokenizer.eos_id in row else row
+        text = tokenizer.decode(row)
+        cuts = [text.find(s) for s in stop if s and s in text]
+        texts.append(text[: min(cuts)] if cuts else text)
+    return texts
+
+
+# ----------------------------------------------------------------------------- CLI
+def default_tokenizer_path(model_path: Path) -> Path:
+    """The tokenizer that belongs with a model folder, converted checkpoint or training run."""
+    from phi2_jax.checkpoint.run_checkpoints import read_meta, resolve_step_dir
+
+    if (model_path / "tokenizer.json").is_file():
+        return model_path
+    step_dir = resolve_step_dir(model_path)
+    if step_dir is not None:
+        recorded = read_meta(step_dir).get("tokenizer")
+        if recorded:
+            return Path(recorded)
+    raise UserInputError(f"{model_path} has no tokenizer.json and records no tokenizer; pass --tokenizer.")
+
+
+@exit_on_user_error
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m phi2_jax.generate", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", required=True, type=Path, help="HF folder, converted checkpoint or run folder")
+    parser.add_argument("--prompt", action="append", default=[], help="a prompt (repeatable)")
+    parser.add_argument("--prompt-file", type=Path, help="one prompt per line (\\n escapes allowed)")
+    parser.add_argument("--tokenizer", type=Path, help="tokenizer.json / folder / .model (default: the model's)")
+    parser.add_argument("--max-new-tokens", type=int, default=64)
+    parser.add_argument("--temperature", type=float, default=0.0)
+    parser.add_argument("--top-k", type=int)
+    parser.add_argument("--top-p", type=float)
+    parser.add_argument("--repetition-penalty", type=float, default=1.0)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+    args = parser.parse_args(sys.argv[1:] if argv is None else argv)
+
+    from phi2_jax.hf.loading import from_pretrained
+    from phi2_jax.data.tokenizer import load_tokenizer
+
+    prompts = list(args.prompt)
+    if args.prompt_file:
+        if not args.prompt_file.is_file():
+            raise UserInputError(f"--prompt-file {args.prompt_file} does not exist.")
+        prompts += [line.replace("\\n", "\n") for line in args.prompt_file.read_text().splitlines() if line.strip()]
+    if not prompts:
+        raise UserInputError("no prompt given; pass --prompt TEXT or --prompt-file FILE.")
+    if any(not p for p in prompts):
+        raise UserInputError("a prompt is empty; expected some text.")
+    if not args.model.exists():
+        raise UserInputError(f"--model {args.model} does not exist.")
+    tokenizer = load_tokenizer(args.tokenizer or default_tokenizer_path(args.model))
+    model = from_pretrained(args.model)
+    sampling = dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                    repetition_penalty=args.repetition_penalty, seed=args.seed)
+    if len(prompts) == 1:
+        _stream_one(model, tokenizer, prompts[0], args.max_new_tokens, args.stop, sampling)
+        return
+    for prompt, text in zip(prompts, generate_text(model, tokenizer, prompts, max_new_tokens=args.max_new_tokens,
+                                                   stop=args.stop, **sampling)):
+        print(f"{'=' * 30}\n{prompt}{text}", flush=True)
+
+
+def _stream_one(model, tokenizer, prompt, max_new_tokens, stop, sampling) -> None:
+    """Prints the continuation as it is produced (decoding the growing sequence keeps multi-byte tokens whole)."""
+    ids = tokenizer.encode(prompt)
+    produced: list[int] = []
+    printed = [""]
+    sys.stdout.write(prompt)
+
+    def on_token(step, tokens):
+        if tokens[0] == tokenizer.eos_id or printed[0] is None:
+            printed[0] = None
+            return
+        produced.append(int(tokens[0]))
+        text = tokenizer.decode(produced)
+        cut = min([text.find(s) for s in stop if s and s in text] + [len(text)])
+        sys.stdout.write(text[len(printed[0]):cut])
+        sys.stdout.flush()
+        printed[0] = None if cut < len(text) else text
+
+    stop_ids = [tokenizer.encode(s) for s in stop if s]
+    generate(model, np.asarray([ids]), max_new_tokens=max_new_tokens, eos_token_id=tokenizer.eos_id,
+             stop_sequences=stop_ids, on_token=on_token, **sampling)
+    sys.stdout.write("\n")
+
+
+if __name__ == "__main__":
+    main()
