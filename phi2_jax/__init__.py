@@ -9,6 +9,7 @@ Notebook API:
 
 from phi2_jax.config import PRESETS, PhiConfig, preset
 from phi2_jax.errors import ConfigError, UserInputError, WeightsError
+from phi2_jax.hf.convert import save_pretrained
 from phi2_jax.inference.generate import generate, generate_text
 from phi2_jax.hf.loading import from_pretrained
 from phi2_jax.model.transformer import Phi, abstract_model, create_model, param_count
@@ -19,11 +20,3 @@ __all__ = [
     "generate", "generate_text", "save_pretrained", "Phi", "abstract_model", "create_model", "param_count", "MeshConfig", "make_mesh",
 ]
 
-
-def save_pretrained(model, hf_dir, **options):
-    """`phi2_jax.convert.save_pretrained`: writes `model` as a Hugging Face folder (see there for the options)."""
-    # Imported on call: importing phi2_jax.hf.convert here would load it before `python -m phi2_jax.convert` runs
-    # it as __main__, which Python warns about on every conversion.
-    from phi2_jax.hf.convert import save_pretrained as save
-
-    return save(model, hf_dir, **options)

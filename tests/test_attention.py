@@ -80,7 +80,7 @@ def test_forcing_cudnn_on_cpu_is_refused_with_the_reason():
 
 
 def test_causal_blocks_split_long_self_attention_evenly():
-    assert [phi2_jax.attention.causal_blocks(t) for t in (100, 255, 256, 384, 1024, 2048, 1000)] == [1, 1, 2, 3, 8, 8, 5]
+    assert [phi2_jax.model.attention.causal_blocks(t) for t in (100, 255, 256, 384, 1024, 2048, 1000)] == [1, 1, 2, 3, 8, 8, 5]
 
 
 def test_causal_query_blocks_equal_numpy_and_unblocked_gradients(monkeypatch):
@@ -102,7 +102,7 @@ def test_causal_query_blocks_equal_numpy_and_unblocked_gradients(monkeypatch):
 
     unblocked = grads()
     monkeypatch.setattr(phi2_jax.model.attention, "CAUSAL_BLOCK_ROWS", 2)
-    assert phi2_jax.attention.causal_blocks(12) == 6
+    assert phi2_jax.model.attention.causal_blocks(12) == 6
     valid = kv_mask.astype(bool)
     np.testing.assert_allclose(np.asarray(run(q, k, v))[valid], numpy_attention(
         *(np.asarray(x) for x in (q, k, v)), kv_mask, segments)[valid], rtol=1e-5, atol=1e-6)

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from phi2_jax import ConfigError
-from phi2_jax.data.pipeline import PackedSequences, Splits, build_splits, train_dataset
+from phi2_jax.data.pipeline import allow_grain_workers, PackedSequences, Splits, build_splits, train_dataset
 from phi2_jax.data.sources import is_validation, read_source
 from phi2_jax.data.token_files import TokenArrays
 from phi2_jax.data.tokenizer import load_tokenizer
@@ -123,6 +123,7 @@ def test_hf_tokenizer_json_round_trips(tmp_path):
 def test_worker_processes_give_the_same_batches_and_resume():
     stream = np.arange(50_001, dtype=np.int32)
     plain = iter(train_dataset(_splits(stream), batch_size=3, seed=4))
+    allow_grain_workers()
     workers = iter(train_dataset(_splits(stream), batch_size=3, seed=4, workers=2))
     for _ in range(3):
         np.testing.assert_array_equal(next(workers)["input_ids"], next(plain)["input_ids"])
@@ -182,7 +183,7 @@ def test_token_files_hold_every_document_and_eos_in_order_and_are_reused(tmp_pat
     assert sorted(p.suffix for p in (tmp_path / "cache" / "tokens").iterdir()) == [".int32"] * 3
 
     # Cached: a second build reads no document at all.
-    monkeypatch.setattr("phi2_jax.data.read_source", lambda source: pytest.fail("re-read a cached source"))
+    monkeypatch.setattr("phi2_jax.data.pipeline.read_source", lambda source: pytest.fail("re-read a cached source"))
     again = build_splits(sources, str(tmp_path / "tok"), 8, 0.2, 300)
     assert [list(p.tokens[:]) for p in again.train] == [list(p.tokens[:]) for p in splits.train]
 

@@ -8,7 +8,8 @@ import torch
 
 import phi2_jax
 from phi2_jax import UserInputError
-from phi2_jax.inference.generate import Sampling, generate, generate_text, layer_copy_fits, main, sample_logits
+from phi2_jax.inference.cli import main
+from phi2_jax.inference.generate import Sampling, generate, generate_text, layer_copy_fits, sample_logits
 from phi2_jax.inference.greedy import greedy_complete
 from tests.hf_reference import train_bpe_tokenizer
 

@@ -195,9 +195,24 @@ def train_dataset(splits: Splits, batch_size: int, seed: int, process_index: int
     ds = grain.MapDataset.range(len(mixed) // global_batch * batch_size).map(row)
     ds = ds.batch(batch_size, drop_remainder=True)
     it = ds.to_iter_dataset(grain.ReadOptions(num_threads=2, prefetch_buffer_size=4))
-    if workers > 0:  # Grain's worker processes read absl flags: the command marks them parsed (trainer.main)
+    if workers > 0:
+        from absl import flags
+
+        if not flags.FLAGS.is_parsed():
+            raise ConfigError("data.workers > 0 starts Grain worker processes, which read absl flags that this "
+                              "process has not parsed; call phi2_jax.data.pipeline.allow_grain_workers() once "
+                              "first (the train command does), or use data.workers=0.")
         it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=workers))
     return it
+
+
+def allow_grain_workers() -> None:
+    """Marks absl's flags parsed, which Grain's worker processes require: a process-wide change, so the commands
+    (and a notebook that wants workers) make it, never the pipeline itself."""
+    from absl import flags
+
+    if not flags.FLAGS.is_parsed():
+        flags.FLAGS.mark_as_parsed()
 
 
 def validation_batches(splits: Splits, batch_size: int, num_batches: int, process_index: int = 0,

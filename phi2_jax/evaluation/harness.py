@@ -166,7 +166,7 @@ def main(argv=None) -> None:
     if not args.task and not args.ppl:
         raise UserInputError("nothing to evaluate; pass --task NAME[=FILE] and/or --ppl FILE.")
 
-    from phi2_jax.inference.generate import default_tokenizer_path
+    from phi2_jax.hf.loading import default_tokenizer_path
     from phi2_jax.hf.loading import from_pretrained
     from phi2_jax.data.tokenizer import load_tokenizer
 

@@ -2,7 +2,7 @@
 
     python -m phi2_jax.lm_eval_adapter --model PATH --tasks piqa,arc_easy,hellaswag [--num-fewshot 0]
 
-or from Python: `lm_eval.simple_evaluate(model=phi2_jax.lm_eval_adapter.lm_eval_model(PATH), tasks=[...])`.
+or from Python: `lm_eval.simple_evaluate(model=phi2_jax.evaluation.lm_eval_adapter.lm_eval_model(PATH), tasks=[...])`.
 `Harness` implements the three request types on plain tuples (usable without
 lm_eval installed); `lm_eval_model` wraps it in lm_eval's `LM` class and
 registers it as model type "phi2_jax". The tests run a local lm_eval task
@@ -61,7 +61,7 @@ def lm_eval_model(pretrained: str, tokenizer: str | None = None, batch_size: int
     except ImportError:
         raise UserInputError("lm-evaluation-harness is not installed; pip install 'phi2_jax[lm_eval]'.") from None
 
-    from phi2_jax.inference.generate import default_tokenizer_path
+    from phi2_jax.hf.loading import default_tokenizer_path
     from phi2_jax.hf.loading import from_pretrained
     from phi2_jax.data.tokenizer import load_tokenizer
 

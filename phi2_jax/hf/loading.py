@@ -18,7 +18,7 @@ from jax.sharding import Mesh
 
 from phi2_jax.checkpoint.run_checkpoints import read_meta, resolve_step_dir, restore_params
 from phi2_jax.config import PhiConfig
-from phi2_jax.errors import WeightsError
+from phi2_jax.errors import UserInputError, WeightsError
 from phi2_jax.hf.files import HFWeights
 from phi2_jax.util.host_arrays import numpy_dtype
 from phi2_jax.hf.layout import detect_layout, flatten, hf_names_and_shapes, to_params, unflatten
@@ -112,3 +112,15 @@ def from_pretrained(
     shardings = (nnx.to_pure_dict(state_shardings(state, mesh)) if mesh is not None
                  else jax.sharding.SingleDeviceSharding(jax.devices()[0]))
     return nnx.merge(graphdef, restore_params(step_dir, with_shardings(nnx.to_pure_dict(state), shardings)))
+
+
+def default_tokenizer_path(model_path: Path) -> Path:
+    """The tokenizer that belongs with a model folder, converted checkpoint or training run."""
+    if (model_path / "tokenizer.json").is_file():
+        return model_path
+    step_dir = resolve_step_dir(model_path)
+    if step_dir is not None:
+        recorded = read_meta(step_dir).get("tokenizer")
+        if recorded:
+            return Path(recorded)
+    raise UserInputError(f"{model_path} has no tokenizer.json and records no tokenizer; pass --tokenizer.")

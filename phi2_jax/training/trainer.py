@@ -48,13 +48,6 @@ def initialize_distributed(dist) -> None:
         jax.distributed.initialize()
 
 
-def mark_absl_flags_parsed() -> None:
-    from absl import flags
-
-    if not flags.FLAGS.is_parsed():
-        flags.FLAGS.mark_as_parsed()
-
-
 class Trainer:
     """One training run: data, mesh, compiled steps and checkpoints for a validated `RunConfig`."""
 
@@ -332,7 +325,9 @@ def main(argv=None) -> None:
     log_info_to_stderr(command_line)
     if command_line:
         keep_freed_memory_on_cpu("train")  # before JAX starts its threads
-    mark_absl_flags_parsed()  # Grain's worker processes read absl flags, and we have no absl main
+    from phi2_jax.data.pipeline import allow_grain_workers
+
+    allow_grain_workers()  # a process-wide change (absl flags), which the command, not the library, makes
     config = load_run_config(args.config, args.overrides)
     if args.dry_run:
         # Only the CPU backend reads this (before its first use): a GPU host compiles for its real GPUs.
