@@ -9,7 +9,8 @@ import torch
 import phi2_jax
 from phi2_jax import UserInputError
 from phi2_jax.inference.cli import main
-from phi2_jax.inference.generate import Sampling, generate, generate_text, layer_copy_fits, sample_logits
+from phi2_jax.inference.decoding import can_fuse_input_projections, layer_copy_fits
+from phi2_jax.inference.generate import Sampling, generate, generate_text, sample_logits
 from phi2_jax.inference.greedy import greedy_complete
 from tests.hf_reference import train_bpe_tokenizer
 
@@ -41,7 +42,7 @@ def test_layer_copies_are_made_only_when_they_take_at_most_half_the_free_memory(
     _, reference, model = gen_model
     layer_bytes = 4 * sum(p.numel() for p in reference.model.layers.parameters())  # float32 weights
     for free, expected in [(2 * layer_bytes, True), (2 * layer_bytes - 1, False), (0, False)]:
-        monkeypatch.setattr(sys.modules["phi2_jax.inference.generate"], "free_device_memory", lambda free=free: free)
+        monkeypatch.setattr(sys.modules["phi2_jax.inference.decoding"], "free_device_memory", lambda free=free: free)
         assert layer_copy_fits(model) is expected
 
 
@@ -168,7 +169,7 @@ def test_text_helper_and_cli_stream_the_same_text(gen_model, tokenizer_dir, caps
 def test_generation_on_a_sharded_model_matches_one_device(gen_model, axes):
     folder, _, model = gen_model
     sharded = phi2_jax.from_pretrained(folder, mesh=phi2_jax.make_mesh(axes))
-    assert sharded.can_fuse_input_projections() == (axes["tensor"] == 1)
+    assert can_fuse_input_projections(sharded) == (axes["tensor"] == 1)
     ids = np.random.default_rng(7).integers(1, 320, (4, 6))
     np.testing.assert_array_equal(generate(sharded, ids, max_new_tokens=10, eos_token_id=-1),
                                   generate(model, ids, max_new_tokens=10, eos_token_id=-1))
