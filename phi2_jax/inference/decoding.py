@@ -1,9 +1,9 @@
 """How a decoding step runs on each backend: the KV cache's layout, and layer copies made once per call.
 
 Decoding reads every weight once per token, so its speed is the bytes it moves.
-Two choices were measured on XLA:CPU (docs/benchmarks.md) and are made there only;
-other backends run the model's own path (scanned layers, the 'bskd' cache) until
-they are measured:
+Two choices were measured on XLA:CPU (docs/benchmarks.md, "Why the code is as it
+is") and are made there only; other backends run the model's own path (scanned
+layers, the 'bskd' cache) until they are measured:
   * the cache layout: 'heads_flat' [B*K, S, D] on the CPU (read and updated in place
     by plain batched matmuls), 'bskd' [B, S, K, D] elsewhere (what attention reads
     with no per-token transpose);

@@ -63,9 +63,8 @@ def sample_logits(logits: jax.Array, key: jax.Array, sampling: Sampling, seen: j
 
 
 # XLA:CPU hands dots to YNNPACK by default, which is faster at training and prefill shapes but slower at
-# decoding's few-row ones: batch-8 decoding of phi-small takes 34 ms/token with it, 20 ms/token with Eigen's
-# dots (batch 1 the same either way); training steps and prefill are 5-15% faster with it, so only the
-# decoding program turns it off.
+# decoding's few-row ones than Eigen's dots; the choice is per compiled program, so only the decoding
+# program turns it off (measured: docs/benchmarks.md, "Decoding: Eigen's dots (YNNPACK off)").
 _DECODE_COMPILER_OPTIONS = {"cpu": {"xla_cpu_experimental_ynn_fusion_type": ""}}
 
 

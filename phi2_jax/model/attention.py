@@ -69,15 +69,15 @@ def xla_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, kv_
     groups = num_heads // num_kv_heads
     # Heads-major: the G query heads sharing a key/value head (head n uses kv head n // G, as transformers'
     # repeat_kv) are stacked along the query axis, [B, K, G*T, D] against [B, K, S, D]. k and v are never
-    # repeated, and both einsums are plain batched matmuls: on XLA:CPU 1.45x faster forward and 1.7x faster
-    # forward + backward than the [B, T, K, G, D] form this replaced (4 x 256 tokens, 8 heads of 64).
+    # repeated, and both einsums are plain batched matmuls, faster on XLA:CPU in both passes than the
+    # [B, T, K, G, D] form this replaced (measured: docs/benchmarks.md, "Attention: heads-major form").
     q = q.reshape(batch, q_len, num_kv_heads, groups, head_dim).transpose(0, 2, 3, 1, 4)
     q = q.reshape(batch, num_kv_heads, groups * q_len, head_dim)
     rows = (batch, num_kv_heads, groups * q_len)
     if kv_flat:
         # The cache is read as stored, [B*K, S, D]: reshaping it to [B, K, S, D] makes XLA fuse its in-place
         # update into both readers and copy the cache at every decoding step. (Training keeps the 4-d form:
-        # this one's backward pass is 20% slower there.)
+        # this one's backward pass is slower there. Measured: docs/benchmarks.md, "Decoding: the CPU KV-cache layout".)
         scores = jnp.einsum("nqd,nsd->nqs", q.reshape(-1, *q.shape[2:]), k, preferred_element_type=jnp.float32)
         scores = scores.reshape(*rows, -1)
     else:

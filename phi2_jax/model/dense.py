@@ -13,7 +13,8 @@ Two weight-gradient forms, chosen by `PhiConfig.weight_grad`:
                 autodiff (`jax.jvp`, `jax.jacfwd`) works. Every backend.
   'transposed'  a custom VJP that transposes one operand of the weight-gradient
                 dot into a fresh array first, which XLA:CPU then runs at its
-                forward matmul speed (docs/benchmarks.md). Chosen by the trainer
+                forward matmul speed (docs/benchmarks.md, "Training: the
+                transposed weight gradient"). Chosen by the trainer
                 and the bench on the CPU backend only; it blocks forward mode.
 """
 
@@ -78,8 +79,9 @@ def _backward(compute_dtype, out_dtype, residuals, dy):
     rows, d_in, d_out = dy.size // dy.shape[-1], x.shape[-1], dy.shape[-1]
     x2, dy2 = x.reshape(rows, d_in), dy.reshape(rows, d_out)
     # The weight gradient's dot contracts the token axis, the leading axis of both operands: XLA:CPU runs that
-    # ~30% slower than a forward matmul of the same size, but at full speed with the smaller operand
-    # transposed into a fresh array first (the barrier keeps XLA from folding the transpose back).
+    # slower than a forward matmul of the same size, but at full speed with the smaller operand transposed
+    # into a fresh array first (the barrier keeps XLA from folding the transpose back). Measured:
+    # docs/benchmarks.md, "Training: the transposed weight gradient".
     if d_in <= d_out:
         dw = jnp.matmul(jax.lax.optimization_barrier(x2.T), dy2, preferred_element_type=jnp.float32)
     else:

@@ -4,7 +4,8 @@
                 the default everywhere except XLA:CPU.
   'heads_flat'  [B*K, S, D] per layer: XLA:CPU reads it with plain batched matmuls and
                 updates it in place; reshaping it back to [B, K, S, D] made XLA copy the
-                whole cache at every step there (measured in docs/benchmarks.md).
+                whole cache at every step there (measured: docs/benchmarks.md, "Decoding:
+                the CPU KV-cache layout").
 
 Layers' caches are either stacked along a leading axis (the scanned layers index them
 dynamically) or kept as a list of per-layer arrays (decoding's unrolled layer copies, which
