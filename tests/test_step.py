@@ -2,9 +2,8 @@
 
 import jax
 import numpy as np
-import optax
 import pytest
-from jax.sharding import NamedSharding, PartitionSpec
+from jax.sharding import PartitionSpec
 
 import phi2_jax
 from phi2_jax.hf.layout import flatten

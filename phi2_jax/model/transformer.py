@@ -39,6 +39,7 @@ from phi2_jax.config import PhiConfig
 from phi2_jax.model.attention import attention, attention_mask, attention_probs
 from phi2_jax.model.dense import dense
 from phi2_jax.model.kv_cache import KVCache
+from phi2_jax.model.lora import init_lora_a
 from phi2_jax.sharding import constrain, state_shardings
 
 Array = jax.Array
@@ -171,7 +172,7 @@ class Linear(nnx.Module):
         self.lora_scale = 0.0
         if lora and config.lora_rank:
             rank = config.lora_rank
-            self.lora_a = LoRAParam(_normal(d_in**-0.5)(rngs.params(), (*stack, d_in, rank), pdt),
+            self.lora_a = LoRAParam(init_lora_a(rngs.params(), (*stack, d_in, rank), pdt),
                                     logical_axes=(*stack_names, names[0], "lora_rank"))
             self.lora_b = LoRAParam(jnp.zeros((*stack, rank, d_out), pdt), logical_axes=(*stack_names, "lora_rank", names[1]))
             self.lora_scale = config.lora_alpha / rank
