@@ -127,9 +127,11 @@ def main():
             else:  # RLIMIT_NPROC counts all of this user's tasks: allow `processes` more than it has now
                 processes += _user_processes(os.getuid())
         _check(_libc.prctl(_PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0), "no_new_privs")
-        for limit, value in ((resource.RLIMIT_CPU, cpu), (resource.RLIMIT_AS, memory),
-                             (resource.RLIMIT_FSIZE, file_bytes), (resource.RLIMIT_NOFILE, open_files),
-                             (resource.RLIMIT_NPROC, processes), (resource.RLIMIT_CORE, 0)):
+        # CPU: SIGXCPU at the soft limit, SIGKILL a second later (at equal limits SIGKILL would come first).
+        resource.setrlimit(resource.RLIMIT_CPU, (cpu, cpu + 1))
+        for limit, value in ((resource.RLIMIT_AS, memory), (resource.RLIMIT_FSIZE, file_bytes),
+                             (resource.RLIMIT_NOFILE, open_files), (resource.RLIMIT_NPROC, processes),
+                             (resource.RLIMIT_CORE, 0)):
             resource.setrlimit(limit, (value, value))
         os.chdir(workdir)
         # Not dumpable: the program (same user) can neither ptrace us nor open our status descriptor
