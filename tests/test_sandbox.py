@@ -136,7 +136,7 @@ def test_the_evaluators_environment_is_not_readable(monkeypatch):
               "for pid in os.listdir('/proc'):\n    try:\n"
               "        seen += open(f'/proc/{pid}/environ', 'rb').read().decode(errors='replace')\n"
               "    except OSError:\n        pass\n"
-              f"print(seen)\nsys.exit(0 if 'sk-not-a-real-key' in seen else 1)\n")
+              "print(seen)\nsys.exit(0 if 'sk-not-a-real-key' in seen else 1)\n")
     result = run_program(source, Limits(seconds=SLOW_OK))
     assert (result.passed, result.status) == (False, "failed")
     assert "sk-not-a-real-key" not in result.output and "PATH=/usr/bin:/bin" in result.output

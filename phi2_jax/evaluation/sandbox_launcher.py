@@ -161,4 +161,5 @@ def main():
     os._exit(0)
 
 
-main()
+if __name__ == "__main__":  # `python -c` runs it as __main__; an import (a layout test) runs nothing
+    main()

@@ -57,7 +57,8 @@ def main(argv=None) -> None:
     tokenizer = load_tokenizer(args.tokenizer or default_tokenizer_path(args.model))
     model = from_pretrained(args.model)
     if args.top_k is not None and args.top_k > model.config.vocab_size:
-        raise UserInputError(f"--top-k {args.top_k} exceeds the model's vocabulary of {model.config.vocab_size} tokens.")
+        raise UserInputError(f"--top-k {args.top_k} exceeds the model's vocabulary of "
+                             f"{model.config.vocab_size} tokens.")
     if len(prompts) == 1:
         _stream_one(model, tokenizer, prompts[0], args.max_new_tokens, args.stop, sampling)
         return
