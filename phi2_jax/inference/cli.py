@@ -79,19 +79,6 @@ def read_prompt_file(path: Path) -> list[str]:
     return [line.replace("\\n", "\n") for line in text.splitlines() if line.strip()]
 
 
-def continuation_text(tokenizer, prompt_ids: list[int], new_ids: list[int]) -> str:
-    """The text `new_ids` add after the prompt: decode(prompt + new) less decode(prompt).
-
-    Decoding the new ids alone is not the same: a sentencepiece tokenizer drops the
-    leading space of the first piece of any sequence it decodes ('import' then
-    '▁_' printed 'import_'), and a byte-level token may complete a character begun
-    in the prompt.
-    """
-    shown = tokenizer.decode(prompt_ids)
-    full = tokenizer.decode(list(prompt_ids) + list(new_ids))
-    return full[len(shown):] if full.startswith(shown) else tokenizer.decode(new_ids)
-
-
 def _settled(text: str, stop: list[str]) -> str:
     """`text` less what later tokens may still change: a partial character, the beginning of a stop string."""
     text = text.rstrip("\ufffd")
@@ -100,7 +87,7 @@ def _settled(text: str, stop: list[str]) -> str:
 
 
 def _stream_one(model, tokenizer, prompt, max_new_tokens, stop, sampling) -> None:
-    """Prints the prompt, then `continuation_text` as it grows, cut at the first stop string.
+    """Prints the prompt, then `decode_continuation` as it grows, cut at the first stop string.
 
     Held back until the next token or the end: a trailing U+FFFD (a character whose
     bytes have not all arrived) and a tail that may be the start of a stop string.
@@ -111,7 +98,7 @@ def _stream_one(model, tokenizer, prompt, max_new_tokens, stop, sampling) -> Non
     sys.stdout.write(prompt)
 
     def show(final: bool) -> None:
-        text = continuation_text(tokenizer, ids, produced)
+        text = tokenizer.decode_continuation(ids, produced)
         cut = min([text.find(s) for s in stop if s and s in text] + [len(text)])
         stable = text[:cut] if cut < len(text) or final else _settled(text, stop)
         sys.stdout.write(stable[state["printed"]:])
