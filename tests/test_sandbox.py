@@ -85,6 +85,21 @@ def test_a_file_past_the_size_limit_is_refused(isolation):
     assert "OSError: [Errno 27] File too large" in result.output
 
 
+@needs_namespaces
+def test_many_files_cannot_fill_the_disk():
+    source = "for n in range(64):\n    open(f'part{n}', 'wb').write(b'x' * (1 << 20))\n"
+    result = run_program(source, Limits(seconds=SLOW_OK, file_bytes=1 << 20, disk_bytes=4 << 20))
+    assert (result.passed, result.status) == (False, "disk_full")
+    assert "OSError: [Errno 28] No space left on device" in result.output
+
+
+def test_a_thread_bomb_is_refused_too():
+    source = "import threading, time\nwhile True:\n    threading.Thread(target=time.sleep, args=(60,), daemon=True).start()\n"
+    result = run_program(source, Limits(seconds=SLOW_OK, processes=8))
+    assert (result.passed, result.status) == (False, "processes")
+    assert "RuntimeError: can't start new thread" in result.output
+
+
 @pytest.mark.parametrize("isolation", MODES)
 def test_an_output_flood_is_cut_at_the_cap(isolation):
     start = time.monotonic()

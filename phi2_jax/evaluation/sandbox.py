@@ -12,8 +12,9 @@ processes, with its output read up to a cap. Where Linux namespaces work
   their environ) are invisible, kill(getppid()) reaches nothing, and the whole
   tree dies with the sandbox's first process;
 - its own network namespace: no network at all, not even the host's localhost;
-- its own mount namespace in which every mount is read-only except the
-  working directory, capabilities dropped so that this cannot be undone.
+- its own mount namespace in which every mount is read-only and the working
+  directory a fresh tmpfs of `disk_bytes`, capabilities dropped so that this
+  cannot be undone.
 
 Without namespaces (`isolation='none'`, or when the probe fails) a root
 evaluator still runs programs as nobody, and a subreaper kills what the program
@@ -58,13 +59,14 @@ class Limits:
     open_files: int = 64
     processes: int = 16                # tasks (processes and threads) at once, RLIMIT_NPROC
     output_bytes: int = 1 << 20        # stdout + stderr kept; the program is stopped past it
+    disk_bytes: int = 64 << 20         # all files together (with namespaces: a tmpfs of this size)
     isolation: str = "auto"            # 'auto' (namespaces where they work), 'namespaces' or 'none'
     python: str | None = None          # the interpreter; None: `default_python()`
 
     def __post_init__(self):
         if not (isinstance(self.seconds, (int, float)) and math.isfinite(self.seconds) and self.seconds > 0):
             raise UserInputError(f"sandbox time limit must be a positive number of seconds, got {self.seconds}.")
-        for name in ("memory_bytes", "file_bytes", "open_files", "processes", "output_bytes"):
+        for name in ("memory_bytes", "file_bytes", "open_files", "processes", "output_bytes", "disk_bytes"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise UserInputError(f"sandbox limit {name} must be a positive integer, got {value!r}.")
@@ -78,8 +80,9 @@ class Limits:
 class RunResult:
     passed: bool
     # 'passed'; or why not: 'failed' (non-zero exit), 'timeout' (wall clock), 'cpu_time', 'memory',
-    # 'processes' (a fork refused), 'file_size', 'output_limit', 'killed' (by a signal, or the sandbox's
-    # first process killed), 'crashed' (SIGSEGV and kin), 'sandbox_error' (the sandbox could not be set up)
+    # 'processes' (a fork or thread refused), 'file_size', 'disk_full', 'output_limit', 'killed' (by a
+    # signal, or the sandbox's first process killed), 'crashed' (SIGSEGV and kin), 'sandbox_error' (the
+    # sandbox could not be set up)
     status: str
     output: str        # the last 2000 characters kept of stdout + stderr
     isolated: bool     # ran in namespaces
@@ -110,7 +113,8 @@ def _run(source: str, limits: Limits, isolated: bool) -> RunResult:
         command = [*(_namespace_prefix(root) if isolated else []),
                    python, "-I", "-B", "-c", _LAUNCHER, str(status_write),
                    "namespaces" if isolated else "none", workdir, str(cpu), str(limits.memory_bytes),
-                   str(limits.file_bytes), str(limits.open_files), str(limits.processes), python, path]
+                   str(limits.file_bytes), str(limits.open_files), str(limits.processes), str(limits.disk_bytes),
+                   python, path]
         env = {"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8", "TMPDIR": workdir}
         try:
             proc = subprocess.Popen(command, cwd=workdir, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
@@ -220,10 +224,12 @@ def _status(stopped: str | None, report: str, text: str) -> str:
             return "passed"
         if "MemoryError" in text:
             return "memory"
-        if "BlockingIOError: [Errno 11]" in text:  # fork / thread start refused by RLIMIT_NPROC
+        if "BlockingIOError: [Errno 11]" in text or "can't start new thread" in text:  # refused by RLIMIT_NPROC
             return "processes"
         if "[Errno 27] File too large" in text:
             return "file_size"
+        if "[Errno 28] No space left on device" in text:
+            return "disk_full"
         return "failed"
     if number == signal.SIGXCPU:
         return "cpu_time"

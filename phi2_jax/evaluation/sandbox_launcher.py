@@ -7,7 +7,7 @@ program started; without them it is a child subreaper that kills the program's
 leftover descendants itself. One line goes to the status descriptor, which the
 program never holds: `exit N`, `signal N` or `setup <reason>`.
 
-ARGS: status_fd mode workdir cpu_seconds memory_bytes file_bytes open_files processes python program
+ARGS: status_fd mode workdir cpu_seconds memory_bytes file_bytes open_files processes disk_bytes python program
 (mode: 'namespaces' or 'none').
 """
 
@@ -21,7 +21,7 @@ NOBODY = 65534
 _PR_SET_PDEATHSIG, _PR_SET_DUMPABLE, _PR_CAPBSET_DROP, _PR_SET_SECUREBITS = 1, 4, 24, 28
 _PR_SET_CHILD_SUBREAPER, _PR_SET_NO_NEW_PRIVS = 36, 38
 _SECBIT_NOROOT_LOCKED_ALL = 0x3F  # NOROOT, NO_SETUID_FIXUP, KEEP_CAPS_LOCKED and their locks
-_MS_BIND, _MS_REC, _MS_PRIVATE = 0x1000, 0x4000, 1 << 18
+_MS_NOSUID, _MS_NODEV, _MS_REC, _MS_PRIVATE = 0x2, 0x4, 0x4000, 1 << 18
 _SYS_MOUNT_SETATTR, _AT_FDCWD, _AT_RECURSIVE, _MOUNT_ATTR_RDONLY = 442, -100, 0x8000, 0x1
 
 _libc = ctypes.CDLL(None, use_errno=True)
@@ -38,16 +38,19 @@ def _check(result, what):
         raise OSError(errno, f"{what}: {os.strerror(errno)}")
 
 
-def _read_only_except(workdir):
-    """Every mount read-only (recursively), the working directory a writable bind mount of itself."""
+def _read_only_except(workdir, program, disk_bytes):
+    """Every mount read-only (recursively); over the working directory a fresh tmpfs of `disk_bytes` holding
+    the program, so that many files within the file size limit still cannot fill the host's disk."""
     _check(_libc.mount(b"none", b"/", None, _MS_REC | _MS_PRIVATE, None), "mount private")
-    _check(_libc.mount(workdir.encode(), workdir.encode(), None, _MS_BIND, None), "bind workdir")
     set_ro = _MountAttr(attr_set=_MOUNT_ATTR_RDONLY)
     _check(_libc.syscall(_SYS_MOUNT_SETATTR, _AT_FDCWD, b"/", _AT_RECURSIVE, ctypes.byref(set_ro),
                          ctypes.sizeof(set_ro)), "mount_setattr /")
-    clear_ro = _MountAttr(attr_clr=_MOUNT_ATTR_RDONLY)
-    _check(_libc.syscall(_SYS_MOUNT_SETATTR, _AT_FDCWD, workdir.encode(), 0, ctypes.byref(clear_ro),
-                         ctypes.sizeof(clear_ro)), "mount_setattr workdir")
+    with open(program, "rb") as f:
+        source = f.read()
+    options = f"size={disk_bytes},nr_inodes=1024,mode=0700".encode()
+    _check(_libc.mount(b"tmpfs", workdir.encode(), b"tmpfs", _MS_NOSUID | _MS_NODEV, options), "mount tmpfs")
+    with open(program, "wb") as f:
+        f.write(source)
 
 
 def _drop_capabilities():
@@ -110,13 +113,13 @@ def _kill_descendants():
 
 def main():
     status_fd, mode, workdir = int(sys.argv[1]), sys.argv[2], sys.argv[3]
-    cpu, memory, file_bytes, open_files, processes = (int(v) for v in sys.argv[4:9])
-    python, program = sys.argv[9], sys.argv[10]
+    cpu, memory, file_bytes, open_files, processes, disk_bytes = (int(v) for v in sys.argv[4:10])
+    python, program = sys.argv[10], sys.argv[11]
     os.set_inheritable(status_fd, False)  # the program never holds the status channel
     try:
         _libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)  # the evaluator side gone: so are we
         if mode == "namespaces":
-            _read_only_except(workdir)
+            _read_only_except(workdir, program, disk_bytes)
             _drop_capabilities()
         else:
             _libc.prctl(_PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)
