@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
+import numbers
 from collections.abc import Callable, Sequence
 
 import jax
@@ -38,6 +40,22 @@ class Sampling:
     top_k: int | None = None
     top_p: float | None = None
     repetition_penalty: float = 1.0
+
+    def __post_init__(self):
+        # Each message starts with the parameter's name (the command line turns it into its flag).
+        if not (_is_number(self.temperature) and 0 <= self.temperature < math.inf):
+            raise UserInputError(f"temperature must be a number at least 0 (0: greedy), got {self.temperature}.")
+        if self.top_k is not None and not (isinstance(self.top_k, numbers.Integral) and not isinstance(self.top_k, bool)
+                                           and self.top_k >= 1):
+            raise UserInputError(f"top_k must be a positive integer, got {self.top_k}.")
+        if self.top_p is not None and not (_is_number(self.top_p) and 0 < self.top_p <= 1):
+            raise UserInputError(f"top_p must be in (0, 1], got {self.top_p}.")
+        if not (_is_number(self.repetition_penalty) and 0 < self.repetition_penalty < math.inf):
+            raise UserInputError(f"repetition_penalty must be a positive number, got {self.repetition_penalty}.")
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
 
 
 def sample_logits(logits: jax.Array, key: jax.Array, sampling: Sampling, seen: jax.Array) -> jax.Array:
@@ -178,6 +196,9 @@ def generate(
         raise UserInputError(f"prompt {int(np.argmin(lengths))} of the batch is empty; expected at least one token.")
     if max_new_tokens < 1:
         raise UserInputError(f"max_new_tokens must be at least 1, got {max_new_tokens}.")
+    Sampling(temperature, top_k, top_p, repetition_penalty)  # refuses bad values in one sentence
+    if top_k is not None and top_k > model.config.vocab_size:
+        raise UserInputError(f"top_k {top_k} exceeds the model's vocabulary of {model.config.vocab_size} tokens.")
     context = model.config.max_position_embeddings
     if lengths.max() + max_new_tokens > context:
         raise UserInputError(f"a prompt of {int(lengths.max())} tokens plus max_new_tokens {max_new_tokens} exceeds the "
