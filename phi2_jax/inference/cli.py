@@ -13,7 +13,7 @@ import numpy as np
 
 from phi2_jax.errors import UserInputError, exit_on_user_error
 from phi2_jax.hf.loading import default_tokenizer_path
-from phi2_jax.inference.generate import Sampling, generate, generate_text
+from phi2_jax.inference.generate import Sampling, generate, generate_text, stop_index
 
 
 @exit_on_user_error
@@ -99,7 +99,7 @@ def _stream_one(model, tokenizer, prompt, max_new_tokens, stop, sampling) -> Non
 
     def show(final: bool) -> None:
         text = tokenizer.decode_continuation(ids, produced)
-        cut = min([text.find(s) for s in stop if s and s in text] + [len(text)])
+        cut = stop_index(text, stop)
         stable = text[:cut] if cut < len(text) or final else _settled(text, stop)
         sys.stdout.write(stable[state["printed"]:])
         sys.stdout.flush()

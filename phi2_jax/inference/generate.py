@@ -249,10 +249,17 @@ def generate_text(model: Phi, tokenizer, prompts: Sequence[str], *, max_new_toke
     out = generate(model, ids, mask, max_new_tokens=max_new_tokens, eos_token_id=tokenizer.eos_id,
                    stop_sequences=stop_ids, **sampling)
     texts = []
-    for row in out[:, width:]:
-        row = row.tolist()
+    for prompt_ids, row in zip(encoded, out[:, width:].tolist()):
         row = row[: row.index(tokenizer.eos_id)] if tokenizer.eos_id in row else row
-        text = tokenizer.decode(row)
-        cuts = [text.find(s) for s in stop if s and s in text]
-        texts.append(text[: min(cuts)] if cuts else text)
+        texts.append(cut_at_stop(tokenizer.decode_continuation(prompt_ids, row), stop))
     return texts
+
+
+def stop_index(text: str, stop: Sequence[str]) -> int:
+    """Where `text` is cut: the start of the first stop string in it, else its length."""
+    return min([text.find(s) for s in stop if s and s in text] + [len(text)])
+
+
+def cut_at_stop(text: str, stop: Sequence[str]) -> str:
+    """`text` up to (not including) the first of the stop strings it contains."""
+    return text[:stop_index(text, stop)]
