@@ -1,4 +1,4 @@
-"""`python -m phi2_jax.train [CONFIG.yaml] [section.key=value ...] [--dry-run]`
+"""`python -m phi2_jax.train [CONFIG.yaml] [section.key=value ...] [--dry-run [--target T] [--devices N]]`
 
 With no arguments: trains the `tiny` Phi on the Python standard library's
 source code (no download), with a sentencepiece tokenizer trained on first use.
@@ -259,59 +259,22 @@ RUNTIME_FIELDS = ("param_dtype", "compute_dtype", "remat", "attention_backend", 
                   "attention_dropout", "lora_rank", "lora_alpha", "lora_targets")
 
 
-def dry_run(config: RunConfig, model_config) -> dict:
-    """Compiles the step for the configured mesh from shapes alone; prints memory and FLOPs; runs nothing."""
-    import jax
-    import jax.numpy as jnp
-
-    from phi2_jax.training.metrics import train_flops_per_token
-    from phi2_jax.training.optim import make_optimizer
-    from phi2_jax.sharding import make_mesh
-    from phi2_jax.training.step import build_steps
-
-    mesh = make_mesh({"data": config.mesh.data, "fsdp": config.mesh.fsdp, "tensor": config.mesh.tensor})
-    t, seq = config.train, config.data.seq_len
-    tx, schedule = make_optimizer(config.optim, t.steps)
-    steps = build_steps(model_config, mesh, tx, schedule, t.seed, t.grad_accum, config.optim.z_loss)
-    params, opt = steps.abstract_params, steps.abstract_opt_state
-    micro = t.batch_size // t.grad_accum
-    batch = {k: jax.ShapeDtypeStruct((t.grad_accum, micro, seq), jnp.int32, sharding=steps.batch_sharding)
-             for k in ("input_ids", "targets", "segment_ids", "positions")}
-    start = time.perf_counter()
-    compiled = steps.train_step.lower(params, opt, batch, jax.ShapeDtypeStruct((), jnp.int32)).compile()
-    seconds = time.perf_counter() - start
-    n = mesh.size
-
-    def per_device(tree):
-        return sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(tree)) / n  # evenly split where sharded
-
-    memory = compiled.memory_analysis()
-    report = {
-        "devices": n, "mesh": dict(mesh.shape), "params": model_config.num_params(),
-        "param_bytes_per_device": per_device(params), "optimizer_bytes_per_device": per_device(opt),
-        "temp_bytes_per_device": getattr(memory, "temp_size_in_bytes", None),
-        "model_flops_per_step": train_flops_per_token(model_config, seq) * t.batch_size * seq,
-        "compile_seconds": seconds,
-    }
-    gib = 2**30
-    print(f"dry run: compiled the train step for mesh {report['mesh']} ({n} devices) in {seconds:.1f}s")
-    print(f"  parameters      {report['params']:,}  ({report['param_bytes_per_device'] / gib:.2f} GiB/device, "
-          f"{model_config.param_dtype})")
-    print(f"  optimizer state {report['optimizer_bytes_per_device'] / gib:.2f} GiB/device")
-    if report["temp_bytes_per_device"] is not None:
-        print(f"  activations/temporaries {report['temp_bytes_per_device'] / gib:.2f} GiB/device (XLA memory analysis)")
-    print(f"  model FLOPs/step {report['model_flops_per_step']:.3e} (6N + 12 L T d per token x {t.batch_size} x {seq})")
-    return report
-
-
 def parse_args(argv):
     parser = argparse.ArgumentParser(prog="python -m phi2_jax.train", description=__doc__.split("\n\n")[0])
     parser.add_argument("config", nargs="?", help="YAML run config (default: the tiny run on the standard library)")
     parser.add_argument("overrides", nargs="*", help="section.key=value overrides, e.g. train.steps=50")
-    parser.add_argument("--dry-run", action="store_true", help="compile the step from shapes only and report memory")
+    parser.add_argument("--dry-run", action="store_true",
+                        help="compile the train step from shapes only, report per-device memory, kernels and "
+                             "collectives, run nothing (docs/gpu_compile.md)")
+    parser.add_argument("--target", default="cpu", metavar="{cpu,a100-80g,h100-80g,h200}",
+                        help="with --dry-run: compile for this device (GPU targets need jax[cuda12], no GPU; "
+                             "aliases a100, h100)")
     parser.add_argument("--devices", type=int, default=0,
-                        help="with --dry-run on a CPU: fake this many devices (default 8)")
-    args = parser.parse_args(argv)
+                        help="with --dry-run: the device count of the planned run (default: the mesh's product, "
+                             "else 8)")
+    parser.add_argument("--dump-hlo", default="", metavar="FILE",
+                        help="with --dry-run: write the compiled program's HLO text here")
+    args = parser.parse_intermixed_args(argv)  # overrides may follow the options
     if args.config and "=" in args.config:  # only overrides were given
         args.overrides.insert(0, args.config)
         args.config = None
@@ -329,17 +292,20 @@ def main(argv=None) -> None:
 
     allow_grain_workers()  # a process-wide change (absl flags), which the command, not the library, makes
     config = load_run_config(args.config, args.overrides)
-    if args.dry_run:
-        # Only the CPU backend reads this (before its first use): a GPU host compiles for its real GPUs.
-        os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
-                                   + f" --xla_force_host_platform_device_count={args.devices or 8}")
+    if args.dry_run:  # compiles for the planned devices; starts no distributed runtime, writes no run folder
+        from phi2_jax.training import dry_run
+
+        target = dry_run.resolve_target(args.target)
+        devices = args.devices or dry_run.default_device_count(config)
+        dry_run.prepare_command(target, devices)
+        model_config = validate(config, devices, source_model_config(config))
+        dry_run.dry_run(config, model_config, target, devices, label=args.config or "the default config",
+                        hlo_path=args.dump_hlo or None)
+        return
     initialize_distributed(config.distributed)
     import jax
 
     model_config = validate(config, jax.device_count(), source_model_config(config))
-    if args.dry_run:
-        dry_run(config, model_config)
-        return
     if Path(config.run_dir).exists() and not Path(config.run_dir).is_dir():
         raise ConfigError(f"run_dir {config.run_dir} exists and is not a folder.")
     result = Trainer(config, model_config).run()
