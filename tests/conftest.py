@@ -11,8 +11,6 @@ import pytest  # noqa: E402
 
 jax.config.update("jax_default_matmul_precision", "highest")
 
-from tests import hf_reference  # noqa: E402
-
 
 @pytest.fixture(scope="session")
 def hf_folder(tmp_path_factory):
@@ -21,6 +19,8 @@ def hf_folder(tmp_path_factory):
 
     def make(name, **kwargs):
         if name not in cache:
+            from tests import hf_reference  # torch and transformers: only where a test needs them
+
             cache[name] = hf_reference.write_hf_folder(tmp_path_factory.mktemp(name), **kwargs)
         return cache[name]
 
