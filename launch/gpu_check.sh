@@ -11,9 +11,13 @@
 #                            backward, at phi-2's head_dim) and generation against transformers
 #   train.{md,json,err}      the bench's train suite at full phi-2 size, seq 2048, bfloat16 compute
 #   decode.{md,json,err}     greedy decoding of full phi-2 at batch 1 and 8, with MBU
+#   packed.{json,err}        the trainer's own step (training/step.py) at full phi-2 size on ONE GPU with packed
+#                            documents (DOCS per row: segment ids, positions restarting per document) on the cuDNN
+#                            attention path: compile time, XLA's memory analysis on the real GPU (to hold against
+#                            `--dry-run --target`), the attention kernels compiled, two steps' time and MFU
 # Then copy the tables into docs/benchmarks.md with the date and the device.
 #
-# Knobs (environment): CONFIG (phi-2), SEQ (2048), BATCH (2), REMAT (save_dots), REPEATS (3), NEW_TOKENS (128),
+# Knobs (environment): CONFIG (phi-2), SEQ (2048), BATCH (2), REMAT (save_dots), REPEATS (3), NEW_TOKENS (128), DOCS (4),
 # COMPARE (transformers; 'none' on an 80 GB card, where both sides' phi-2 training state cannot fit),
 # PYTHON (python3).
 set -uo pipefail
@@ -23,6 +27,7 @@ mkdir -p "$OUT"
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 CONFIG=${CONFIG:-phi-2} SEQ=${SEQ:-2048} BATCH=${BATCH:-2} REMAT=${REMAT:-save_dots}
 REPEATS=${REPEATS:-3} NEW_TOKENS=${NEW_TOKENS:-128} COMPARE=${COMPARE:-transformers} PYTHON=${PYTHON:-python3}
+DOCS=${DOCS:-4}
 
 step() {  # step NAME LIMIT_S COMMAND...: runs COMMAND with a time limit and says how it ended
     local name=$1 limit=$2 start=$SECONDS
@@ -45,4 +50,55 @@ for suite in train decode; do
         --remat "$REMAT" --new-tokens "$NEW_TOKENS" --dtype bfloat16 --repeats "$REPEATS" --compare "$COMPARE" \
         --work-dir "${TMPDIR:-/tmp}/phi2_jax_bench" --output "$OUT/$suite.json" > "$OUT/$suite.md" 2> "$OUT/$suite.err"
 done
+# Two train steps of the trainer's own jitted step with packed documents, cuDNN attention forced (not 'auto').
+step packed 300 "$PYTHON" - "$CONFIG" "$SEQ" "$BATCH" "$REMAT" "$DOCS" > "$OUT/packed.json" 2> "$OUT/packed.err" <<'PY'
+import json, sys, time
+
+import jax, jax.numpy as jnp, numpy as np
+from flax import nnx
+
+from phi2_jax.config import preset
+from phi2_jax.model.transformer import create_model
+from phi2_jax.sharding import make_mesh
+from phi2_jax.training.compiled_hlo import HloProgram
+from phi2_jax.training.metrics import device_peak_flops, train_flops_per_token
+from phi2_jax.training.optim import make_optimizer
+from phi2_jax.training.run_config import OptimSection
+from phi2_jax.training.step import build_steps
+
+name, seq, batch, remat, docs = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4], int(sys.argv[5])
+cfg = preset(name, compute_dtype="bfloat16", remat=remat, attention_backend="cudnn")
+mesh = make_mesh({"data": 1, "fsdp": 1, "tensor": 1}, devices=jax.devices()[:1])
+tx, schedule = make_optimizer(OptimSection(lr=1e-4, warmup_steps=1), 100)
+steps = build_steps(cfg, mesh, tx, schedule, 0, 1, 1e-4)
+params = nnx.to_pure_dict(nnx.state(create_model(cfg, mesh=mesh)))
+opt_state = steps.init_opt(params)
+rng = np.random.default_rng(0)
+# Packed rows: `docs` documents of random lengths per row, each with its own segment id and positions from 0.
+segments = np.stack([np.searchsorted(np.sort(rng.choice(np.arange(1, seq), docs - 1, replace=False)), np.arange(seq),
+                                     side="right") for _ in range(batch)])
+starts = np.maximum.accumulate(np.where(np.diff(segments, prepend=-1, axis=1) != 0, np.arange(seq), 0), axis=1)
+ids = rng.integers(0, cfg.vocab_size, (batch, seq + 1))
+batch_arrays = {"input_ids": ids[:, :-1], "targets": ids[:, 1:], "segment_ids": segments, "positions": np.arange(seq) - starts}
+batch_arrays = {k: jax.device_put(jnp.asarray(v, jnp.int32)[None], steps.batch_sharding) for k, v in batch_arrays.items()}
+start = time.perf_counter()
+compiled = steps.train_step.lower(params, opt_state, batch_arrays, 0).compile()
+compile_s = time.perf_counter() - start
+memory = compiled.memory_analysis()
+times, losses = [], []
+for i in range(2):
+    start = time.perf_counter()
+    params, opt_state, metrics = compiled(params, opt_state, batch_arrays, i + 1)  # step 0 has lr 0
+    losses.append(float(metrics["loss"]))  # waits for the step
+    times.append(time.perf_counter() - start)
+peak, peak_source = device_peak_flops("bfloat16")
+flops = train_flops_per_token(cfg, seq) * batch * seq
+print(json.dumps({
+    "device": jax.devices()[0].device_kind, "config": name, "batch": batch, "seq": seq, "docs_per_row": docs,
+    "remat": remat, "compile_s": compile_s, "step_s": times, "losses": losses,
+    "tokens_per_s": batch * seq / times[-1], "mfu": flops / times[-1] / peak, "peak_flops": peak,
+    "peak_source": peak_source, "attention_kernels": HloProgram(compiled.as_text()).attention_kernels(),
+    "memory": {k: getattr(memory, f"{k}_size_in_bytes", None) for k in ("argument", "output", "alias", "temp")},
+}, indent=2))
+PY
 cat "$OUT/steps.txt"
