@@ -117,15 +117,20 @@ def _train(*args: str) -> subprocess.CompletedProcess:
                           text=True, timeout=900)
 
 
-def _dots(hlo: str) -> list[tuple[tuple[str, ...], str, tuple[int, ...]]]:
-    """(operand element types, result element type, result shape) of every `dot` in the HLO text, operand types
-    looked up among the definitions of the computation the dot is in."""
+def _dots(hlo: str) -> list[tuple[tuple[str, ...], str, tuple[int, ...], str]]:
+    """(operand element types, result element type, result shape, stated algorithm) of every `dot` in the HLO
+    text. An operand that is a `convert` inside the dot's fusion counts as its source: XLA:GPU widens the
+    fusion's bf16 parameters there and states the algorithm (dot_bf16_bf16_f32); the GEMM reads bf16."""
     found = []
     for block in re.split(r"\n\}\n", hlo):
         types = dict(re.findall(r"%([\w.\-]+) = ([a-z0-9]+)\[", block))
-        for dtype, dims, operands in re.findall(r"= ([a-z0-9]+)\[([\d,]*)\]\{[^}]*\} dot\(([^)]*)\)", block):
-            names = re.findall(r"%([\w.\-]+)", operands)
-            found.append((tuple(types.get(n, "?") for n in names), dtype, tuple(int(d) for d in dims.split(","))))
+        sources = dict(re.findall(r"%([\w.\-]+) = [a-z0-9]+\[[\d,]*\]\{[^}]*\} convert\(%([\w.\-]+)\)", block))
+        for dtype, dims, operands, rest in re.findall(
+                r"= ([a-z0-9]+)\[([\d,]*)\]\{[^}]*\} dot\(([^)]*)\)(.*)", block):
+            names = [sources.get(n, n) for n in re.findall(r"%([\w.\-]+)", operands)]
+            algorithm = re.search(r"algorithm=(\w+)", rest)
+            found.append((tuple(types.get(n, "?") for n in names), dtype, tuple(int(d) for d in dims.split(",")),
+                          algorithm.group(1) if algorithm else ""))
     return found
 
 
@@ -150,13 +155,14 @@ def test_cuda_phi2_step_for_8_h100s_compiles_fits_and_uses_cudnn_attention(tmp_p
     masks = set(re.findall(r'"mask_type":\s*"([A-Z_]+)"', hlo))
     assert masks and masks <= {"CAUSAL", "PADDING_CAUSAL"}, masks
 
-    # Weight gradients: every bf16 x bf16 matmul whose result is shaped like a layer's weight matrix (only a
-    # weight gradient is: the others carry the 6 x 2048 tokens) accumulates and returns float32.
+    # Weight gradients: every matmul whose result is shaped like a layer's weight matrix (only a weight
+    # gradient is: the others carry the 6 x 2048 tokens) reads bf16 operands and returns float32.
     h, f = 2560, 10240
     weight_shapes = {(h, h), (h, f), (f, h)}
-    grads = [d for d in _dots(hlo) if d[0] == ("bf16", "bf16") and d[2] in weight_shapes]
+    grads = [d for d in _dots(hlo) if d[2] in weight_shapes]
     assert {d[2] for d in grads} == weight_shapes, _dots(hlo)[:20]
-    assert {d[1] for d in grads} == {"f32"}, grads
+    assert {(d[0], d[1]) for d in grads} == {(("bf16", "bf16"), "f32")}, grads
+    assert {d[3] for d in grads} <= {"", "dot_bf16_bf16_f32"}, grads
 
 
 @needs_cuda_plugin

@@ -45,9 +45,10 @@ class Instruction:
 
 @dataclasses.dataclass(frozen=True)
 class Dot:
-    operand_dtypes: tuple[str, ...]
+    operand_dtypes: tuple[str, ...]  # as stored: looking through a convert inside the fusion that feeds the dot
     result_dtype: str
     result_shape: tuple[int, ...]
+    algorithm: str   # XLA's stated dot algorithm (e.g. "dot_bf16_bf16_f32"), "" if none
     count: int       # executions per call of the program
 
 
@@ -116,7 +117,7 @@ class HloProgram:
                 operands, attributes = _operands(match.group(4))
                 self.computations[current].append(Instruction(match.group(1), match.group(2), match.group(3),
                                                               operands, attributes))
-        self.types = {c: {i.name: i.result for i in body} for c, body in self.computations.items()}
+        self.by_name = {c: {i.name: i for i in body} for c, body in self.computations.items()}
         self.executions = self._executions()
 
     def _executions(self) -> dict[str, int]:
@@ -186,20 +187,28 @@ class HloProgram:
                           "bias": "Bias" in target.group(1), "operands": len(inst.operands), "count": times})
         return found
 
+    def _stored_dtype(self, computation: str, name: str) -> str:
+        """An operand's element type, or its source's where it is a convert (XLA widens bf16 inside a GEMM
+        fusion and states the algorithm; the GEMM still reads the bf16 buffer)."""
+        inst = self.by_name[computation].get(name)
+        if inst is None or not arrays(inst.result):
+            return "?"
+        if inst.opcode == "convert" and inst.operands and inst.operands[0] in self.by_name[computation]:
+            return self._stored_dtype(computation, inst.operands[0])
+        return arrays(inst.result)[0][0]
+
     def dots(self) -> list[Dot]:
         """Every dot (inside fusions too) and cuBLAS GEMM custom call that runs, with its element types."""
         seen: dict[tuple, int] = collections.Counter()
         for computation, inst, times in self.instructions():
-            if inst.opcode == "dot":
-                result = arrays(inst.result)[0]
-            elif inst.opcode == "custom-call" and re.search(r'custom_call_target="__cublas\$', inst.attributes):
-                result = arrays(inst.result)[0]  # (output, workspace)
-            else:
+            is_gemm = inst.opcode == "custom-call" and re.search(r'custom_call_target="__cublas\$', inst.attributes)
+            if inst.opcode != "dot" and not is_gemm:
                 continue
-            types = self.types[computation]
-            operand_dtypes = tuple(arrays(types[o])[0][0] for o in inst.operands[:2] if o in types and arrays(types[o]))
-            seen[(operand_dtypes, result[0], result[1])] += times
-        return [Dot(ops, dtype, shape, n) for (ops, dtype, shape), n in seen.items() if n]
+            dtype, shape = arrays(inst.result)[0]  # a GEMM custom call returns (output, workspace)
+            operands = tuple(self._stored_dtype(computation, o) for o in inst.operands[:2])
+            algorithm = re.search(r"algorithm=([\w]+)", inst.attributes)
+            seen[(operands, dtype, shape, algorithm.group(1) if algorithm else "")] += times
+        return [Dot(*key, n) for key, n in seen.items() if n]
 
 
 def _group_size(attributes: str) -> int:

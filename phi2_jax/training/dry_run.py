@@ -28,6 +28,7 @@ generated code). On a GPU target the step must fit the device's memory
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import importlib.resources
 import importlib.util
@@ -162,6 +163,32 @@ def model_for_target(model_config, target: Target):
     return model_config.replace(attention_backend=backend)
 
 
+@contextlib.contextmanager
+def cudnn_checks_answer_for(target: Target):
+    """While tracing for a GPU target, JAX's cuDNN attention wrapper is told the target's compute capability.
+
+    The wrapper (jax._src.cudnn.fused_attention_stablehlo) checks features against the compute capability of
+    the running backend's first GPU: with none (this machine compiles for a GPU it does not have) every
+    check says no, and packed documents ("Packed layout requires a GPU with at least Hopper architecture")
+    fail to trace even for an H100. Its two checks answer from the target instead, and are put back after.
+    """
+    if not target.is_gpu:
+        yield
+        return
+    from jax._src.cudnn import fused_attention_stablehlo as cudnn_attention
+
+    def parse(capability: str) -> tuple[int, ...]:
+        return tuple(int(x) for x in capability.split("."))
+
+    saved = cudnn_attention.check_compute_capability, cudnn_attention.is_cuda_compute_capability_equal
+    cudnn_attention.check_compute_capability = lambda capability: target.compute_capability >= parse(capability)
+    cudnn_attention.is_cuda_compute_capability_equal = lambda capability: target.compute_capability == parse(capability)
+    try:
+        yield
+    finally:
+        cudnn_attention.check_compute_capability, cudnn_attention.is_cuda_compute_capability_equal = saved
+
+
 def shard_bytes(tree, shardings) -> int:
     """Bytes one device holds of `tree`: each leaf's shard shape under its sharding, times its item size."""
     import jax
@@ -199,8 +226,14 @@ def compile_train_step(config, model_config, target: Target, devices: int) -> di
     step = jax.ShapeDtypeStruct((), jnp.int32, sharding=NamedSharding(mesh, PartitionSpec()))
     platform = "cuda" if target.is_gpu else "cpu"
     start = time.perf_counter()
-    lowered = steps.train_step.trace(steps.abstract_params, steps.abstract_opt_state, batch, step).lower(
-        lowering_platforms=(platform,))
+    try:
+        with cudnn_checks_answer_for(target):
+            lowered = steps.train_step.trace(steps.abstract_params, steps.abstract_opt_state, batch, step).lower(
+                lowering_platforms=(platform,))
+    except NotImplementedError as error:  # JAX's cuDNN wrapper refusing a shape or feature for this GPU
+        raise ConfigError(f"model.attention_backend '{model_config.attention_backend}' cannot compile for "
+                          f"{target.device_kind} (target {target.name}): JAX's cuDNN attention says \"{error}\"; "
+                          f"set model.attention_backend=xla for this target.") from None
     lower_seconds = time.perf_counter() - start
     compiled = lowered.compile()
     compile_seconds = time.perf_counter() - start - lower_seconds
