@@ -15,9 +15,12 @@
 #                            documents (DOCS per row: segment ids, positions restarting per document) on the cuDNN
 #                            attention path: compile time, XLA's memory analysis on the real GPU (to hold against
 #                            `--dry-run --target`), the attention kernels compiled, two steps' time and MFU
+#   dryrun.txt               the same shape through `--dry-run --target $TARGET --devices 1` (compiled without the
+#                            GPU): its memory analysis beside packed.json's says how far the GPU-less compile is off
 # Then copy the tables into docs/benchmarks.md with the date and the device.
 #
 # Knobs (environment): CONFIG (phi-2), SEQ (2048), BATCH (2), REMAT (save_dots), REPEATS (3), NEW_TOKENS (128), DOCS (4),
+# TARGET (h200: the --dry-run target matching the lent GPU),
 # COMPARE (transformers; 'none' on an 80 GB card, where both sides' phi-2 training state cannot fit),
 # PYTHON (python3).
 set -uo pipefail
@@ -27,7 +30,7 @@ mkdir -p "$OUT"
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 CONFIG=${CONFIG:-phi-2} SEQ=${SEQ:-2048} BATCH=${BATCH:-2} REMAT=${REMAT:-save_dots}
 REPEATS=${REPEATS:-3} NEW_TOKENS=${NEW_TOKENS:-128} COMPARE=${COMPARE:-transformers} PYTHON=${PYTHON:-python3}
-DOCS=${DOCS:-4}
+DOCS=${DOCS:-4} TARGET=${TARGET:-h200}
 
 step() {  # step NAME LIMIT_S COMMAND...: runs COMMAND with a time limit and says how it ended
     local name=$1 limit=$2 start=$SECONDS
@@ -101,4 +104,7 @@ print(json.dumps({
     "memory": {k: getattr(memory, f"{k}_size_in_bytes", None) for k in ("argument", "output", "alias", "temp")},
 }, indent=2))
 PY
+step dryrun 300 "$PYTHON" -m phi2_jax.train configs/phi2.yaml --dry-run --target "$TARGET" --devices 1 \
+    "train.batch_size=$BATCH" train.grad_accum=1 mesh.fsdp=1 "data.seq_len=$SEQ" "model.remat=$REMAT" \
+    > "$OUT/dryrun.txt" 2>&1
 cat "$OUT/steps.txt"
