@@ -36,7 +36,7 @@ from phi2_jax.hf.files import HFWeights
 from phi2_jax.util.host_arrays import contiguous, numpy_dtype
 from phi2_jax.util.host_memory import reexec_with_huge_pages
 from phi2_jax.hf.layout import detect_layout, flatten, hf_names_and_shapes, hf_tensor, tensor_plan
-from phi2_jax.hf.loading import check_hf_tensors, our_shapes
+from phi2_jax.hf.loading import check_hf_tensors, our_shapes, report_nonfinite
 from phi2_jax.model.lora import merged_kernel
 from phi2_jax.checkpoint.orbax_stream import ParamReader, ParamWriter
 from phi2_jax.util.progress import Progress
@@ -64,10 +64,12 @@ def storage_dtype(source: np.dtype, param: np.dtype) -> np.dtype:
     return source if param == np.float32 and source.itemsize < param.itemsize else param
 
 
-def from_hf(hf_dir: Path, ckpt_dir: Path, dtype: str = "float32", overwrite: bool = False) -> tuple[PhiConfig, list[str]]:
+def from_hf(hf_dir: Path, ckpt_dir: Path, dtype: str = "float32", overwrite: bool = False,
+            allow_nonfinite: bool = False) -> tuple[PhiConfig, list[str]]:
     """Converts a Hugging Face Phi folder to an Orbax checkpoint (params + meta), one tensor at a time.
 
     `dtype` is the parameter dtype the checkpoint restores to; see `storage_dtype` for what is on disk.
+    A tensor holding NaN or infinity stops the conversion unless `allow_nonfinite` (then one line reports them).
     Returns the model config and the dtypes the tensors were stored in.
     """
     if dtype not in ("float32", "bfloat16"):
@@ -75,7 +77,7 @@ def from_hf(hf_dir: Path, ckpt_dir: Path, dtype: str = "float32", overwrite: boo
     if not hf_dir.is_dir():
         raise WeightsError(f"{hf_dir} does not exist or is not a folder; expected a Hugging Face model folder.")
     config = PhiConfig.from_hf_file(hf_dir, param_dtype=dtype)
-    weights = HFWeights(hf_dir)
+    weights = HFWeights(hf_dir, allow_nonfinite=allow_nonfinite)
     layout = detect_layout(weights.names, str(hf_dir))
     check_hf_tensors(weights, config, layout)
     target = numpy_dtype(dtype)
@@ -83,24 +85,26 @@ def from_hf(hf_dir: Path, ckpt_dir: Path, dtype: str = "float32", overwrite: boo
     stored: set[str] = set()
 
     def write(staging: Path) -> None:
-        writer = ParamWriter(staging / "params")
         progress = Progress(f"from-hf {hf_dir.name} ({layout}, {weights.dtype(plan[0][0])})", len(plan),
                             weights.total_bytes())
-        for name, rule, layer in plan:
-            source = weights.read(name)
-            for path, part in zip(rule.ours, rule.transform.to_ours(source)):
-                stored_as = storage_dtype(part.dtype, target)
-                stored.add(str(stored_as))
-                writer.write(leaf_keys(path, layer), part, stored_as)
-            progress.advance(1, source.nbytes)
-            del source
-        writer.close()
+        with ParamWriter(staging / "params") as writer:  # a failure waits for the writes in flight
+            for name, rule, layer in plan:
+                source = weights.read(name)
+                for path, part in zip(rule.ours, rule.transform.to_ours(source)):
+                    stored_as = storage_dtype(part.dtype, target)
+                    stored.add(str(stored_as))
+                    writer.write(leaf_keys(path, layer), part, stored_as)
+                progress.advance(1, source.nbytes)
+                del source
+            writer.close()
         checkpoint.save_meta(staging, {"model_config": config.to_dict(), "source": str(hf_dir.absolute()),
                                        "source_layout": layout, "stored_dtypes": sorted(stored),
                                        "format": "phi2_jax model checkpoint v1"})
         progress.close()
 
-    write_atomically(ckpt_dir, overwrite, write)
+    write_atomically(ckpt_dir, overwrite, write, sources=[hf_dir])
+    if report_nonfinite(weights):
+        print(f"warning: {report_nonfinite(weights)}", file=sys.stderr)
     return config, sorted(stored)
 
 
@@ -303,6 +307,8 @@ def parse_args(argv):
     a.add_argument("ckpt_dir", type=Path)
     a.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     a.add_argument("--overwrite", action="store_true")
+    a.add_argument("--allow-nonfinite", action="store_true",
+                   help="convert weights holding NaN or infinity (reported) instead of refusing them")
     b = sub.add_parser("to-hf", help="Orbax checkpoint or run folder -> Hugging Face folder")
     b.add_argument("source", type=Path)
     b.add_argument("hf_dir", type=Path)
@@ -323,7 +329,8 @@ def main(argv=None) -> None:
     if argv is None:  # the command owns its process: conversion is host work, so it never grabs an accelerator
         jax.config.update("jax_platforms", "cpu")
     if args.command == "from-hf":
-        config, stored = from_hf(args.hf_dir, args.ckpt_dir, args.dtype, args.overwrite)
+        config, stored = from_hf(args.hf_dir, args.ckpt_dir, args.dtype, args.overwrite,
+                                args.allow_nonfinite)
         print(f"wrote {args.ckpt_dir} ({config.num_params():,} parameters, {args.dtype}; stored as {', '.join(stored)})")
     elif args.command == "to-hf":
         files = to_hf(args.source, args.hf_dir, args.dtype, args.max_shard_size, args.tokenizer, args.overwrite)

@@ -8,6 +8,7 @@ any weight is placed, so a bad folder fails with one sentence and no half-built 
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -60,15 +61,30 @@ def check_hf_tensors(weights: HFWeights, config: PhiConfig, layout: str, shapes:
             raise WeightsError(f"{weights.folder}: tensor '{name}' has shape {list(found)} but config.json implies {list(shape)}.")
 
 
-def load_hf_params(path: str | Path, config: PhiConfig) -> dict[str, np.ndarray]:
-    """Our flat parameter dict (numpy, `config.param_dtype`) from a Hugging Face folder."""
-    weights = HFWeights(path)
+def report_nonfinite(weights: HFWeights) -> str | None:
+    """One sentence on the NaN / infinite weights read under allow_nonfinite, or None if there were none."""
+    if not weights.nonfinite:
+        return None
+    first, count = next(iter(weights.nonfinite.items()))
+    total = len(weights.nonfinite)
+    return (f"{weights.folder}: {total} tensor{'s' * (total > 1)} hold NaN or infinite values (first '{first}': "
+            f"{count:,}); loaded as they are because allow_nonfinite is set.")
+
+
+def load_hf_params(path: str | Path, config: PhiConfig, allow_nonfinite: bool = False) -> dict[str, np.ndarray]:
+    """Our flat parameter dict (numpy, `config.param_dtype`) from a Hugging Face folder.
+
+    A tensor holding NaN or infinity is refused unless `allow_nonfinite` (then it is reported as a warning).
+    """
+    weights = HFWeights(path, allow_nonfinite=allow_nonfinite)
     layout = detect_layout(weights.names, str(weights.folder))
     all_shapes = our_shapes(config, adapters=True)  # one abstract trace serves the check, the import and LoRA
     base_shapes = {p: s for p, s in all_shapes.items() if not is_adapter(p)}
     check_hf_tensors(weights, config, layout, base_shapes)
     dtype = numpy_dtype(config.param_dtype)
     params = to_params(config, layout, weights.read, base_shapes, dtype)
+    if report_nonfinite(weights):
+        warnings.warn(report_nonfinite(weights), stacklevel=3)
     return {**params, **fresh_adapters(all_shapes, dtype)}  # no adapters unless lora_rank > 0
 
 
@@ -92,6 +108,7 @@ def from_pretrained(
     dtype: str = "float32",
     compute_dtype: str | None = None,
     mesh: Mesh | None = None,
+    allow_nonfinite: bool = False,
     **config_changes: Any,
 ) -> Phi:
     """Loads a Phi model from a Hugging Face folder, a converted Orbax checkpoint, or a training run folder.
@@ -100,6 +117,8 @@ def from_pretrained(
     compute_dtype: matmul dtype; default bfloat16 on accelerators, float32 on the CPU.
     mesh: a `phi2_jax.make_mesh(...)` mesh; weights go straight to their shards
       (from an Orbax checkpoint each device reads only its own slices).
+    allow_nonfinite: load a Hugging Face folder whose weights hold NaN or infinity (with a warning);
+      by default such a folder is refused, naming the tensor.
     config_changes: run-time fields of `PhiConfig`, e.g. remat='full', attention_backend='xla'.
     """
     runtime = {"param_dtype": dtype, "compute_dtype": compute_dtype or default_compute_dtype(), **config_changes}
@@ -107,7 +126,7 @@ def from_pretrained(
     model_abstract = abstract_model(config, mesh)
     step_dir = resolve_step_dir(Path(path))
     if step_dir is None:
-        return place_state(model_abstract, unflatten(load_hf_params(path, config)), mesh)
+        return place_state(model_abstract, unflatten(load_hf_params(path, config, allow_nonfinite)), mesh)
     graphdef, state = nnx.split(model_abstract)
     shardings = (nnx.to_pure_dict(state_shardings(state, mesh)) if mesh is not None
                  else jax.sharding.SingleDeviceSharding(jax.devices()[0]))
