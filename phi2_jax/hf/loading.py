@@ -8,16 +8,18 @@ any weight is placed, so a bad folder fails with one sentence and no half-built 
 
 from __future__ import annotations
 
+import logging
 import warnings
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import jax
 import numpy as np
 from flax import nnx
 from jax.sharding import Mesh
 
-from phi2_jax.checkpoint.run_checkpoints import read_meta, resolve_step_dir, restore_params
+from phi2_jax.checkpoint.run_checkpoints import read_meta, restore_params, step_dirs
 from phi2_jax.config import PhiConfig
 from phi2_jax.errors import UserInputError, WeightsError
 from phi2_jax.hf.files import HFWeights
@@ -26,6 +28,9 @@ from phi2_jax.hf.layout import detect_layout, flatten, hf_names_and_shapes, to_p
 from phi2_jax.model.lora import fresh_adapters, is_adapter
 from phi2_jax.model.transformer import Phi, abstract_model, place_state
 from phi2_jax.sharding import state_shardings, with_shardings
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 
 def default_compute_dtype() -> str:
@@ -88,14 +93,38 @@ def load_hf_params(path: str | Path, config: PhiConfig, allow_nonfinite: bool = 
     return {**params, **fresh_adapters(all_shapes, dtype)}  # no adapters unless lora_rank > 0
 
 
+def newest_restorable(path: str | Path, restore: Callable[[Path], T]) -> T:
+    """`restore(step_dir)` for the newest step directory of `path` that restores.
+
+    As the trainer does, a damaged newest checkpoint of a run is reported in one
+    line and the one before it used; a damaged checkpoint with none before it
+    (or a step directory named explicitly) is a `WeightsError`.
+    """
+    candidates = step_dirs(path)
+    for i, step_dir in enumerate(candidates):
+        try:
+            return restore(step_dir)
+        except UserInputError:
+            raise
+        except Exception as error:  # orbax / tensorstore raise many types for a damaged checkpoint
+            first_line = (str(error).splitlines() or [""])[0][:200]
+            reason = f"{type(error).__name__}: {first_line}" if first_line else type(error).__name__
+            if i + 1 == len(candidates):
+                newer = f", and so are the {i} newer one{'s' * (i > 1)}" if i else ""
+                raise WeightsError(f"{step_dir} could not be restored ({reason}); the checkpoint is damaged{newer}.") from None
+            log.warning("%s could not be restored (%s); using the previous checkpoint, %s.", step_dir, reason,
+                        candidates[i + 1])
+    raise WeightsError(f"{path} holds no checkpoint.")  # callers check step_dirs first
+
+
 def load_config(path: str | Path, **runtime: Any) -> PhiConfig:
     """The model config of a Hugging Face folder, a converted checkpoint or a training run folder."""
     path = Path(path)
     if not path.exists():
         raise WeightsError(f"{path} does not exist; expected a Hugging Face model folder, a checkpoint or a run folder.")
-    step_dir = resolve_step_dir(path)
-    if step_dir is not None:
-        return PhiConfig.from_dict({**read_meta(step_dir)["model_config"], **runtime})
+    if step_dirs(path):
+        return newest_restorable(path, lambda step_dir: PhiConfig.from_dict(
+            {**read_meta(step_dir)["model_config"], **runtime}))
     if (path / "config.json").is_file():
         return PhiConfig.from_hf_file(path, **runtime)
     raise WeightsError(f"{path} has neither config.json nor an Orbax checkpoint; expected a Hugging Face model folder, "
@@ -117,29 +146,36 @@ def from_pretrained(
     compute_dtype: matmul dtype; default bfloat16 on accelerators, float32 on the CPU.
     mesh: a `phi2_jax.make_mesh(...)` mesh; weights go straight to their shards
       (from an Orbax checkpoint each device reads only its own slices).
+      A run folder whose newest checkpoint is damaged loads the previous one, with a warning saying so.
     allow_nonfinite: load a Hugging Face folder whose weights hold NaN or infinity (with a warning);
       by default such a folder is refused, naming the tensor.
     config_changes: run-time fields of `PhiConfig`, e.g. remat='full', attention_backend='xla'.
     """
     runtime = {"param_dtype": dtype, "compute_dtype": compute_dtype or default_compute_dtype(), **config_changes}
-    config = load_config(path, **runtime)
-    model_abstract = abstract_model(config, mesh)
-    step_dir = resolve_step_dir(Path(path))
-    if step_dir is None:
-        return place_state(model_abstract, unflatten(load_hf_params(path, config, allow_nonfinite)), mesh)
-    graphdef, state = nnx.split(model_abstract)
-    shardings = (nnx.to_pure_dict(state_shardings(state, mesh)) if mesh is not None
-                 else jax.sharding.SingleDeviceSharding(jax.devices()[0]))
-    return nnx.merge(graphdef, restore_params(step_dir, with_shardings(nnx.to_pure_dict(state), shardings)))
+    if not step_dirs(path):
+        config = load_config(path, **runtime)
+        return place_state(abstract_model(config, mesh), unflatten(load_hf_params(path, config, allow_nonfinite)), mesh)
+
+    def restore(step_dir: Path) -> Phi:
+        config = PhiConfig.from_dict({**read_meta(step_dir)["model_config"], **runtime})
+        graphdef, state = nnx.split(abstract_model(config, mesh))
+        shardings = (nnx.to_pure_dict(state_shardings(state, mesh)) if mesh is not None
+                     else jax.sharding.SingleDeviceSharding(jax.devices()[0]))
+        return nnx.merge(graphdef, restore_params(step_dir, with_shardings(nnx.to_pure_dict(state), shardings)))
+
+    return newest_restorable(path, restore)
 
 
 def default_tokenizer_path(model_path: Path) -> Path:
     """The tokenizer that belongs with a model folder, converted checkpoint or training run."""
     if (model_path / "tokenizer.json").is_file():
         return model_path
-    step_dir = resolve_step_dir(model_path)
-    if step_dir is not None:
-        recorded = read_meta(step_dir).get("tokenizer")
+    for step_dir in step_dirs(model_path):  # the newest whose meta reads (from_pretrained reports a damaged one)
+        try:
+            recorded = read_meta(step_dir).get("tokenizer")
+        except Exception:  # a damaged checkpoint: the one before it records the same run's tokenizer
+            continue
         if recorded:
             return Path(recorded)
+        break
     raise UserInputError(f"{model_path} has no tokenizer.json and records no tokenizer; pass --tokenizer.")
