@@ -114,13 +114,16 @@ def _write_error(dest: Path, error: OSError) -> UserInputError:
 
 def staging_dir(dest: Path, overwrite: bool) -> Path:
     """A fresh hidden sibling of `dest` to write into; refuses a non-empty `dest` unless `overwrite`."""
+    try:
+        reclaim_stale(dest)  # first: it may move a previous output back into place
+    except OSError as error:
+        raise _write_error(dest, error) from None
     if dest.exists() and not dest.is_dir():
         raise UserInputError(f"{dest} exists and is not a folder; expected a new or empty folder.")
     if dest.is_dir() and any(dest.iterdir()) and not overwrite:
         raise UserInputError(f"{dest} is not empty; choose a new folder or pass --overwrite to replace it.")
     try:
         dest.parent.mkdir(parents=True, exist_ok=True)
-        reclaim_stale(dest)
         staging = dest.parent / f".{dest.name}.partial-{_tag()}"
         shutil.rmtree(staging, ignore_errors=True)
         staging.mkdir()
