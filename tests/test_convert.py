@@ -320,5 +320,7 @@ def test_to_hf_from_a_damaged_checkpoint_is_one_sentence(hf_folder, tmp_path, ca
     convert("from-hf", folder, tmp_path / "ckpt")
     _garble(tmp_path / "ckpt" / part)
     dest = tmp_path / "hf"
-    _assert_refused(capsys, ["to-hf", tmp_path / "ckpt", dest],
-                    rf"{tmp_path / 'ckpt'} could not be restored \(\w+: .*\); the checkpoint is damaged\.$", dest)
+    pattern = rf"{tmp_path / 'ckpt'} could not be restored \(\w+: .*\); the checkpoint is damaged\.$"
+    _assert_refused(capsys, ["to-hf", tmp_path / "ckpt", dest], pattern, dest)
+    if part == "meta":  # inspect reads only the metadata
+        _assert_refused(capsys, ["inspect", tmp_path / "ckpt"], pattern, dest)

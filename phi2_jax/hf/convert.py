@@ -358,19 +358,21 @@ def inspect(path: Path) -> dict:
     """What a folder or checkpoint holds, read from headers and metadata only."""
     if not path.exists():
         raise UserInputError(f"{path} does not exist.")
-    step_dir = checkpoint.resolve_step_dir(path)
-    if step_dir is not None:
+    if checkpoint.step_dirs(path):
         import orbax.checkpoint as ocp
 
-        meta = checkpoint.read_meta(step_dir)
-        config = PhiConfig.from_dict(meta["model_config"])
-        tree = ocp.StandardCheckpointer().metadata(step_dir.absolute() / "params")
-        tree = getattr(tree, "item_metadata", tree)
-        leaves = jax.tree.leaves(tree, is_leaf=lambda x: hasattr(x, "shape"))
-        return {"format": "phi2_jax Orbax checkpoint", "path": str(step_dir), "step": meta.get("step", "-"),
-                "stored as": sorted({str(np.dtype(x.dtype)) for x in leaves}),
-                "restores as": config.param_dtype, "tensors": len(leaves),
-                "parameters": sum(int(np.prod(x.shape)) for x in leaves), "config": config.to_hf_dict()}
+        def describe(step_dir: Path) -> dict:
+            meta = checkpoint.read_meta(step_dir)
+            config = PhiConfig.from_dict(meta["model_config"])
+            tree = ocp.StandardCheckpointer().metadata(step_dir.absolute() / "params")
+            tree = getattr(tree, "item_metadata", tree)
+            leaves = jax.tree.leaves(tree, is_leaf=lambda x: hasattr(x, "shape"))
+            return {"format": "phi2_jax Orbax checkpoint", "path": str(step_dir), "step": meta.get("step", "-"),
+                    "stored as": sorted({str(np.dtype(x.dtype)) for x in leaves}),
+                    "restores as": config.param_dtype, "tensors": len(leaves),
+                    "parameters": sum(int(np.prod(x.shape)) for x in leaves), "config": config.to_hf_dict()}
+
+        return newest_restorable(path, describe)  # a damaged checkpoint: one line, or the previous one described
     weights = HFWeights(path)
     layout = detect_layout(weights.names, str(path))
     config = PhiConfig.from_hf_file(path)
