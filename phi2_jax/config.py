@@ -27,11 +27,22 @@ REMAT_POLICIES = ("none", "full", "save_dots")
 ATTENTION_BACKENDS = ("auto", "xla", "cudnn")
 DTYPES = ("float32", "bfloat16", "float16")
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "dense", "fc1", "fc2")
+WEIGHT_GRADS = ("native", "transposed")  # see model/dense.py
+
+
+
+def _runtime(default: Any, **kwargs: Any) -> Any:
+    """A run-time field: it changes speed, memory or training noise, not the architecture a checkpoint holds,
+    so a fine-tune may set it on top of the model it starts from."""
+    return dataclasses.field(default=default, metadata={"runtime": True}, **kwargs)
 
 
 @dataclasses.dataclass(frozen=True)
 class PhiConfig:
-    """Architecture and numerics of a Phi model. Field names follow transformers' `PhiConfig`."""
+    """Architecture and numerics of a Phi model. Field names follow transformers' `PhiConfig`.
+
+    Fields made with `_runtime` are run-time choices (`RUNTIME_FIELDS`); the rest is the architecture.
+    """
 
     vocab_size: int = 51200
     hidden_size: int = 2560
@@ -45,21 +56,22 @@ class PhiConfig:
     hidden_act: str = "gelu_new"
     max_position_embeddings: int = 2048
     qk_layernorm: bool = False
-    resid_pdrop: float = 0.1
-    embd_pdrop: float = 0.0
-    attention_dropout: float = 0.0
     initializer_range: float = 0.02
     bos_token_id: int | None = 50256
     eos_token_id: int | None = 50256
-    # Run-time choices: they change speed and memory, not the function computed (LoRA aside).
-    param_dtype: str = "float32"
-    compute_dtype: str = "float32"
-    remat: str = "none"
-    attention_backend: str = "auto"
-    # LoRA adapters (fine-tuning): rank 0 = none.
-    lora_rank: int = 0
-    lora_alpha: float = 16.0
-    lora_targets: tuple[str, ...] = ("q_proj", "v_proj")
+    # Dropout: read from config.json, but only training noise.
+    resid_pdrop: float = _runtime(0.1)
+    embd_pdrop: float = _runtime(0.0)
+    attention_dropout: float = _runtime(0.0)  # refused unless 0: no attention backend applies it
+    param_dtype: str = _runtime("float32")
+    compute_dtype: str = _runtime("float32")
+    remat: str = _runtime("none")
+    attention_backend: str = _runtime("auto")
+    weight_grad: str = _runtime("native")     # 'transposed': XLA:CPU's faster weight gradient (model/dense.py)
+    # LoRA adapters (fine-tuning): rank 0 = none. The adapters change the function, not the base architecture.
+    lora_rank: int = _runtime(0)
+    lora_alpha: float = _runtime(16.0)
+    lora_targets: tuple[str, ...] = _runtime(("q_proj", "v_proj"))
 
     def __post_init__(self):
         if self.num_key_value_heads is None:
@@ -144,6 +156,12 @@ class PhiConfig:
             value = getattr(self, name)
             if not 0.0 <= value < 1.0:
                 raise ConfigError(f"{name} must be a probability in [0, 1), got {value!r}.")
+        if self.attention_dropout:
+            raise ConfigError(f"attention_dropout {self.attention_dropout} is not supported: cuDNN's fused attention "
+                              f"has no dropout, and phi-2 trains with 0.0; expected 0 (resid_pdrop and embd_pdrop "
+                              f"are applied).")
+        if self.weight_grad not in WEIGHT_GRADS:
+            raise ConfigError(f"weight_grad '{self.weight_grad}' is unknown; expected one of {', '.join(WEIGHT_GRADS)}.")
         for name in ("param_dtype", "compute_dtype"):
             if getattr(self, name) not in DTYPES:
                 raise ConfigError(f"{name} '{getattr(self, name)}' is not supported; expected one of {', '.join(DTYPES)}.")
@@ -232,7 +250,11 @@ class PhiConfig:
 
 
 _FIELD_NAMES = tuple(f.name for f in dataclasses.fields(PhiConfig))
-_ARCH_FIELDS = _FIELD_NAMES[: _FIELD_NAMES.index("param_dtype")]
+RUNTIME_FIELDS = tuple(f.name for f in dataclasses.fields(PhiConfig) if f.metadata.get("runtime"))
+_ARCH_FIELDS = tuple(name for name in _FIELD_NAMES if name not in RUNTIME_FIELDS)
+# What a config.json says besides the architecture. Not attention_dropout: no backend applies it (refused
+# when set), and a model that was trained with it still runs at inference, where dropout is off.
+_HF_FIELDS = _ARCH_FIELDS + ("resid_pdrop", "embd_pdrop")
 
 # Keys any transformers version may write that say nothing about the function computed.
 _HF_BOOKKEEPING = {
@@ -295,7 +317,7 @@ def _refuse_unknown(hf: dict[str, Any], known: set[str], source: str) -> None:
 
 def _read_phi(hf: dict[str, Any], source: str) -> dict[str, Any]:
     """transformers' `model_type: phi`, 4.x (top-level rope keys) or 5.x (`rope_parameters`)."""
-    known = set(_ARCH_FIELDS) | {"rope_parameters", "rope_scaling", "tie_word_embeddings"}
+    known = set(_HF_FIELDS) | {"attention_dropout", "rope_parameters", "rope_scaling", "tie_word_embeddings"}
     _refuse_unknown(hf, known, source)
     if hf.get("tie_word_embeddings"):
         raise ConfigError(f"{source} sets tie_word_embeddings=true; Phi models have an untied lm_head, expected false.")
@@ -308,7 +330,7 @@ def _read_phi(hf: dict[str, Any], source: str) -> dict[str, Any]:
     rope_type = rope.get("rope_type", rope.get("type", "default"))
     if rope_type != "default" or legacy_scaling:
         raise ConfigError(f"{source} asks for rope scaling {rope or legacy_scaling}; only the default rotary embedding is supported.")
-    values = {k: hf[k] for k in _ARCH_FIELDS if k in hf}
+    values = {k: hf[k] for k in _HF_FIELDS if k in hf}
     eos = values.get("eos_token_id")
     if isinstance(eos, list):
         if not eos:
@@ -330,7 +352,7 @@ def _read_phi(hf: dict[str, Any], source: str) -> dict[str, Any]:
 
 _TRANSFORMERS_DEFAULTS = {
     "vocab_size": 51200, "hidden_size": 2048, "intermediate_size": 8192, "num_hidden_layers": 24,
-    "num_attention_heads": 32, "resid_pdrop": 0.0, "embd_pdrop": 0.0, "attention_dropout": 0.0,
+    "num_attention_heads": 32, "resid_pdrop": 0.0, "embd_pdrop": 0.0,
     "hidden_act": "gelu_new", "max_position_embeddings": 2048, "layer_norm_eps": 1e-5,
     "rope_theta": 10000.0, "qk_layernorm": False, "bos_token_id": 1, "eos_token_id": 2,
 }
@@ -341,12 +363,12 @@ _MSFT_NAMES = {
     "n_layer": "num_hidden_layers", "n_head": "num_attention_heads", "n_head_kv": "num_key_value_heads",
     "n_positions": "max_position_embeddings", "layer_norm_epsilon": "layer_norm_eps",
     "activation_function": "hidden_act", "resid_pdrop": "resid_pdrop", "embd_pdrop": "embd_pdrop",
-    "attn_pdrop": "attention_dropout", "initializer_range": "initializer_range",
+    "initializer_range": "initializer_range",
     "bos_token_id": "bos_token_id", "eos_token_id": "eos_token_id",
 }
 # Switches of the original implementation that pick kernels, not maths.
 _MSFT_KERNEL_SWITCHES = {"flash_attn", "flash_rotary", "fused_dense", "img_processor", "checkpointing",
-                         "tie_word_embeddings", "rotary_dim"}
+                         "tie_word_embeddings", "rotary_dim", "attn_pdrop"}  # attn_pdrop: see _HF_FIELDS
 
 
 def _read_msft(hf: dict[str, Any], source: str) -> dict[str, Any]:

@@ -49,17 +49,17 @@ def test_xla_backend_equals_numpy_with_padding_and_segments(kv_heads):
     assert np.all(np.isfinite(np.asarray(ours)))  # fully masked query rows stay finite
 
 
-@pytest.mark.parametrize("kv_flat", [False, True], ids=["bskd", "cache-layout"])
-def test_query_offset_attends_to_a_cache_prefix(kv_flat):
+@pytest.mark.parametrize("kv_layout", ["bskd", "heads_flat"])
+def test_query_offset_attends_to_a_cache_prefix(kv_layout):
     rng = np.random.default_rng(1)
     q = rng.normal(size=(2, 2, 4, 8)).astype(np.float32)
     k = rng.normal(size=(2, 6, 2, 8)).astype(np.float32)  # two query heads per key/value head
     v = rng.normal(size=(2, 6, 2, 8)).astype(np.float32)
     mask = np.array([[1, 1, 1, 1, 0, 0], [0, 1, 1, 1, 0, 0]])  # slots 4, 5 of the cache not written yet
     # The cache's layout, [B*K, S, D]: row b * K + h holds head h of batch row b.
-    k_in, v_in = (x.transpose(0, 2, 1, 3).reshape(4, 6, 8) if kv_flat else x for x in (k, v))
+    k_in, v_in = (x.transpose(0, 2, 1, 3).reshape(4, 6, 8) if kv_layout == "heads_flat" else x for x in (k, v))
     ours = attention(jnp.asarray(q), jnp.asarray(k_in), jnp.asarray(v_in), backend="xla", q_offset=2,
-                     kv_mask=jnp.asarray(mask), kv_flat=kv_flat)
+                     kv_mask=jnp.asarray(mask), kv_layout=kv_layout)
     # numpy reference over the 6 slots: query t sits at slot 2 + t
     full_q = np.zeros((2, 6, 4, 8), np.float32)
     full_q[:, 2:4] = q

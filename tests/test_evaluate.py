@@ -178,3 +178,63 @@ def test_lm_eval_scores_a_local_task_through_the_registered_model(setup, tmp_pat
         np.testing.assert_allclose(ours, expected, rtol=1e-4)
         correct += int(np.argmax(expected) == doc["label"])
     assert results["results"]["phi2_local_mc"]["acc,none"] == pytest.approx(correct / len(docs))
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--batch-size", "0"], "--batch-size must be at least 1, got 0."),
+    (["--timeout", "0"], "--timeout must be a positive number of seconds, got 0.0."),
+    (["--timeout", "-2"], "--timeout must be a positive number of seconds, got -2.0."),
+    (["--timeout", "nan"], "--timeout must be a positive number of seconds, got nan."),
+    (["--task", "piqa"], "--task piqa is given twice; name each task once."),
+    (["--output", "{tmp}"], "--output {tmp} is a folder; expected a file name for the results JSON."),
+], ids=["batch-size-0", "timeout-0", "timeout-negative", "timeout-nan", "task-twice", "output-folder"])
+def test_bad_arguments_are_refused_in_one_sentence_before_any_work(tmp_path, capsys, extra, message):
+    extra = [a.replace("{tmp}", str(tmp_path)) for a in extra]
+    with pytest.raises(SystemExit) as exit_info:  # the model does not exist: no work was started
+        main(["--model", str(tmp_path / "no-model"), "--task", "piqa", *extra])
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err == f"error: {message.replace('{tmp}', str(tmp_path))}\n"
+
+
+@pytest.mark.parametrize("task, record, message", [
+    ("piqa", {"goal": "a", "sol1": "b", "sol2": "c", "label": [0]},
+     "line 1 field 'label' is a list; expected an integer or a string."),
+    ("piqa", {"goal": "a", "sol1": "b", "sol2": "c", "label": True},
+     "line 1 field 'label' is true or false; expected an integer or a string."),
+    ("humaneval", {"task_id": "t", "prompt": 3, "test": "", "entry_point": "f"},
+     "line 1 field 'prompt' is an integer; expected a string."),
+    ("mbpp", {"task_id": 1, "text": "t", "test_list": "assert f()"},
+     "line 1 field 'test_list' is a string; expected a list of strings."),
+    ("mbpp", {"task_id": 1, "text": "t", "test_list": []},
+     "line 1 field 'test_list' is empty; expected at least one test."),
+    ("arc", {"question": "q", "choices": {"text": "a b", "label": ["A"]}, "answerKey": "A"},
+     "line 1 field 'choices.text' is a string; expected a list of strings."),
+    ("hellaswag", {"ctx": "c", "endings": ["x", 2], "label": 0},
+     "line 1 field 'endings' is a list; expected a list of strings."),
+    ("boolq", {"question": "q", "passage": "p", "answer": "maybe"},
+     "line 1 field 'answer' is 'maybe'; expected true or false."),
+    ("gsm8k", {"question": "q", "answer": 4},
+     "line 1 field 'answer' is an integer; expected a string."),
+], ids=["label-list", "label-bool", "prompt-int", "tests-string", "tests-empty", "arc-choices", "endings",
+        "boolq-answer", "gsm8k-answer"])
+def test_task_records_with_fields_of_the_wrong_type_get_one_sentence(tmp_path, capsys, task, record, message):
+    path = tmp_path / f"{task}.jsonl"
+    path.write_text(json.dumps(record) + "\n")
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--model", str(tmp_path / "no-model"), "--task", f"{task}={path}"])
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err == f"error: {path} {message}\n"
+
+
+def test_finished_tasks_are_written_when_a_later_task_fails(setup, tmp_path, capsys):
+    folder, _, _, _, tok_dir = setup
+    out = tmp_path / "results.json"
+    with pytest.raises(SystemExit) as exit_info:  # gsm8k's 5-shot prompts + 500 new tokens overflow 512
+        main(["--model", str(folder), "--tokenizer", str(tok_dir), "--task", "piqa", "--task", "gsm8k",
+              "--limit", "2", "--max-new-tokens", "500", "--output", str(out)])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert "plus max_new_tokens 500 exceeds the model's context of 512 tokens." in err.splitlines()[-1]
+    results = json.loads(out.read_text())
+    assert list(results) == ["piqa"] and results["piqa"]["n"] == 2
+    assert sorted(os.listdir(tmp_path)) == ["results.json"]  # no partial file left

@@ -9,7 +9,8 @@ import torch
 import phi2_jax
 from phi2_jax import UserInputError
 from phi2_jax.inference.cli import main
-from phi2_jax.inference.generate import Sampling, generate, generate_text, layer_copy_fits, sample_logits
+from phi2_jax.inference.decoding import can_fuse_input_projections, layer_copy_fits
+from phi2_jax.inference.generate import Sampling, generate, generate_text, sample_logits
 from phi2_jax.inference.greedy import greedy_complete
 from tests.hf_reference import train_bpe_tokenizer
 
@@ -41,7 +42,7 @@ def test_layer_copies_are_made_only_when_they_take_at_most_half_the_free_memory(
     _, reference, model = gen_model
     layer_bytes = 4 * sum(p.numel() for p in reference.model.layers.parameters())  # float32 weights
     for free, expected in [(2 * layer_bytes, True), (2 * layer_bytes - 1, False), (0, False)]:
-        monkeypatch.setattr(sys.modules["phi2_jax.inference.generate"], "free_device_memory", lambda free=free: free)
+        monkeypatch.setattr(sys.modules["phi2_jax.inference.decoding"], "free_device_memory", lambda free=free: free)
         assert layer_copy_fits(model) is expected
 
 
@@ -168,7 +169,121 @@ def test_text_helper_and_cli_stream_the_same_text(gen_model, tokenizer_dir, caps
 def test_generation_on_a_sharded_model_matches_one_device(gen_model, axes):
     folder, _, model = gen_model
     sharded = phi2_jax.from_pretrained(folder, mesh=phi2_jax.make_mesh(axes))
-    assert sharded.can_fuse_input_projections() == (axes["tensor"] == 1)
+    assert can_fuse_input_projections(sharded) == (axes["tensor"] == 1)
     ids = np.random.default_rng(7).integers(1, 320, (4, 6))
     np.testing.assert_array_equal(generate(sharded, ids, max_new_tokens=10, eos_token_id=-1),
                                   generate(model, ids, max_new_tokens=10, eos_token_id=-1))
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(top_k=0), "top_k must be a positive integer, got 0."),
+    (dict(top_k=2.5), "top_k must be a positive integer, got 2.5."),
+    (dict(temperature=-0.5), "temperature must be a number at least 0 (0: greedy), got -0.5."),
+    (dict(temperature=float("nan")), "temperature must be a number at least 0 (0: greedy), got nan."),
+    (dict(top_p=0.0), "top_p must be in (0, 1], got 0.0."),
+    (dict(top_p=1.5), "top_p must be in (0, 1], got 1.5."),
+    (dict(top_p=float("nan")), "top_p must be in (0, 1], got nan."),
+    (dict(repetition_penalty=0.0), "repetition_penalty must be a positive number, got 0.0."),
+    (dict(repetition_penalty=-1.0), "repetition_penalty must be a positive number, got -1.0."),
+])
+def test_bad_sampling_values_are_refused_by_the_python_api(gen_model, kwargs, message):
+    _, _, model = gen_model
+    with pytest.raises(UserInputError) as error:
+        Sampling(**kwargs)
+    assert str(error.value) == message
+    with pytest.raises(UserInputError) as error:
+        generate(model, np.array([[1, 2, 3]]), max_new_tokens=2, **kwargs)
+    assert str(error.value) == message
+
+
+def test_top_k_above_the_vocabulary_is_refused(gen_model):
+    _, _, model = gen_model
+    with pytest.raises(UserInputError) as error:
+        generate(model, np.array([[1, 2, 3]]), max_new_tokens=2, temperature=1.0, top_k=321)
+    assert str(error.value) == "top_k 321 exceeds the model's vocabulary of 320 tokens."
+    generate(model, np.array([[1, 2, 3]]), max_new_tokens=2, temperature=1.0, top_k=320)  # the whole vocabulary is fine
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--top-k", "0"], "--top-k must be a positive integer, got 0."),
+    (["--temperature", "-1"], "--temperature must be a number at least 0 (0: greedy), got -1.0."),
+    (["--temperature", "nan"], "--temperature must be a number at least 0 (0: greedy), got nan."),
+    (["--top-p", "0"], "--top-p must be in (0, 1], got 0.0."),
+    (["--top-p", "1.01"], "--top-p must be in (0, 1], got 1.01."),
+    (["--repetition-penalty", "0"], "--repetition-penalty must be a positive number, got 0.0."),
+], ids=["top-k-0", "temperature-negative", "temperature-nan", "top-p-0", "top-p-above-1", "penalty-0"])
+def test_cli_refuses_bad_sampling_flags_before_loading_the_model(tmp_path, capsys, flags, message):
+    with pytest.raises(SystemExit) as exit_info:  # the model does not exist: nothing was loaded
+        main(["--model", str(tmp_path / "no-model"), "--prompt", "def f():", *flags])
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err == f"error: {message}\n"
+
+
+def test_cli_refuses_top_k_above_the_vocabulary_and_a_non_utf8_prompt_file(gen_model, tokenizer_dir, tmp_path, capsys):
+    folder, _, _ = gen_model
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--model", str(folder), "--tokenizer", str(tokenizer_dir), "--prompt", "def", "--top-k", "321"])
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err == "error: --top-k 321 exceeds the model's vocabulary of 320 tokens.\n"
+    latin1 = tmp_path / "prompts.txt"
+    latin1.write_bytes("def café():\n".encode("latin-1"))
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--model", str(folder), "--prompt-file", str(latin1)])
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err == (f"error: --prompt-file {latin1} is not UTF-8 text (invalid continuation byte "
+                                       f"at byte 7); expected UTF-8.\n")
+
+
+@pytest.fixture(scope="module")
+def sentencepiece_model(tmp_path_factory):
+    """A sentencepiece tokenizer trained here the way the default training run trains its own (BPE, byte
+    fallback, a dummy prefix space), with 300 pieces so that its ids fit the 320-token test model."""
+    from phi2_jax.data.tokenizer import train_sentencepiece
+    corpus = ["from os import path, sep\n", "import sys\nfrom collections import deque\n",
+              "def add(a, b):\n    return a + b\n", "x = [i for i in range(10)]\n", "print('héllo wörld')\n"] * 30
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("PHI2_JAX_CACHE", str(tmp_path_factory.mktemp("sp_cache")))
+        return train_sentencepiece(lambda: corpus, 300, "stream-test")
+
+
+@pytest.mark.parametrize("prompt, whole, stop", [
+    ("from os import", "from os import path, sep", []),           # the continuation begins with '▁path'
+    ("from os import", "from os import path, sep", [", "]),       # cut at a stop string that arrives in two pieces
+    ("print(", "print('€ and ✓')", []),                           # byte-fallback pieces, 3 per character
+], ids=["leading-space", "stop-string", "multi-byte"])
+def test_streamed_text_equals_decoding_prompt_and_continuation_together(gen_model, sentencepiece_model, capsys,
+                                                                        monkeypatch, prompt, whole, stop):
+    folder, _, _ = gen_model
+    from phi2_jax.data.tokenizer import load_tokenizer
+    from phi2_jax.inference import cli
+    tok = load_tokenizer(sentencepiece_model)
+    ids, all_ids = tok.encode(prompt), tok.encode(whole)
+    assert all_ids[:len(ids)] == ids
+    new = all_ids[len(ids):]
+    if prompt == "from os import":
+        assert tok.decode(new) == whole[len(prompt) + 1:]  # decoding the continuation alone loses its space
+    else:
+        assert "\ufffd" in tok.decode(new[:2])  # the first bytes of '€' alone are not a character yet
+
+    def scripted(model, input_ids, *, max_new_tokens, eos_token_id, stop_sequences, on_token, **sampling):
+        for step, token in enumerate(new + [eos_token_id]):
+            on_token(step, np.array([token]))
+
+    monkeypatch.setattr(cli, "generate", scripted)
+    main(["--model", str(folder), "--tokenizer", str(sentencepiece_model), "--prompt", prompt,
+          *[a for s in stop for a in ("--stop", s)]])
+    expected = whole if not stop else whole[:whole.index(stop[0], len(prompt))]
+    assert capsys.readouterr().out == expected + "\n"
+
+
+def test_streamed_model_output_equals_the_full_decode(gen_model, sentencepiece_model, capsys):
+    folder, _, model = gen_model
+    from phi2_jax.data.tokenizer import load_tokenizer
+    tok = load_tokenizer(sentencepiece_model)
+    prompt = "from os import"
+    ids = tok.encode(prompt)
+    new = generate(model, np.array([ids]), max_new_tokens=12, eos_token_id=tok.eos_id)[0, len(ids):].tolist()
+    new = new[:new.index(tok.eos_id)] if tok.eos_id in new else new
+    main(["--model", str(folder), "--tokenizer", str(sentencepiece_model), "--prompt", prompt,
+          "--max-new-tokens", "12"])
+    assert capsys.readouterr().out == prompt + tok.decode(ids + new)[len(tok.decode(ids)):] + "\n"

@@ -1,7 +1,9 @@
 """Capture and intervention: shapes, consistency with the logits, patching, and transformers' attention maps."""
 
 import jax
+import jax.numpy as jnp
 import numpy as np
+from flax import nnx
 import pytest
 import torch
 
@@ -90,16 +92,22 @@ def test_unknown_capture_name_is_refused(setup):
 
 
 @pytest.mark.parametrize("fuse", [False, True])
-def test_unrolled_layers_give_the_scan_s_logits_captures_and_edits(setup, fuse):
+def test_decoding_layer_copies_give_the_scan_s_logits_and_cache(setup, fuse, monkeypatch):
+    """inference/decoding's unrolled (and fused) layer copies compute what the model's scanned layers do."""
+    from phi2_jax.inference import decoding
+
     _, model = setup
-    ids = np.random.default_rng(5).integers(0, 100, (2, 6))
-    edits = Edits(model.config, batch=2, length=6).add(layer=1, vector=np.linspace(-1, 1, 32)).arrays()
-    names = ("residual", "attn_probs", "mlp_act")
-    scanned = model.run(ids, capture=names, edits=edits)
-    layer_weights = model.unstack_layers(fuse_input_projections=fuse)
-    assert ("input_projection" in layer_weights[0]) == fuse
-    unrolled = model.run(ids, capture=names, edits=edits, layer_weights=layer_weights)
-    for got, want in zip(jax.tree.leaves(unrolled["captures"]) + [unrolled["logits"]],
-                         jax.tree.leaves(scanned["captures"]) + [scanned["logits"]]):
-        assert got.shape == want.shape
-        np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-5)
+    monkeypatch.setattr(decoding, "can_fuse_input_projections", lambda m: fuse)
+    ids = jnp.asarray(np.random.default_rng(5).integers(0, 100, (2, 6)))
+    mask = jnp.ones((2, 8), jnp.int32).at[:, 6:].set(0)
+    positions = jnp.broadcast_to(jnp.arange(6), (2, 6))
+    layers = decoding.layer_copies(model)
+    assert isinstance(nnx.merge(layers[0], layers[1][0]), decoding.FusedInputLayer) == fuse
+    for layout in ("bskd", "heads_flat"):
+        scanned = decoding.decode_forward(model, None, ids, mask, positions, model.init_cache(2, 8, layout=layout), 0)
+        unrolled = decoding.decode_forward(model, layers, ids, mask, positions,
+                                           model.init_cache(2, 8, layout=layout, per_layer=True), 0)
+        np.testing.assert_allclose(np.asarray(unrolled[0]), np.asarray(scanned[0]), rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(np.asarray(unrolled[1].k[1]), np.asarray(scanned[1].k[1]), rtol=1e-5, atol=1e-6)
+        # Both equal the plain forward pass's last position.
+        np.testing.assert_allclose(np.asarray(scanned[0]), np.asarray(model(ids))[:, -1], rtol=1e-5, atol=1e-5)

@@ -92,12 +92,13 @@ def test_unknown_lora_target_is_refused():
 
 def test_decoding_with_adapters_on_the_fused_projections_keeps_them(hf_folder):
     """Layer copies for decoding fuse q/k/v/fc1 only without adapters there; adapted decoding equals the scan's."""
+    from phi2_jax.inference.decoding import can_fuse_input_projections
     from phi2_jax.inference.generate import generate
 
     folder, _ = hf_folder("lora", **CFG)
-    assert phi2_jax.from_pretrained(folder, lora_rank=4, lora_targets=("dense", "fc2")).can_fuse_input_projections()
+    assert can_fuse_input_projections(phi2_jax.from_pretrained(folder, lora_rank=4, lora_targets=("dense", "fc2")))
     adapted = with_random_b(phi2_jax.from_pretrained(folder, lora_rank=4, lora_alpha=8.0, lora_targets=ALL))
-    assert not adapted.can_fuse_input_projections()
+    assert not can_fuse_input_projections(adapted)
     ids = np.random.default_rng(2).integers(0, 512, (2, 5))
     copies = generate(adapted, ids, max_new_tokens=8, eos_token_id=-1, copy_layers=True)
     np.testing.assert_array_equal(copies, generate(adapted, ids, max_new_tokens=8, eos_token_id=-1, copy_layers=False))

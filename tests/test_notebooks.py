@@ -23,10 +23,15 @@ def test_notebook_executes(path, tmp_path, monkeypatch):
     workdir.mkdir()
     shutil.copytree(path.parents[1] / "configs", tmp_path / "configs")
     monkeypatch.setenv("PHI2_JAX_CACHE", str(tmp_path.parent / "notebook_cache"))
-    monkeypatch.setenv("MPLBACKEND", "Agg")
+    monkeypatch.delenv("MPLBACKEND", raising=False)  # the notebook's own (inline) backend, as a user has it
     monkeypatch.setenv("JAX_PLATFORMS", "cpu")
     monkeypatch.delenv("XLA_FLAGS", raising=False)
     nb = nbformat.read(path, as_version=4)
     NotebookClient(nb, timeout=600, kernel_name="python3", resources={"metadata": {"path": str(workdir)}}).execute()
     errors = [o for c in nb.cells for o in c.get("outputs", []) if o.get("output_type") == "error"]
     assert not errors
+    # Every cell that draws shows its picture (the trainer's own plotting must not switch the backend away).
+    for cell in nb.cells:
+        if cell.cell_type == "code" and ("plt." in cell.source or "imshow" in cell.source):
+            images = [o for o in cell.get("outputs", []) if "image/png" in o.get("data", {})]
+            assert images, f"{path.name}: no image in the cell drawing\n{cell.source[:200]}"

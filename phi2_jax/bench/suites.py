@@ -47,7 +47,7 @@ from phi2_jax.util.host_memory import keep_freed_memory_on_cpu
 from phi2_jax.training.metrics import (decode_bytes_per_token, device_memory_bandwidth, device_peak_flops,
                               measured_cpu_bandwidth, measured_cpu_peak, train_flops_per_token)
 from phi2_jax.model.transformer import create_model
-from phi2_jax.training.step import cross_entropy
+from phi2_jax.training.step import cross_entropy, tuned_for_backend
 
 SUITES = ("train", "prefill", "decode", "convert")
 
@@ -175,7 +175,7 @@ def bench_train(model, batch: int, seq: int, repeats: int, twin_dir: Path | None
     @functools.partial(jax.jit, donate_argnums=(0, 1))  # updated in place, as the trainer's step and torch do
     def step(params, opt_state):
         def loss_fn(p):
-            return cross_entropy(nnx.merge(graphdef, p).forward(ids[:, :-1]), ids[:, 1:])[0]
+            return cross_entropy(nnx.merge(graphdef, p)(ids[:, :-1]), ids[:, 1:])[0]
 
         loss, grads = jax.value_and_grad(loss_fn)(params)
         updates, opt_state = tx.update(grads, opt_state, params)
@@ -196,7 +196,7 @@ def bench_prefill(model, batch: int, seq: int, repeats: int, twin_dir: Path | No
     cfg = model.config
     ids = jnp.asarray(np.random.default_rng(1).integers(0, cfg.vocab_size, (batch, seq)), jnp.int32)
     graphdef, state = nnx.split(model)
-    forward = jax.jit(lambda s, x: nnx.merge(graphdef, s).forward(x))
+    forward = jax.jit(lambda s, x: nnx.merge(graphdef, s)(x))
 
     def ours():
         forward(state, ids).block_until_ready()
@@ -314,7 +314,9 @@ def main(argv=None) -> list[dict]:
         twin_dir.mkdir(parents=True, exist_ok=True)
     rows = []
     if set(suites) - {"convert"}:
-        model = create_model(preset(args.config, compute_dtype=dtype, remat=args.remat), seed=0)
+        # The model config the trainer runs on this backend (its weight-gradient form is chosen per backend).
+        config = tuned_for_backend(preset(args.config, compute_dtype=dtype, remat=args.remat), jax.default_backend())
+        model = create_model(config, seed=0)
         if twin_dir is not None:
             export_twin_weights(model, twin_dir)
         if "train" in suites:

@@ -4,8 +4,9 @@ Run as a script (`python .../torch_worker.py MODEL_DIR DTYPE`), never as
 `phi2_jax.bench.torch_worker`: importing the package would load jax into this
 process, and the point of a separate process is that each framework runs as a
 user runs it, alone, with its own allocator state and its own peak memory.
-(Alternating both in one process slowed our training step by 15-30%, and the
-memory column could only be the sum of both.)
+(Alternating both in one process slowed each side, and the memory column
+could only be the sum of both; measured: docs/benchmarks.md, "Bench:
+transformers in a process of its own".)
 
 The model runs on the GPU when torch has one (the bench refuses a GPU run against
 a CPU-only torch), in the setup JAX runs: for training, the stored (parameter)

@@ -29,6 +29,7 @@ import grain
 import numpy as np
 
 from phi2_jax.errors import ConfigError
+from phi2_jax.model.transformer import default_positions
 from phi2_jax.data.sources import Document, is_validation, read_source, source_files, source_fingerprint
 from phi2_jax.data.token_files import TokenArrays, TokenFile, check_token_ids
 from phi2_jax.data.tokenizer import Tokenizer, cache_dir
@@ -56,9 +57,7 @@ class PackedSequences:
         inputs, targets = window[:-1], window[1:]
         ended = (inputs == self.eos_id).astype(np.int32)
         segment_ids = 1 + np.concatenate([[0], np.cumsum(ended)[:-1]]).astype(np.int32)
-        starts = np.concatenate([[True], segment_ids[1:] != segment_ids[:-1]])
-        index_ = np.arange(self.seq_len)
-        positions = index_ - np.maximum.accumulate(np.where(starts, index_, 0))
+        positions = default_positions(1, self.seq_len, segment_ids=segment_ids[None], xp=np)[0]
         return {"input_ids": inputs.astype(np.int32), "targets": targets.astype(np.int32),
                 "segment_ids": segment_ids, "positions": positions.astype(np.int32)}
 

@@ -34,6 +34,17 @@ class Tokenizer:
     def decode(self, ids: Iterable[int]) -> str:
         raise NotImplementedError
 
+    def decode_continuation(self, prompt_ids: Sequence[int], new_ids: Sequence[int]) -> str:
+        """The text `new_ids` add after the prompt: decode(prompt + new) less decode(prompt).
+
+        Decoding the new ids alone is not the same: sentencepiece drops the leading
+        space of the first piece of whatever it decodes ('import' then '▁_' would
+        read 'import_'), and a byte token may complete a character begun in the prompt.
+        """
+        shown = self.decode(prompt_ids)
+        full = self.decode([*prompt_ids, *new_ids])
+        return full[len(shown):] if full.startswith(shown) else self.decode(new_ids)
+
 
 class HFTokenizer(Tokenizer):
     """A Hugging Face `tokenizer.json` (e.g. Phi-2's CodeGen BPE with its added whitespace tokens)."""

@@ -15,14 +15,16 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 
 from phi2_jax.errors import UserInputError, exit_on_user_error
 from phi2_jax.util.progress import Progress
-from phi2_jax.evaluation.sandbox import Limits, run_program
+from phi2_jax.evaluation.sandbox import Limits, run_programs
 from phi2_jax.inference.scoring import loglikelihood, rolling_loglikelihood
 from phi2_jax.evaluation.tasks import extract_answer, load_task
 
@@ -75,23 +77,28 @@ def score_generation(model, tokenizer, items, max_new_tokens: int, batch_size: i
 
 
 def score_code(model, tokenizer, items, samples: int, temperature: float, max_new_tokens: int,
-               limits: Limits) -> dict:
-    """pass@k (k <= samples) of completions run against each task's tests in the sandbox."""
+               limits: Limits, workers: int | None = None) -> dict:
+    """pass@k (k <= samples) of completions run against each task's tests in the sandbox.
+
+    All completions are generated first, then run `workers` at a time (`run_programs`).
+    """
     from phi2_jax.inference.generate import generate_text
 
-    progress = Progress("  generating + testing", len(items) * samples)
-    results = []
+    progress = Progress("  generating", len(items) * samples)
+    programs = []
     for item in items:
-        passed, statuses = [], []
         for s in range(samples):
             completion = generate_text(model, tokenizer, [item.prompt], max_new_tokens=max_new_tokens, stop=item.stop,
                                        temperature=temperature if samples > 1 else 0.0, seed=s)[0]
-            outcome = run_program(item.prompt + completion + item.test_suffix, limits)
-            passed.append(outcome.passed)
-            statuses.append(outcome.status)
+            programs.append(item.prompt + completion + item.test_suffix)
             progress.advance(1)
-        results.append({"task_id": item.task_id, "passed": sum(passed), "n": samples, "statuses": statuses})
     progress.close()
+    outcomes = run_programs(programs, limits, workers)
+    results = []
+    for n, item in enumerate(items):
+        mine = outcomes[n * samples:(n + 1) * samples]
+        results.append({"task_id": item.task_id, "passed": sum(o.passed for o in mine), "n": samples,
+                        "statuses": [o.status for o in mine]})
     scores = {f"pass@{k}": float(np.mean([pass_at_k(r["n"], r["passed"], k) for r in results]))
               for k in (1, 5, 10) if k <= samples}
     return {**scores, "n": len(items), "items": results}
@@ -114,8 +121,13 @@ def perplexity(model, tokenizer, files: list[Path], batch_size: int) -> dict:
 
 def evaluate(model, tokenizer, tasks: dict[str, Path | None], *, ppl_files: list[Path] = (), num_fewshot=None,
              limit: int | None = None, batch_size: int = 8, max_new_tokens: int = 256, code_samples: int = 1,
-             code_temperature: float = 0.8, limits: Limits = Limits()) -> dict:
-    """Scores `model` on each task ({name: JSONL path or None for the shipped sample}) and on `ppl_files`."""
+             code_temperature: float = 0.8, limits: Limits = Limits(), sandbox_workers: int | None = None,
+             on_result: Callable[[dict], None] | None = None) -> dict:
+    """Scores `model` on each task ({name: JSONL path or None for the shipped sample}) and on `ppl_files`.
+
+    on_result(results so far) is called after each task, so that a caller can keep finished tasks' results
+    when a later one fails.
+    """
     results = {}
     for name, path in tasks.items():
         kind, items = load_task(name, path, num_fewshot)
@@ -126,9 +138,14 @@ def evaluate(model, tokenizer, tasks: dict[str, Path | None], *, ppl_files: list
         elif kind == "generation":
             results[name] = score_generation(model, tokenizer, items, max_new_tokens, batch_size)
         else:
-            results[name] = score_code(model, tokenizer, items, code_samples, code_temperature, max_new_tokens, limits)
+            results[name] = score_code(model, tokenizer, items, code_samples, code_temperature, max_new_tokens, limits,
+                                       sandbox_workers)
+        if on_result:
+            on_result(dict(results))
     if ppl_files:
         results["perplexity"] = perplexity(model, tokenizer, list(ppl_files), batch_size)
+        if on_result:
+            on_result(dict(results))
     return results
 
 
@@ -148,6 +165,45 @@ def parse_task(spec: str) -> tuple[str, Path | None]:
     return name.strip(), Path(path) if path else None
 
 
+def parse_tasks(specs: list[str]) -> dict[str, Path | None]:
+    """{name: file or None} from --task values; a name given twice is refused (its results would collide)."""
+    tasks = {}
+    for spec in specs:
+        name, path = parse_task(spec)
+        if name in tasks:
+            raise UserInputError(f"--task {name} is given twice; name each task once.")
+        tasks[name] = path
+    return tasks
+
+
+def check_arguments(args) -> None:
+    """Refuses bad numbers and a bad --output before any work is done."""
+    for flag, value, least in (("--batch-size", args.batch_size, 1), ("--max-new-tokens", args.max_new_tokens, 1),
+                               ("--code-samples", args.code_samples, 1), ("--limit", args.limit, 1),
+                               ("--num-fewshot", args.num_fewshot, 0), ("--sandbox-workers", args.sandbox_workers, 1)):
+        if value is not None and value < least:
+            raise UserInputError(f"{flag} must be at least {least}, got {value}.")
+    if not (math.isfinite(args.timeout) and args.timeout > 0):
+        raise UserInputError(f"--timeout must be a positive number of seconds, got {args.timeout}.")
+    if args.output is not None:
+        if args.output.is_dir():
+            raise UserInputError(f"--output {args.output} is a folder; expected a file name for the results JSON.")
+        parent = next((p for p in args.output.parents if p.exists()), None)
+        if parent is not None and not parent.is_dir():
+            raise UserInputError(f"--output {args.output}: {parent} is a file, not a folder.")
+    for file in args.ppl:
+        if not file.is_file():
+            raise UserInputError(f"perplexity file {file} does not exist.")
+
+
+def write_results(path: Path, results: dict) -> None:
+    """The results as JSON, replaced whole (a reader never sees half a file)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_name(path.name + ".partial")
+    partial.write_text(json.dumps(results, indent=2))
+    os.replace(partial, path)
+
+
 @exit_on_user_error
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(prog="python -m phi2_jax.evaluate", description=__doc__.split("\n\n")[0])
@@ -161,29 +217,30 @@ def main(argv=None) -> None:
     parser.add_argument("--max-new-tokens", type=int, default=256)
     parser.add_argument("--code-samples", type=int, default=1, help="completions per code task (pass@k, k <= this)")
     parser.add_argument("--timeout", type=float, default=10.0, help="seconds per code test run")
-    parser.add_argument("--output", type=Path, help="write the results (with per-item details) as JSON")
+    parser.add_argument("--sandbox-workers", type=int, help="code test runs at once (default: CPUs, at most 8)")
+    parser.add_argument("--output", type=Path, help="write the results (with per-item details) as JSON; "
+                                                    "rewritten after each task")
     args = parser.parse_args(sys.argv[1:] if argv is None else argv)
     if not args.task and not args.ppl:
         raise UserInputError("nothing to evaluate; pass --task NAME[=FILE] and/or --ppl FILE.")
+    check_arguments(args)
+    tasks = parse_tasks(args.task)
+    for name, path in tasks.items():
+        load_task(name, path, args.num_fewshot)  # refuse a bad file before loading the model
+    if not args.model.exists():
+        raise UserInputError(f"--model {args.model} does not exist.")
 
     from phi2_jax.hf.loading import default_tokenizer_path
     from phi2_jax.hf.loading import from_pretrained
     from phi2_jax.data.tokenizer import load_tokenizer
 
-    tasks = dict(parse_task(t) for t in args.task)
-    for name, path in tasks.items():
-        load_task(name, path, args.num_fewshot)  # refuse a bad file before loading the model
-    if not args.model.exists():
-        raise UserInputError(f"--model {args.model} does not exist.")
     tokenizer = load_tokenizer(args.tokenizer or default_tokenizer_path(args.model))
     model = from_pretrained(args.model)
+    save = (lambda results: write_results(args.output, results)) if args.output else None
     results = evaluate(model, tokenizer, tasks, ppl_files=args.ppl, num_fewshot=args.num_fewshot, limit=args.limit,
                        batch_size=args.batch_size, max_new_tokens=args.max_new_tokens, code_samples=args.code_samples,
-                       limits=Limits(seconds=args.timeout))
+                       limits=Limits(seconds=args.timeout), sandbox_workers=args.sandbox_workers, on_result=save)
     print(table(results))
-    if args.output:
-        args.output.parent.mkdir(parents=True, exist_ok=True)
-        args.output.write_text(json.dumps(results, indent=2))
 
 
 if __name__ == "__main__":

@@ -41,17 +41,52 @@ class CodeTask:
     stop: tuple[str, ...]
 
 
-REQUIRED = {
-    "piqa": ("goal", "sol1", "sol2", "label"),
-    "arc": ("question", "answerKey"),
-    "hellaswag": ("endings", "label"),
-    "winogrande": ("sentence", "option1", "option2", "answer"),
-    "boolq": ("question", "passage"),
-    "mmlu": ("question", "choices", "answer"),
-    "gsm8k": ("question", "answer"),
-    "humaneval": ("task_id", "prompt", "test", "entry_point"),
-    "mbpp": ("task_id", "text", "test_list"),
+STRINGS = "list of strings"  # a field type: a JSON list whose items are all strings
+# Each family's fields and their JSON types: (required, optional). A type is a Python type, a tuple of
+# them, or STRINGS.
+FIELDS = {
+    "piqa": ({"goal": str, "sol1": str, "sol2": str, "label": (int, str)}, {}),
+    "arc": ({"question": (str, dict), "answerKey": (str, int)}, {"choices": dict}),
+    "hellaswag": ({"endings": STRINGS, "label": (int, str)}, {"ctx": str, "ctx_a": str, "ctx_b": str}),
+    "winogrande": ({"sentence": str, "option1": str, "option2": str, "answer": (str, int)}, {}),
+    "boolq": ({"question": str, "passage": str}, {"answer": (bool, str, int), "label": (bool, str, int)}),
+    "mmlu": ({"question": str, "choices": STRINGS, "answer": (int, str)}, {}),
+    "gsm8k": ({"question": str, "answer": str}, {}),
+    "humaneval": ({"task_id": str, "prompt": str, "test": str, "entry_point": str}, {}),
+    "mbpp": ({"task_id": (int, str), "text": str, "test_list": STRINGS}, {"test_setup_code": (str, type(None))}),
 }
+REQUIRED = {name: tuple(required) for name, (required, _) in FIELDS.items()}
+_NAMES = {str: "a string", int: "an integer", bool: "true or false", dict: "an object", list: "a list",
+          float: "a number", type(None): "null"}
+
+
+def _kind_of(value) -> str:
+    """How a JSON value reads in a sentence: 'a string', 'a list', ..."""
+    return _NAMES.get(type(value), type(value).__name__)
+
+
+def _has_type(value, expected) -> bool:
+    if expected == STRINGS:
+        return isinstance(value, list) and all(isinstance(v, str) for v in value)
+    expected = expected if isinstance(expected, tuple) else (expected,)
+    if isinstance(value, bool):  # JSON true/false is not an integer here
+        return bool in expected
+    return isinstance(value, expected)
+
+
+def _describe(expected) -> str:
+    if expected == STRINGS:
+        return "a list of strings"
+    expected = expected if isinstance(expected, tuple) else (expected,)
+    return " or ".join(_NAMES[t] for t in expected)
+
+
+def check_field(value, expected, where: str, field: str) -> None:
+    """Raises one sentence if `value` (field `field` of the record at `where`) is not of the `expected` type."""
+    if not _has_type(value, expected):
+        raise UserInputError(f"{where} field '{field}' is {_kind_of(value)}; expected {_describe(expected)}.")
+
+
 KIND = {"piqa": "multiple_choice", "arc": "multiple_choice", "hellaswag": "multiple_choice",
         "winogrande": "multiple_choice", "boolq": "multiple_choice", "mmlu": "multiple_choice",
         "gsm8k": "generation", "humaneval": "code", "mbpp": "code"}
@@ -66,22 +101,36 @@ def family(name: str) -> str:
     return base
 
 
-def read_jsonl(path: Path, required: tuple[str, ...]) -> list[dict]:
-    """Records of a JSONL file; invalid JSON or a missing field is reported with its line number."""
+def read_jsonl(path: Path, base: str) -> list[tuple[str, dict]]:
+    """(where, record) for each record of a task file, where = '<path> line <n>'; a missing field or one of
+    the wrong type is reported with its line number."""
     if not path.is_file():
         raise UserInputError(f"task file {path} does not exist.")
+    required, optional = FIELDS[base]
     records = []
     for n, record in jsonl_objects(path):
-        for field in required:
+        where = f"{path} line {n}"
+        for field, expected in required.items():
             if field not in record:
-                raise UserInputError(f"{path} line {n} has no field '{field}'; this task needs {', '.join(required)}.")
-        records.append(record)
+                raise UserInputError(f"{where} has no field '{field}'; this task needs {', '.join(required)}.")
+            check_field(record[field], expected, where, field)
+        for field, expected in optional.items():
+            if field in record:
+                check_field(record[field], expected, where, field)
+        records.append((where, record))
     if not records:
         raise UserInputError(f"task file {path} holds no records.")
     return records
 
 
 # ----------------------------------------------------------------------------- multiple choice
+def _check_keys(value: dict, fields: dict, where: str, name: str) -> None:
+    for key, expected in fields.items():
+        if key not in value:
+            raise UserInputError(f"{where} field '{name}' has no '{key}'; expected {', '.join(fields)}.")
+        check_field(value[key], expected, where, f"{name}.{key}")
+
+
 def _label_index(value, labels: list[str], where: str) -> int:
     if isinstance(value, int) and not isinstance(value, bool):
         index = value
@@ -105,13 +154,21 @@ def multiple_choice(base: str, record: dict, where: str) -> MultipleChoice:
     if base == "arc":
         question = record["question"]
         if isinstance(question, dict):  # the original AI2 layout: {"stem", "choices": [{"text", "label"}]}
+            _check_keys(question, {"stem": str, "choices": list}, where, "question")
+            for n, choice in enumerate(question["choices"]):
+                check_field(choice, dict, where, f"question.choices[{n}]")
+                _check_keys(choice, {"text": str, "label": (str, int)}, where, f"question.choices[{n}]")
             texts = [c["text"] for c in question["choices"]]
-            labels = [c["label"] for c in question["choices"]]
+            labels = [str(c["label"]) for c in question["choices"]]
             question = question["stem"]
         else:                           # the Hugging Face layout: "choices": {"text": [...], "label": [...]}
             if "choices" not in record:
                 raise UserInputError(f"{where} has no field 'choices'; this task needs question, choices, answerKey.")
+            _check_keys(record["choices"], {"text": STRINGS, "label": STRINGS}, where, "choices")
             texts, labels = record["choices"]["text"], record["choices"]["label"]
+        if len(texts) != len(labels) or not texts:
+            raise UserInputError(f"{where}: the choices have {len(texts)} texts and {len(labels)} labels; "
+                                 f"expected the same number, at least one.")
         context = f"Question: {question}\nAnswer:"
         return MultipleChoice([(context, " " + t) for t in texts], _label_index(record["answerKey"], labels, where))
     if base == "hellaswag":
@@ -135,9 +192,15 @@ def multiple_choice(base: str, record: dict, where: str) -> MultipleChoice:
         if answer is None:
             raise UserInputError(f"{where} has no field 'answer'; this task needs question, passage, answer.")
         context = f"{record['passage']}\nQuestion: {record['question']}?\nAnswer:"
-        gold = int(answer) if isinstance(answer, (bool, int)) else ["false", "true"].index(str(answer).lower())
+        if isinstance(answer, str) and answer.lower() not in ("false", "true"):
+            raise UserInputError(f"{where} field 'answer' is {answer!r}; expected true or false.")
+        gold = int(answer) if isinstance(answer, (bool, int)) else ["false", "true"].index(answer.lower())
+        if gold not in (0, 1):
+            raise UserInputError(f"{where} field 'answer' is {answer!r}; expected true or false.")
         return MultipleChoice([(context, " no"), (context, " yes")], gold)
     if base == "mmlu":
+        if not 1 <= len(record["choices"]) <= 10:
+            raise UserInputError(f"{where} field 'choices' has {len(record['choices'])} choices; expected 1 to 10.")
         letters = "ABCDEFGHIJ"[: len(record["choices"])]
         lines = [record["question"].strip()] + [f"{l}. {c}" for l, c in zip(letters, record["choices"])]
         context = "\n".join(lines) + "\nAnswer:"
@@ -182,12 +245,14 @@ HUMANEVAL_STOP = ("\nclass", "\ndef", "\n#", "\nif", "\nprint")
 MBPP_STOP = ('\n"""', "\nassert", "\n\n\n")
 
 
-def code_task(base: str, record: dict) -> CodeTask:
+def code_task(base: str, record: dict, where: str) -> CodeTask:
     """A HumanEval / MBPP record as prompt, test program suffix and stop strings."""
     if base == "humaneval":
         return CodeTask(record["task_id"], record["prompt"],
                         "\n\n" + record["test"] + f"\n\ncheck({record['entry_point']})\n", HUMANEVAL_STOP)
     tests = record["test_list"]
+    if not tests:
+        raise UserInputError(f"{where} field 'test_list' is empty; expected at least one test.")
     prompt = f'"""\n{record["text"]}\n{tests[0]}\n"""\n'
     setup = record.get("test_setup_code", "") or ""
     return CodeTask(str(record["task_id"]), prompt, "\n\n" + setup + "\n" + "\n".join(tests) + "\n", MBPP_STOP)
@@ -204,18 +269,18 @@ def load_task(name: str, path: Path | None, num_fewshot: int | None) -> tuple[st
     """(family kind, items) for a task file (or the shipped sample when `path` is None)."""
     base = family(name)
     path = path or SAMPLES / f"{base}.jsonl"
-    records = read_jsonl(path, REQUIRED[base])
+    records = read_jsonl(path, base)
     kind = KIND[base]
     if kind == "multiple_choice":
-        items = [multiple_choice(base, r, f"{path} record {n + 1}") for n, r in enumerate(records)]
+        items = [multiple_choice(base, r, where) for where, r in records]
         if num_fewshot:
             items = [_with_shots(items, n, num_fewshot) for n in range(len(items))]
         return kind, items
     if kind == "generation":
         shots = 5 if num_fewshot is None else num_fewshot
         items = []
-        for n, r in enumerate(records):
-            others = [o for m, o in enumerate(records) if m != n][:shots]
+        for n, (_, r) in enumerate(records):
+            others = [o for m, (_, o) in enumerate(records) if m != n][:shots]
             items.append(Generation(gsm8k_prompt(r, others), gsm8k_gold(r["answer"])))
         return kind, items
-    return kind, [code_task(base, r) for r in records]
+    return kind, [code_task(base, r, where) for where, r in records]

@@ -256,7 +256,8 @@ class ReadAhead:
     """`read(path, layer)` served in a known order, reading the next `depth` parameters on a background thread.
 
     Reading parameters out of the checkpoint and writing safetensors each take
-    about half of an export; overlapping them took phi-2's from 31.9 to 19.1 s.
+    about half of an export, so reading ahead while writing shortens it (measured:
+    docs/benchmarks.md, "Converter: bytes, no transposes, mapped reads, read-ahead").
     A request out of order (a LoRA adapter's factors) is read on the spot.
     """
 

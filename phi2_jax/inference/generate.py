@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
+import numbers
 from collections.abc import Callable, Sequence
 
 import jax
@@ -24,7 +26,8 @@ import numpy as np
 from flax import nnx
 
 from phi2_jax.errors import UserInputError
-from phi2_jax.model.transformer import Phi
+from phi2_jax.inference.decoding import cache_layout, decode_forward, layer_copies, use_layer_copies
+from phi2_jax.model.transformer import Phi, default_positions
 
 PROMPT_BUCKET = 32
 
@@ -37,6 +40,22 @@ class Sampling:
     top_k: int | None = None
     top_p: float | None = None
     repetition_penalty: float = 1.0
+
+    def __post_init__(self):
+        # Each message starts with the parameter's name (the command line turns it into its flag).
+        if not (_is_number(self.temperature) and 0 <= self.temperature < math.inf):
+            raise UserInputError(f"temperature must be a number at least 0 (0: greedy), got {self.temperature}.")
+        if self.top_k is not None and not (isinstance(self.top_k, numbers.Integral) and not isinstance(self.top_k, bool)
+                                           and self.top_k >= 1):
+            raise UserInputError(f"top_k must be a positive integer, got {self.top_k}.")
+        if self.top_p is not None and not (_is_number(self.top_p) and 0 < self.top_p <= 1):
+            raise UserInputError(f"top_p must be in (0, 1], got {self.top_p}.")
+        if not (_is_number(self.repetition_penalty) and 0 < self.repetition_penalty < math.inf):
+            raise UserInputError(f"repetition_penalty must be a positive number, got {self.repetition_penalty}.")
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
 
 
 def sample_logits(logits: jax.Array, key: jax.Array, sampling: Sampling, seen: jax.Array) -> jax.Array:
@@ -61,69 +80,33 @@ def sample_logits(logits: jax.Array, key: jax.Array, sampling: Sampling, seen: j
     return jax.random.categorical(key, logits, axis=-1).astype(jnp.int32)
 
 
-def layer_copy_fits(model: Phi) -> bool:
-    """Whether a second copy of the layer weights takes at most half of the first device's free memory.
-
-    Decoding reads every weight once per token. Scanning over the stacked
-    weights makes XLA copy each layer's slice out before its matmuls, so a step
-    moves the weights twice; a copy of the layers made once per `generate` call
-    avoids that (batch-1 decoding of phi-small 11.1 -> 7.8 ms/token on the CPU),
-    at the price of holding the layer weights twice for the duration of the call
-    and of a longer compile, the layers being unrolled (full phi-2: 15.5 s
-    instead of 2.0 s on the dev CPU).
-    """
-    arrays = jax.tree.leaves(nnx.state(model.layers))
-    needed = sum(int(np.prod(a.sharding.shard_shape(a.shape))) * a.dtype.itemsize for a in arrays)
-    return needed <= free_device_memory() / 2
-
-
-def free_device_memory() -> float:
-    """Bytes free on the first device: its allocator's limit less what is in use, or the host's free RAM on the CPU."""
-    stats = jax.devices()[0].memory_stats() or {}
-    if "bytes_limit" in stats:
-        return stats["bytes_limit"] - stats.get("bytes_in_use", 0)
-    try:
-        with open("/proc/meminfo") as meminfo:
-            fields = dict(line.split(":", 1) for line in meminfo)
-        return int(fields["MemAvailable"].split()[0]) * 1024
-    except (OSError, KeyError, ValueError):
-        return float("inf")  # not Linux: no reading, so no reason to refuse
-
-
 # XLA:CPU hands dots to YNNPACK by default, which is faster at training and prefill shapes but slower at
-# decoding's few-row ones: batch-8 decoding of phi-small takes 34 ms/token with it, 20 ms/token with Eigen's
-# dots (batch 1 the same either way); training steps and prefill are 5-15% faster with it, so only the
-# decoding program turns it off.
+# decoding's few-row ones than Eigen's dots; the choice is per compiled program, so only the decoding
+# program turns it off (measured: docs/benchmarks.md, "Decoding: Eigen's dots (YNNPACK off)").
 _DECODE_COMPILER_OPTIONS = {"cpu": {"xla_cpu_experimental_ynn_fusion_type": ""}}
 
 
 @functools.cache
 def _compiled_decode(backend: str):
-    return jax.jit(_decode, static_argnums=(0, 4, 5, 7), compiler_options=_DECODE_COMPILER_OPTIONS.get(backend))
-
-
-@functools.partial(jax.jit, static_argnums=0)
-def _layer_copies(graphdef, state) -> list:
-    # A program of its own, so that each copy is a buffer of its own: as temporaries of the decoding
-    # program they would share one large block, mapped (and page-faulted) afresh at every call.
-    return nnx.merge(graphdef, state).unstack_layers(fuse_input_projections=True)
+    return jax.jit(_decode, static_argnums=(0, 4, 5, 7, 10, 12), compiler_options=_DECODE_COMPILER_OPTIONS.get(backend))
 
 
 def _decode(graphdef, state, ids, mask, max_new_tokens: int, sampling: Sampling, key, stream: bool, eos_id, stops,
-            layer_weights: list | None):
-    """ids/mask [B, P] left-padded -> new tokens [B, N]. layer_weights: see `layer_copy_fits`."""
+            layer_graphdef, layer_states: list | None, cache_layout: str):
+    """ids/mask [B, P] left-padded -> new tokens [B, N]. layer_graphdef/states: `decoding.layer_copies` or None."""
     model: Phi = nnx.merge(graphdef, state)
+    layers = (layer_graphdef, layer_states) if layer_states is not None else None
     batch, prompt_len = ids.shape
     total = prompt_len + max_new_tokens
     vocab = model.config.vocab_size
     kv_mask = jnp.zeros((batch, total), jnp.int32).at[:, :prompt_len].set(mask)
-    positions = jnp.maximum(jnp.cumsum(mask, axis=1) - 1, 0)
-    cache = model.init_cache(batch, total, per_layer=layer_weights is not None)
-    out = model.run(ids, kv_mask, positions, cache=cache, cache_index=0, layer_weights=layer_weights)
+    positions = default_positions(batch, prompt_len, mask)
+    cache = model.init_cache(batch, total, layout=cache_layout, per_layer=layers is not None)
+    logits, cache = decode_forward(model, layers, ids, kv_mask, positions, cache, 0)
     seen = jnp.zeros((batch, vocab), bool).at[jnp.arange(batch)[:, None], ids].max(mask.astype(bool))
     stop_len = stops.shape[1]
     state0 = {
-        "i": jnp.int32(0), "cache": out["cache"], "kv_mask": kv_mask, "logits": out["logits"][:, -1],
+        "i": jnp.int32(0), "cache": cache, "kv_mask": kv_mask, "logits": logits,
         "position": positions[:, -1] + 1, "done": jnp.zeros(batch, bool),
         "tokens": jnp.full((batch, max_new_tokens), eos_id, jnp.int32), "seen": seen,
         "window": jnp.full((batch, stop_len), -1, jnp.int32),
@@ -144,9 +127,9 @@ def _decode(graphdef, state, ids, mask, max_new_tokens: int, sampling: Sampling,
                            & (stops[None, :, -1] >= 0), axis=-1)
         done = s["done"] | (token == eos_id) | stop_hit
         kv_mask = s["kv_mask"].at[:, prompt_len + i].set(1)
-        step = model.run(token[:, None], kv_mask, s["position"][:, None], cache=s["cache"], cache_index=prompt_len + i,
-                         layer_weights=layer_weights)
-        return {"i": i + 1, "cache": step["cache"], "kv_mask": kv_mask, "logits": step["logits"][:, 0],
+        logits, cache = decode_forward(model, layers, token[:, None], kv_mask, s["position"][:, None], s["cache"],
+                                       prompt_len + i)
+        return {"i": i + 1, "cache": cache, "kv_mask": kv_mask, "logits": logits,
                 "position": s["position"] + 1, "done": done, "tokens": s["tokens"].at[:, i].set(token),
                 "seen": s["seen"].at[jnp.arange(batch), token].set(True), "window": window}
 
@@ -161,15 +144,21 @@ def _stream_callback(step, tokens):
         sink(int(step), np.asarray(tokens))
 
 
+def left_pad(sequences: Sequence[Sequence[int]], width: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Token lists -> (ids, mask) [B, width] with each row's tokens at the right end (left padding)."""
+    width = max(len(s) for s in sequences) if width is None else width
+    ids = np.zeros((len(sequences), width), np.int32)
+    mask = np.zeros_like(ids)
+    for r, tokens in enumerate(sequences):
+        if len(tokens):
+            ids[r, width - len(tokens):], mask[r, width - len(tokens):] = tokens, 1
+    return ids, mask
+
+
 def left_align(input_ids: np.ndarray, attention_mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Moves every row's real tokens to the right end (left padding), whatever padding it came with."""
-    out_ids, out_mask = np.zeros_like(input_ids), np.zeros_like(attention_mask)
-    width = input_ids.shape[1]
-    for r in range(input_ids.shape[0]):
-        real = input_ids[r][attention_mask[r].astype(bool)]
-        out_ids[r, width - len(real):] = real
-        out_mask[r, width - len(real):] = 1
-    return out_ids, out_mask
+    rows = [ids[mask.astype(bool)] for ids, mask in zip(input_ids, attention_mask)]
+    return left_pad(rows, input_ids.shape[1])
 
 
 def generate(
@@ -195,8 +184,8 @@ def generate(
     stop_sequences: token id sequences that end a row like EOS does.
     on_token(step, tokens [B]) is called as each token is produced (streaming).
     copy_layers: hold a second copy of the layer weights during the call so that each
-    decoding step reads every weight once (faster); None decides by free memory
-    (`layer_copy_fits`). The tokens are the same either way.
+    decoding step reads every weight once (`inference/decoding.py`); None decides per
+    backend and by free memory. The tokens are the same either way.
     """
     ids = np.asarray(input_ids, np.int32)
     if ids.ndim != 2 or ids.shape[1] == 0:
@@ -207,6 +196,9 @@ def generate(
         raise UserInputError(f"prompt {int(np.argmin(lengths))} of the batch is empty; expected at least one token.")
     if max_new_tokens < 1:
         raise UserInputError(f"max_new_tokens must be at least 1, got {max_new_tokens}.")
+    Sampling(temperature, top_k, top_p, repetition_penalty)  # refuses bad values in one sentence
+    if top_k is not None and top_k > model.config.vocab_size:
+        raise UserInputError(f"top_k {top_k} exceeds the model's vocabulary of {model.config.vocab_size} tokens.")
     context = model.config.max_position_embeddings
     if lengths.max() + max_new_tokens > context:
         raise UserInputError(f"a prompt of {int(lengths.max())} tokens plus max_new_tokens {max_new_tokens} exceeds the "
@@ -229,12 +221,14 @@ def generate(
     if on_token is not None:
         _stream_sink.append(on_token)
     try:
-        # Copied out of the stack once per call, not once per layer and token (see `layer_copy_fits`).
-        copies = layer_copy_fits(model) if copy_layers is None else copy_layers
-        layer_weights = _layer_copies(graphdef, state) if copies else None
-        new = _compiled_decode(jax.default_backend())(
+        backend = jax.default_backend()
+        # Copied out of the stack once per call, not once per layer and token (see inference/decoding.py).
+        layer_graphdef, layer_states = (layer_copies(model) if use_layer_copies(model, backend, copy_layers)
+                                        else (None, None))
+        new = _compiled_decode(backend)(
             graphdef, state, jnp.asarray(padded_ids), jnp.asarray(padded_mask), max_new_tokens, sampling,
-            jax.random.key(seed), on_token is not None, eos, jnp.asarray(stops), layer_weights)
+            jax.random.key(seed), on_token is not None, eos, jnp.asarray(stops), layer_graphdef, layer_states,
+            cache_layout(backend))
         new = np.asarray(new)
     finally:
         if on_token is not None:
@@ -249,19 +243,23 @@ def generate_text(model: Phi, tokenizer, prompts: Sequence[str], *, max_new_toke
     encoded = [tokenizer.encode(p) for p in prompts]
     if any(not e for e in encoded):
         raise UserInputError("a prompt is empty; expected at least one token of text.")
-    width = max(len(e) for e in encoded)
-    ids = np.zeros((len(encoded), width), np.int32)
-    mask = np.zeros_like(ids)
-    for r, e in enumerate(encoded):
-        ids[r, width - len(e):], mask[r, width - len(e):] = e, 1
+    ids, mask = left_pad(encoded)
+    width = ids.shape[1]
     stop_ids = [tokenizer.encode(s) for s in stop if s]
     out = generate(model, ids, mask, max_new_tokens=max_new_tokens, eos_token_id=tokenizer.eos_id,
                    stop_sequences=stop_ids, **sampling)
     texts = []
-    for row in out[:, width:]:
-        row = row.tolist()
+    for prompt_ids, row in zip(encoded, out[:, width:].tolist()):
         row = row[: row.index(tokenizer.eos_id)] if tokenizer.eos_id in row else row
-        text = tokenizer.decode(row)
-        cuts = [text.find(s) for s in stop if s and s in text]
-        texts.append(text[: min(cuts)] if cuts else text)
+        texts.append(cut_at_stop(tokenizer.decode_continuation(prompt_ids, row), stop))
     return texts
+
+
+def stop_index(text: str, stop: Sequence[str]) -> int:
+    """Where `text` is cut: the start of the first stop string in it, else its length."""
+    return min([text.find(s) for s in stop if s and s in text] + [len(text)])
+
+
+def cut_at_stop(text: str, stop: Sequence[str]) -> str:
+    """`text` up to (not including) the first of the stop strings it contains."""
+    return text[:stop_index(text, stop)]

@@ -24,7 +24,7 @@ def _greedy(graphdef, state, buffer, prompt_len_and_new, eos_id):
     def body(i, carry):
         buffer, done = carry
         position = prompt_len + i
-        logits = model.forward(buffer[None])[0, position - 1]
+        logits = model(buffer[None])[0, position - 1]
         token = jnp.where(done, eos_id, jnp.argmax(logits).astype(buffer.dtype))
         return buffer.at[position].set(token), done | (token == eos_id)
 

@@ -30,7 +30,7 @@ LENGTH_BUCKET = 64
 def _token_logprobs(graphdef, state, ids, mask, targets):
     """log p(target_t | ids[:t+1]) and whether target_t is the argmax, both [B, T]."""
     model: Phi = nnx.merge(graphdef, state)
-    logits = model.forward(ids, attention_mask=mask)
+    logits = model(ids, attention_mask=mask)
     logprobs = jax.nn.log_softmax(logits, axis=-1)
     picked = jnp.take_along_axis(logprobs, targets[..., None], axis=-1)[..., 0]
     return picked, jnp.argmax(logits, axis=-1) == targets

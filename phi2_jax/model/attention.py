@@ -24,6 +24,8 @@ import logging
 
 import jax
 import jax.numpy as jnp
+from jax._src.cudnn.fused_attention_stablehlo import MaskType
+from jax._src.cudnn.fused_attention_stablehlo import dot_product_attention as cudnn_dot_product_attention
 
 from phi2_jax.errors import ConfigError
 
@@ -55,26 +57,27 @@ def attention_mask(
     return mask
 
 
-def xla_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, kv_flat: bool = False) -> jax.Array:
+def xla_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, kv_layout: str = "bskd") -> jax.Array:
     """Reference attention in jnp: scores and softmax in float32, output in q's dtype.
 
-    q [B, T, N, D], k/v [B, S, K, D] (or [B*K, S, D] with kv_flat, the KV cache's
-    layout), mask [B, 1, T, S] -> [B, T, N, D].
+    q [B, T, N, D], k/v [B, S, K, D] (kv_layout 'bskd') or [B*K, S, D] ('heads_flat'),
+    mask [B, 1, T, S] -> [B, T, N, D].
     """
+    kv_flat = kv_layout == "heads_flat"
     batch, q_len, num_heads, head_dim = q.shape
     num_kv_heads = k.shape[0] // batch if kv_flat else k.shape[2]
     groups = num_heads // num_kv_heads
     # Heads-major: the G query heads sharing a key/value head (head n uses kv head n // G, as transformers'
     # repeat_kv) are stacked along the query axis, [B, K, G*T, D] against [B, K, S, D]. k and v are never
-    # repeated, and both einsums are plain batched matmuls: on XLA:CPU 1.45x faster forward and 1.7x faster
-    # forward + backward than the [B, T, K, G, D] form this replaced (4 x 256 tokens, 8 heads of 64).
+    # repeated, and both einsums are plain batched matmuls, faster on XLA:CPU in both passes than the
+    # [B, T, K, G, D] form this replaced (measured: docs/benchmarks.md, "Attention: heads-major form").
     q = q.reshape(batch, q_len, num_kv_heads, groups, head_dim).transpose(0, 2, 3, 1, 4)
     q = q.reshape(batch, num_kv_heads, groups * q_len, head_dim)
     rows = (batch, num_kv_heads, groups * q_len)
     if kv_flat:
         # The cache is read as stored, [B*K, S, D]: reshaping it to [B, K, S, D] makes XLA fuse its in-place
         # update into both readers and copy the cache at every decoding step. (Training keeps the 4-d form:
-        # this one's backward pass is 20% slower there.)
+        # this one's backward pass is slower there. Measured: docs/benchmarks.md, "Decoding: the CPU KV-cache layout".)
         scores = jnp.einsum("nqd,nsd->nqs", q.reshape(-1, *q.shape[2:]), k, preferred_element_type=jnp.float32)
         scores = scores.reshape(*rows, -1)
     else:
@@ -105,18 +108,6 @@ def causal_blocks(q_len: int) -> int:
     return max(blocks, 1)
 
 
-def flat_heads(x: jax.Array) -> jax.Array:
-    """[B, S, K, D] -> [B*K, S, D], the KV cache's layout."""
-    batch, length, heads, head_dim = x.shape
-    return x.transpose(0, 2, 1, 3).reshape(batch * heads, length, head_dim)
-
-
-def unflat_heads(x: jax.Array, batch: int) -> jax.Array:
-    """[B*K, S, D] -> [B, S, K, D]."""
-    _, length, head_dim = x.shape
-    return x.reshape(batch, -1, length, head_dim).transpose(0, 2, 1, 3)
-
-
 def attention_probs(q: jax.Array, k: jax.Array, mask: jax.Array) -> jax.Array:
     """Float32 attention probabilities [B, N, T, S] (for inspection; the xla backend's softmax)."""
     batch, q_len, num_heads, head_dim = q.shape
@@ -126,8 +117,18 @@ def attention_probs(q: jax.Array, k: jax.Array, mask: jax.Array) -> jax.Array:
     return jax.nn.softmax(scores, axis=-1)
 
 
-def cudnn_supported(dtype, head_dim: int) -> tuple[bool, str]:
-    """Whether cuDNN fused attention can run here, and if not, why (one phrase)."""
+def cudnn_supported(dtype, head_dim: int, check_device: bool = True) -> tuple[bool, str]:
+    """Whether cuDNN fused attention can run, and if not, why (one phrase).
+
+    check_device=False judges the dtype and shape only: an explicit 'cudnn' backend is trusted to target a
+    GPU (a deviceless compile for a GPU has no GPU to ask).
+    """
+    if jnp.dtype(dtype) not in [jnp.dtype(d) for d in _CUDNN_DTYPES]:
+        return False, f"compute dtype {jnp.dtype(dtype).name} is not bfloat16/float16"
+    if head_dim % 8 or head_dim > 256:
+        return False, f"head_dim {head_dim} is not a multiple of 8 up to 256"
+    if not check_device:
+        return True, ""
     try:
         devices = jax.devices()
     except RuntimeError:
@@ -138,10 +139,6 @@ def cudnn_supported(dtype, head_dim: int) -> tuple[bool, str]:
     capability = getattr(device, "compute_capability", None)
     if capability is not None and float(capability) < 8.0:
         return False, f"GPU compute capability {capability} is below 8.0 (sm80)"
-    if jnp.dtype(dtype) not in [jnp.dtype(d) for d in _CUDNN_DTYPES]:
-        return False, f"compute dtype {jnp.dtype(dtype).name} is not bfloat16/float16"
-    if head_dim % 8 or head_dim > 256:
-        return False, f"head_dim {head_dim} is not a multiple of 8 up to 256"
     return True, ""
 
 
@@ -149,18 +146,37 @@ def resolve_backend(backend: str, dtype, head_dim: int) -> str:
     """Maps 'auto' to 'cudnn' or 'xla' (logging the reason for a fallback once); checks 'cudnn'."""
     if backend == "xla":
         return "xla"
-    ok, why = cudnn_supported(dtype, head_dim)
     if backend == "cudnn":
+        ok, why = cudnn_supported(dtype, head_dim, check_device=False)
         if not ok:
             raise ConfigError(f"attention_backend 'cudnn' cannot run here: {why}; use 'auto' or 'xla'.")
         return "cudnn"
     assert backend == "auto", backend
+    ok, why = cudnn_supported(dtype, head_dim)
     if ok:
         return "cudnn"
     if why not in _fallback_reported:
         _fallback_reported.add(why)
         log.info("attention: using the xla backend because %s", why)
     return "xla"
+
+
+def packed_segments(segment_ids: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """cuDNN's description of packed documents: (offsets [B, T+1], lengths [B, T]), -1 where unused.
+
+    Row b's m-th document starts at offsets[b, m] and has lengths[b, m] tokens. A row of T tokens holds at
+    most T documents, so T slots are always enough (a static shape, whatever the data).
+    """
+    batch, length = segment_ids.shape
+    index = jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32), (batch, length))
+    starts = jnp.concatenate([jnp.ones((batch, 1), bool), segment_ids[:, 1:] != segment_ids[:, :-1]], axis=1)
+    slot = jnp.where(starts, jnp.cumsum(starts, axis=1) - 1, length)  # non-starts go to the spare last slot
+    rows = jnp.arange(batch)[:, None]
+    offsets = jnp.full((batch, length + 1), -1, jnp.int32).at[rows, slot].set(index).at[:, length].set(-1)
+    following = jnp.concatenate([offsets[:, 1:], jnp.full((batch, 1), -1, jnp.int32)], axis=1)
+    ends = jnp.where(following >= 0, following, length)
+    lengths = jnp.where(offsets >= 0, ends - offsets, -1)[:, :length]
+    return offsets, lengths
 
 
 def attention(
@@ -173,33 +189,35 @@ def attention(
     kv_mask: jax.Array | None = None,
     q_segment_ids: jax.Array | None = None,
     kv_segment_ids: jax.Array | None = None,
-    kv_flat: bool = False,
+    kv_layout: str = "bskd",
 ) -> jax.Array:
     """Causal attention. q [B, T, N, D], k/v [B, S, K, D] -> [B, T, N, D] in q's dtype.
 
     `backend`: 'xla' (plain jnp, the reference and CPU path), 'cudnn' (fused
     flash attention, bf16/fp16 on sm80+), or 'auto' (cuDNN where supported).
-    kv_flat: k/v come as [B*K, S, D] (the KV cache's layout, which the xla
-    backend reads as is).
+    kv_layout: 'heads_flat' when k/v come as [B*K, S, D] (the KV cache's XLA:CPU layout).
     """
     batch, q_len, _, head_dim = q.shape
     kv_len = k.shape[1]
+    self_attention = kv_layout == "bskd" and isinstance(q_offset, int) and q_offset == 0 and q_len == kv_len
     chosen = resolve_backend(backend, q.dtype, head_dim)
-    only_causal = kv_mask is None and q_segment_ids is None and isinstance(q_offset, int) and q_offset == 0
-    if chosen == "cudnn":
-        if kv_flat:
-            k, v = unflat_heads(k, batch), unflat_heads(v, batch)
-        if only_causal and q_len == kv_len:
+    if chosen == "cudnn" and self_attention:  # training and prefill; decoding's few query rows stay on xla
+        if kv_mask is None and q_segment_ids is None:
             return jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation="cudnn")
-        mask = attention_mask(batch, q_len, kv_len, q_offset=q_offset, kv_mask=kv_mask,
-                              q_segment_ids=q_segment_ids, kv_segment_ids=kv_segment_ids)
+        if kv_mask is None and q_segment_ids is kv_segment_ids:
+            offsets, lengths = packed_segments(q_segment_ids)
+            return cudnn_dot_product_attention(q, k, v, None, None, lengths, lengths, offsets, offsets,
+                                               scale=float(head_dim) ** -0.5, mask_type=MaskType.PADDING_CAUSAL)
+        # Padding (batched scoring of prompts of several lengths): a mask, which cuDNN takes as a bias. Inference
+        # only: no gradient flows, so cuDNN computes no bias gradient.
+        mask = attention_mask(batch, q_len, kv_len, kv_mask=kv_mask, q_segment_ids=q_segment_ids,
+                              kv_segment_ids=kv_segment_ids)
         return jax.nn.dot_product_attention(q, k, v, mask=mask, implementation="cudnn")
     mask = attention_mask(batch, q_len, kv_len, q_offset=q_offset, kv_mask=kv_mask,
                           q_segment_ids=q_segment_ids, kv_segment_ids=kv_segment_ids)
-    self_attention = not kv_flat and isinstance(q_offset, int) and q_offset == 0 and q_len == kv_len
     blocks = causal_blocks(q_len) if self_attention else 1
     if blocks == 1:
-        return xla_attention(q, k, v, mask, kv_flat)
+        return xla_attention(q, k, v, mask, kv_layout)
     # Query block i sees only keys [0, (i + 1) * rows): the causal mask hides the rest, so their scores are
     # never computed (a quarter to almost half of attention's work, as flash attention skips those tiles).
     rows = q_len // blocks

@@ -7,9 +7,16 @@ so a merged model computes what the adapted one does.
 
 from __future__ import annotations
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 
 from phi2_jax.config import PhiConfig
+
+
+def init_lora_a(key: jax.Array, shape: tuple[int, ...], dtype) -> jax.Array:
+    """lora_a [..., in, r] ~ N(0, 1/in); lora_b starts at 0, so a fresh adapter leaves the function unchanged."""
+    return (jax.random.normal(key, shape, jnp.float32) * shape[-2] ** -0.5).astype(dtype)
 
 
 def is_adapter(path: str) -> bool:
@@ -35,12 +42,12 @@ def merge_adapters(flat_params: dict, config: PhiConfig) -> dict:
 
 
 def fresh_adapters(shapes: dict[str, tuple], dtype, seed: int = 0) -> dict[str, np.ndarray]:
-    """New adapters for every adapter path in `shapes`: lora_a ~ N(0, 1/in), lora_b = 0 (a no-op at start)."""
-    rng = np.random.default_rng(seed)
+    """New adapters for every adapter path in `shapes` (`init_lora_a`, lora_b = 0), as host arrays."""
+    key = jax.random.key(seed)
     out = {}
-    for path, shape in shapes.items():
+    for index, (path, shape) in enumerate(sorted(shapes.items())):
         if path.endswith("/lora_a"):
-            out[path] = (rng.standard_normal(shape, dtype=np.float32) * shape[-2] ** -0.5).astype(dtype)
+            out[path] = np.asarray(init_lora_a(jax.random.fold_in(key, index), shape, dtype))
         elif path.endswith("/lora_b"):
             out[path] = np.zeros(shape, dtype)
     return out

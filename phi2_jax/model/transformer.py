@@ -15,17 +15,19 @@ All layers' weights are stacked along a leading 'layers' axis and the forward
 pass scans over them, so compile time does not grow with depth. Every weight
 carries `logical_axes` metadata read by `phi2_jax.sharding`.
 
-`Phi.run` is the one forward pass; through the scan it also threads a static
-KV cache (decoding, `generate.py`), captures intermediates per layer and
-applies residual-stream edits (`interpret.py`). Linear layers optionally carry
-LoRA adapters (`lora.py`).
+`model(ids, ...)` is the public call; `Phi.run` the one internal entry, which
+also threads a KV cache (`kv_cache.py`), captures intermediates per layer and
+applies residual-stream edits (`interpret.py`). Its pieces (`embed`,
+`layer_inputs`, `DecoderLayer`, `head`) are what `inference/` recomposes for
+fast decoding.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
-from typing import Any
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -33,41 +35,39 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh
 
-from phi2_jax.model.attention import attention, attention_mask, attention_probs, flat_heads, unflat_heads
 from phi2_jax.config import PhiConfig
+from phi2_jax.model.attention import attention, attention_mask, attention_probs
 from phi2_jax.model.dense import dense
+from phi2_jax.model.kv_cache import KVCache
+from phi2_jax.model.lora import init_lora_a
 from phi2_jax.sharding import constrain, state_shardings
 
 Array = jax.Array
+CAPTURE_NAMES = ("residual", "attn_out", "mlp_out", "mlp_act", "attn_probs")
 
 
 # ----------------------------------------------------------------------------- pieces
 _GELU_C = math.sqrt(2.0 / math.pi)
 
 
-@jax.custom_vjp
+@jax.custom_jvp
 def gelu_new(x: Array) -> Array:
     """GPT-2 / Phi gelu, tanh approximation: 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3))).
 
-    Its gradient keeps only x for the backward pass: autodiff of the formula kept
-    five [L, B, T, 4E] intermediates per step (the largest activations of a
-    layer), where recomputing the tanh from x costs a few elementwise ops.
+    A custom JVP (not a VJP, which would block forward-mode autodiff) whose
+    tangent is slope(x) * dx: reverse mode then keeps one [.., 4E] array per
+    layer (the slope) where autodiff of the formula kept five.
     """
     return 0.5 * x * (1.0 + jnp.tanh(_GELU_C * (x + 0.044715 * x**3)))
 
 
-def _gelu_new_forward(x: Array) -> tuple[Array, Array]:
-    return gelu_new(x), x
-
-
-def _gelu_new_backward(x: Array, grad: Array) -> tuple[Array]:
+@gelu_new.defjvp
+def _gelu_new_jvp(primals, tangents):
+    (x,), (dx,) = primals, tangents
     t = jnp.tanh(_GELU_C * (x + 0.044715 * x**3))
     # d/dx = 0.5 (1 + t) + 0.5 x (1 - t^2) sqrt(2/pi) (1 + 3 * 0.044715 x^2)
     slope = 0.5 * (1.0 + t) + 0.5 * x * (1.0 - t * t) * _GELU_C * (1.0 + 3 * 0.044715 * x * x)
-    return (grad * slope,)
-
-
-gelu_new.defvjp(_gelu_new_forward, _gelu_new_backward)
+    return 0.5 * x * (1.0 + t), slope * dx
 
 
 ACTIVATION_FNS = {
@@ -99,22 +99,22 @@ def apply_rotary(x: Array, cos: Array, sin: Array) -> Array:
     return jnp.concatenate([x_rot.astype(x.dtype), x_pass], axis=-1)
 
 
-def default_positions(batch: int, length: int, attention_mask: Array | None, segment_ids: Array | None) -> Array:
-    """Position ids when none are given.
+def default_positions(batch: int, length: int, attention_mask=None, segment_ids=None, xp=jnp):
+    """Position ids when none are given (`xp` = jnp or np: the data pipeline computes them on the host).
 
     Plain batch: 0..T-1. With a padding mask: the count of real tokens before
     each token, so a left-padded row gets the positions it would have alone
     (what transformers' `generate` does). With segment ids (packed documents):
     the offset inside each document.
     """
+    index = xp.broadcast_to(xp.arange(length)[None, :], (batch, length))
     if segment_ids is not None:
-        index = jnp.arange(length)[None, :]
-        starts = jnp.concatenate(
-            [jnp.ones((batch, 1), bool), segment_ids[:, 1:] != segment_ids[:, :-1]], axis=1)
-        return index - jax.lax.cummax(jnp.where(starts, index, 0), axis=1)
+        starts = xp.concatenate([xp.ones((batch, 1), bool), segment_ids[:, 1:] != segment_ids[:, :-1]], axis=1)
+        starts_at = xp.where(starts, index, 0)
+        return index - (jax.lax.cummax(starts_at, axis=1) if xp is jnp else np.maximum.accumulate(starts_at, axis=1))
     if attention_mask is not None:
-        return jnp.maximum(jnp.cumsum(attention_mask.astype(jnp.int32), axis=1) - 1, 0)
-    return jnp.broadcast_to(jnp.arange(length)[None, :], (batch, length))
+        return xp.maximum(xp.cumsum(attention_mask.astype(xp.int32), axis=1) - 1, 0)
+    return index
 
 
 def dropout(x: Array, rate: float, rng: Array | None) -> Array:
@@ -125,6 +125,18 @@ def dropout(x: Array, rate: float, rng: Array | None) -> Array:
     return jnp.where(keep, x / (1.0 - rate), 0).astype(x.dtype)
 
 
+@dataclasses.dataclass(frozen=True)
+class LayerInputs:
+    """What every layer reads besides the residual stream, computed once per call."""
+
+    cos: Array                     # rotary tables [B, T, rotary_dim], float32
+    sin: Array
+    attention_mask: Array | None   # [B, S]: real tokens (or, decoding, filled cache slots)
+    segment_ids: Array | None      # [B, T]: packed documents never attend across each other
+    cache_index: Array | int       # decoding: this call's first cache slot
+    capture: tuple[str, ...]       # names from CAPTURE_NAMES to return per layer
+
+
 # ----------------------------------------------------------------------------- parameter modules
 def _normal(std: float):
     return jax.nn.initializers.normal(std)
@@ -132,6 +144,12 @@ def _normal(std: float):
 
 class LoRAParam(nnx.Param):
     """A low-rank adapter weight: the only parameters a LoRA fine-tune trains."""
+
+
+def affine(x: Array, kernel: Array, bias: Array, compute_dtype, out_dtype, weight_grad: str = "native") -> Array:
+    """x @ kernel + bias with the matmul in `compute_dtype` (float32 accumulation), the result in `out_dtype`."""
+    y = dense(x, kernel, compute_dtype, out_dtype, weight_grad)
+    return y + bias.astype(y.dtype)
 
 
 class Linear(nnx.Module):
@@ -150,27 +168,22 @@ class Linear(nnx.Module):
                                 logical_axes=(*stack_names, *names))
         self.bias = nnx.Param(jnp.zeros((*stack, d_out), pdt), logical_axes=(*stack_names, names[1]))
         self.compute_dtype = jnp.dtype(config.compute_dtype)
+        self.weight_grad = config.weight_grad
         self.lora_scale = 0.0
         if lora and config.lora_rank:
             rank = config.lora_rank
-            self.lora_a = LoRAParam(_normal(d_in**-0.5)(rngs.params(), (*stack, d_in, rank), pdt),
+            self.lora_a = LoRAParam(init_lora_a(rngs.params(), (*stack, d_in, rank), pdt),
                                     logical_axes=(*stack_names, names[0], "lora_rank"))
             self.lora_b = LoRAParam(jnp.zeros((*stack, rank, d_out), pdt), logical_axes=(*stack_names, "lora_rank", names[1]))
             self.lora_scale = config.lora_alpha / rank
 
     def __call__(self, x: Array, out_dtype=None) -> Array:
         dtype = self.compute_dtype
-        y = affine(x, self.kernel.get_value(), self.bias.get_value(), dtype, out_dtype or dtype)
+        y = affine(x, self.kernel.get_value(), self.bias.get_value(), dtype, out_dtype or dtype, self.weight_grad)
         if self.lora_scale:
             low = jnp.einsum("...i,ir->...r", x.astype(dtype), self.lora_a.get_value().astype(dtype))
             y = y + (self.lora_scale * jnp.einsum("...r,ro->...o", low, self.lora_b.get_value().astype(dtype))).astype(y.dtype)
         return y
-
-
-def affine(x: Array, kernel: Array, bias: Array, compute_dtype, out_dtype) -> Array:
-    """x @ kernel + bias with the matmul in `compute_dtype` (float32 accumulation), the result in `out_dtype`."""
-    y = dense(x.astype(compute_dtype), kernel.astype(compute_dtype), out_dtype)
-    return y + bias.astype(y.dtype)
 
 
 class LayerNorm(nnx.Module):
@@ -198,73 +211,50 @@ class Attention(nnx.Module):
         h = config.hidden_size
         self.config = config
         self.q_proj = Linear(h, h, ("embed", "heads"), stack=stack, config=config, rngs=rngs,
-                            lora="q_proj" in config.lora_targets)
+                             lora="q_proj" in config.lora_targets)
         self.k_proj = Linear(h, config.kv_dim, ("embed", "kv_heads"), stack=stack, config=config, rngs=rngs,
-                            lora="k_proj" in config.lora_targets)
+                             lora="k_proj" in config.lora_targets)
         self.v_proj = Linear(h, config.kv_dim, ("embed", "kv_heads"), stack=stack, config=config, rngs=rngs,
-                            lora="v_proj" in config.lora_targets)
+                             lora="v_proj" in config.lora_targets)
         self.dense = Linear(h, h, ("heads", "embed"), stack=stack, config=config, rngs=rngs,
-                           lora="dense" in config.lora_targets)
+                            lora="dense" in config.lora_targets)
         if config.qk_layernorm:
             self.q_layernorm = LayerNorm(config.head_dim, "head_dim", stack=stack, config=config)
             self.k_layernorm = LayerNorm(config.head_dim, "head_dim", stack=stack, config=config)
 
-    def __call__(self, x: Array, ctx: dict[str, Any], mesh: Mesh | None, cache: tuple | None,
-                 projected: tuple[Array, Array, Array] | None = None):
-        """Returns (output [B, T, E], updated (k, v) cache or None, attention probabilities or None).
+    def __call__(self, q: Array, k: Array, v: Array, inputs: LayerInputs, mesh: Mesh | None,
+                 cache: tuple[KVCache, Array | int] | None) -> tuple[Array, KVCache | None, Array | None]:
+        """(output [B, T, E], updated cache or None, probabilities [B, N, T, S] or None) from projected q/k/v [B, T, *].
 
-        cache: ((k, v), this layer's index) while decoding, else None; k and v are
-        either stacked [L, B*K, S, D] arrays or lists of L per-layer [B*K, S, D]
-        arrays (see `Phi.init_cache`).
-        projected: (q, k, v) already computed from x (by `DecoderLayer`'s fused input projection).
+        cache: (the KV cache, this layer's index) while decoding.
         """
         cfg = self.config
-        batch, length, _ = x.shape
-        q, k, v = projected if projected is not None else (self.q_proj(x), self.k_proj(x), self.v_proj(x))
+        batch, length, _ = q.shape
         q = q.reshape(batch, length, cfg.num_attention_heads, cfg.head_dim)
         k = k.reshape(batch, length, cfg.num_key_value_heads, cfg.head_dim)
         v = v.reshape(batch, length, cfg.num_key_value_heads, cfg.head_dim)
         if cfg.qk_layernorm:
             q = self.q_layernorm(q, q.dtype)
             k = self.k_layernorm(k, k.dtype)
-        q = apply_rotary(q, ctx["cos"], ctx["sin"])
-        k = apply_rotary(k, ctx["cos"], ctx["sin"])
+        q = apply_rotary(q, inputs.cos, inputs.sin)
+        k = apply_rotary(k, inputs.cos, inputs.sin)
         q = constrain(q, ("act_batch", "act_length", "act_heads", "act_head_dim"), mesh)
         k = constrain(k, ("act_batch", "act_length", "act_kv_heads", "act_head_dim"), mesh)
-        q_offset, kv_flat = 0, False
+        q_offset, kv_layout, new_cache = 0, "bskd", None
         if cache is not None:
-            # Decoding: write this step's keys/values at slots [index, index + T) of this layer's cache, in
-            # place, then attend over all of that layer's slots, read where they lie.
-            (k_all, v_all), layer = cache
-            index = ctx["cache_index"]
-            k_all, k = _write_cache(k_all, layer, k, index)
-            v_all, v = _write_cache(v_all, layer, v, index)
-            cache, q_offset, kv_flat = (k_all, v_all), index, True
-        out = attention(q, k, v, backend=cfg.attention_backend, q_offset=q_offset, kv_mask=ctx["attention_mask"],
-                        q_segment_ids=ctx["segment_ids"], kv_segment_ids=ctx["segment_ids"], kv_flat=kv_flat)
+            # Decoding: this call's keys/values go into the cache, then attention reads all of its slots.
+            kv_cache, layer = cache
+            new_cache, k, v = kv_cache.write(layer, k, v, inputs.cache_index)
+            q_offset, kv_layout = inputs.cache_index, kv_cache.layout
+        out = attention(q, k, v, backend=cfg.attention_backend, q_offset=q_offset, kv_mask=inputs.attention_mask,
+                        q_segment_ids=inputs.segment_ids, kv_segment_ids=inputs.segment_ids, kv_layout=kv_layout)
         probs = None
-        if "attn_probs" in ctx["capture"]:
-            k_seq = unflat_heads(k, batch) if kv_flat else k
-            mask = attention_mask(batch, length, k_seq.shape[1], q_offset=q_offset, kv_mask=ctx["attention_mask"],
-                                  q_segment_ids=ctx["segment_ids"], kv_segment_ids=ctx["segment_ids"])
-            probs = attention_probs(q, k_seq, mask)
-        return self.dense(out.reshape(batch, length, -1)), cache, probs
-
-
-def _write_cache(store, layer, new: Array, index) -> tuple[Any, Array]:
-    """Writes new [B, T, K, D] at slots [index, index + T) of `layer`'s cache; returns (store, that layer's [B*K, S, D]).
-
-    store: stacked [L, B*K, S, D] (scanned layers, dynamic `layer`), or a list of
-    per-layer arrays (unrolled layers, static `layer`), whose layer is read
-    without a copy out of a stack.
-    """
-    per_layer = isinstance(store, list)
-    new = flat_heads(new.astype((store[0] if per_layer else store).dtype))
-    if per_layer:
-        written = jax.lax.dynamic_update_slice(store[layer], new, (0, index, 0))
-        return [*store[:layer], written, *store[layer + 1:]], written
-    store = jax.lax.dynamic_update_slice(store, new[None], (layer, 0, index, 0))
-    return store, jax.lax.dynamic_index_in_dim(store, layer, keepdims=False)
+        if "attn_probs" in inputs.capture:
+            assert cache is None, "attention probabilities are captured by a full forward pass, not while decoding"
+            mask = attention_mask(batch, length, length, kv_mask=inputs.attention_mask,
+                                  q_segment_ids=inputs.segment_ids, kv_segment_ids=inputs.segment_ids)
+            probs = attention_probs(q, k, mask)
+        return self.dense(out.reshape(batch, length, -1)), new_cache, probs
 
 
 class MLP(nnx.Module):
@@ -277,17 +267,11 @@ class MLP(nnx.Module):
                           rngs=rngs, lora="fc2" in config.lora_targets)
         self.activation = config.hidden_act
 
-    def __call__(self, x: Array, mesh: Mesh | None, fc1_out: Array | None = None) -> tuple[Array, Array]:
-        """(output [B, T, E], activation after the nonlinearity [B, T, F]); fc1_out: fc1(x) if already computed."""
-        y = self.fc1(x) if fc1_out is None else fc1_out
-        y = constrain(y, ("act_batch", "act_length", "act_mlp"), mesh)
+    def __call__(self, fc1_out: Array, mesh: Mesh | None) -> tuple[Array, Array]:
+        """(output [B, T, E], activation after the nonlinearity [B, T, F]) from fc1(x) [B, T, F]."""
+        y = constrain(fc1_out, ("act_batch", "act_length", "act_mlp"), mesh)
         act = ACTIVATION_FNS[self.activation](y)
         return self.fc2(act), act
-
-
-# The projections that read the layer norm's output, in the order `unstack_layers` concatenates them and
-# `DecoderLayer` splits them: (module, linear).
-INPUT_PROJECTIONS = (("self_attn", "q_proj"), ("self_attn", "k_proj"), ("self_attn", "v_proj"), ("mlp", "fc1"))
 
 
 class DecoderLayer(nnx.Module):
@@ -299,34 +283,35 @@ class DecoderLayer(nnx.Module):
         self.mlp = MLP(config, stack=stack, rngs=rngs)
         self.resid_pdrop = config.resid_pdrop
 
-    def __call__(self, h: Array, ctx: dict[str, Any], rng: Array | None, mesh: Mesh | None, cache: tuple | None,
-                 input_projection: dict[str, Array] | None = None):
-        """Returns (new residual stream, updated cache, captured intermediates of this layer).
+    def project_inputs(self, x: Array) -> tuple[Array, Array, Array, Array]:
+        """q, k, v and fc1(x): the four projections of the normed input."""
+        return self.self_attn.q_proj(x), self.self_attn.k_proj(x), self.self_attn.v_proj(x), self.mlp.fc1(x)
 
-        input_projection: q/k/v/fc1's {'kernel' [E, E + 2 kv_dim + F], 'bias'} concatenated (see `unstack_layers`).
-        """
+    def __call__(self, h: Array, inputs: LayerInputs, rng: Array | None, mesh: Mesh | None,
+                 cache: tuple[KVCache, Array | int] | None = None) -> tuple[Array, KVCache | None, dict[str, Array]]:
+        """(new residual stream [B, T, E], updated cache, this layer's captured intermediates)."""
         x = self.input_layernorm(h, h.dtype)
+        q, k, v, fc1_out = self.project_inputs(x)
+        attn_out, cache, probs = self.self_attn(q, k, v, inputs, mesh, cache)
+        mlp_out, mlp_act = self.mlp(fc1_out, mesh)
         attn_rng, mlp_rng = jax.random.split(rng) if rng is not None else (None, None)
-        projected, fc1_out = None, None
-        if input_projection is not None:
-            dtype = self.mlp.fc1.compute_dtype
-            y = affine(x, input_projection["kernel"], input_projection["bias"], dtype, dtype)
-            cfg = self.self_attn.config
-            q, k, v, fc1_out = jnp.split(y, np.cumsum([cfg.hidden_size, cfg.kv_dim, cfg.kv_dim]), axis=-1)
-            projected = (q, k, v)
-        attn_out, cache, probs = self.self_attn(x, ctx, mesh, cache, projected)
-        mlp_out, mlp_act = self.mlp(x, mesh, fc1_out)
         attn_out = dropout(attn_out, self.resid_pdrop, attn_rng)
         mlp_out = dropout(mlp_out, self.resid_pdrop, mlp_rng)
         h = h + attn_out.astype(h.dtype) + mlp_out.astype(h.dtype)
         available = {"attn_out": attn_out, "mlp_out": mlp_out, "mlp_act": mlp_act, "attn_probs": probs}
-        return h, cache, {name: available[name] for name in ctx["capture"] if name in available}
+        return h, cache, {name: available[name] for name in inputs.capture if name in available}
 
 
 _REMAT_POLICIES = {
     "full": None,  # save nothing inside a layer: recompute all of it in the backward pass
     "save_dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
 }
+
+
+class ForwardOutput(NamedTuple):
+    logits: Array                  # float32 [B, T, V]
+    cache: KVCache | None          # the updated KV cache when one was given
+    captures: dict[str, Array]     # name -> [L, ...] stacked over layers
 
 
 # ----------------------------------------------------------------------------- the model
@@ -344,164 +329,16 @@ class Phi(nnx.Module):
         self.final_layernorm = LayerNorm(config.hidden_size, "norm", stack=(), config=config)
         self.lm_head = Linear(config.hidden_size, config.vocab_size, ("embed", "vocab"), stack=(), config=config, rngs=rngs)
 
-    def forward(
-        self,
-        input_ids: Array,
-        attention_mask: Array | None = None,
-        position_ids: Array | None = None,
-        segment_ids: Array | None = None,
-        *,
-        dropout_rng: Array | None = None,
-    ) -> Array:
-        """Float32 logits [B, T, V] for input_ids [B, T]; traceable (use inside your own jit / grad).
+    def __call__(self, input_ids, attention_mask=None, position_ids=None, segment_ids=None, *, dropout_rng=None,
+                 capture: tuple[str, ...] | list[str] = (), edits: dict | None = None):
+        """Float32 logits [B, T, V] for input_ids [B, T] (numpy or jax; traceable inside your own jit / grad).
 
         attention_mask [B, T]: 1 for real tokens, 0 for padding (left or right).
         segment_ids [B, T]: document ids of packed sequences; no attention across them.
         dropout_rng: a PRNG key turns dropout on (training); None means deterministic.
-        """
-        return self.run(input_ids, attention_mask, position_ids, segment_ids, dropout_rng=dropout_rng)["logits"]
-
-    def run(
-        self,
-        input_ids: Array,
-        attention_mask: Array | None = None,
-        position_ids: Array | None = None,
-        segment_ids: Array | None = None,
-        *,
-        dropout_rng: Array | None = None,
-        cache: dict[str, Array] | None = None,
-        cache_index: Array | int = 0,
-        capture: tuple[str, ...] = (),
-        edits: dict[str, Array] | None = None,
-        layer_weights: list | None = None,
-    ) -> dict[str, Any]:
-        """The forward pass with everything optional; returns {'logits', 'cache', 'captures'}.
-
-        cache: {'k', 'v'} from `init_cache`; the T new tokens are
-          written at slots [cache_index, cache_index + T) and `attention_mask`
-          is then the [B, S] mask of valid cache slots (this step's included).
-        capture: names from CAPTURE_NAMES; each comes back stacked over layers.
-        edits: residual-stream interventions after each layer (see `interpret.py`):
-          {'replace_mask' [L, B, T], 'replace_value' [L, B, T, E], 'add' [L, B, T, E]}.
-        layer_weights: each layer's weights as arrays of their own (`unstack_layers`); the
-          layers then run unrolled, each reading its own arrays. Scanning over the stacked
-          weights copies every layer's slice out before its matmuls (XLA cannot point a
-          dot at a dynamic offset), which doubles the bytes a decoding step moves.
-        """
-        cfg, mesh = self.config, self.mesh
-        unknown = set(capture) - set(CAPTURE_NAMES)
-        assert not unknown, f"unknown capture names {sorted(unknown)}; expected some of {CAPTURE_NAMES}"
-        batch, length = input_ids.shape
-        compute_dtype = jnp.dtype(cfg.compute_dtype)
-        if position_ids is None:
-            assert cache is None, "decoding needs explicit position_ids"
-            position_ids = default_positions(batch, length, attention_mask, segment_ids)
-        cos, sin = rotary_tables(position_ids, cfg.rotary_dim, cfg.rope_theta)
-        ctx = {"cos": cos, "sin": sin, "attention_mask": attention_mask, "segment_ids": segment_ids,
-               "cache_index": cache_index, "capture": tuple(capture)}
-
-        embed_rng, layers_rng = jax.random.split(dropout_rng) if dropout_rng is not None else (None, None)
-        h = jnp.take(self.embed_tokens.get_value(), input_ids, axis=0).astype(compute_dtype)
-        h = dropout(h, cfg.embd_pdrop, embed_rng)
-        h = constrain(h, ("act_batch", "act_length", "act_embed"), mesh)
-
-        graphdef, stacked = nnx.split(self.layers)
-
-        def one_layer(carry, xs):
-            h, cache = carry
-            layer = nnx.merge(graphdef, xs["params"])
-            index = xs["index"]
-            rng = jax.random.fold_in(layers_rng, index) if layers_rng is not None else None
-            # The stacked cache rides in the carry so that XLA updates it in place (as a scan output it
-            # would be copied whole at every decoding step).
-            layer_cache = ((cache["k"], cache["v"]), index) if cache is not None else None
-            h, layer_cache, captured = layer(h, ctx, rng, mesh, layer_cache, xs.get("input_projection"))
-            if cache is not None:
-                cache = {"k": layer_cache[0], "v": layer_cache[1]}
-            if "edits" in xs:
-                e = xs["edits"]
-                h = jnp.where(e["replace_mask"][..., None], e["replace_value"].astype(h.dtype), h)
-                h = h + e["add"].astype(h.dtype)
-            h = constrain(h, ("act_batch", "act_length", "act_embed"), mesh)
-            if "residual" in ctx["capture"]:
-                captured["residual"] = h
-            return (h, cache), captured
-
-        if layer_weights is None:
-            scanned_layer = one_layer
-            if cfg.remat != "none":
-                scanned_layer = jax.checkpoint(one_layer, policy=_REMAT_POLICIES[cfg.remat], prevent_cse=False)
-            xs = {"params": stacked, "index": jnp.arange(cfg.num_hidden_layers)}
-            if edits is not None:
-                xs["edits"] = edits
-            (h, new_cache), captures = jax.lax.scan(scanned_layer, (h, cache), xs)
-        else:  # unrolled: for decoding, never differentiated, so no remat
-            carry, per_layer = (h, cache), []
-            for index, weights in enumerate(layer_weights):
-                xs = {**weights, "index": index}
-                if edits is not None:
-                    xs["edits"] = jax.tree.map(lambda e: e[index], edits)
-                carry, captured = one_layer(carry, xs)
-                per_layer.append(captured)
-            (h, new_cache), captures = carry, jax.tree.map(lambda *c: jnp.stack(c), *per_layer)
-
-        h = self.final_layernorm(h, compute_dtype)
-        logits = self.lm_head(h, out_dtype=jnp.float32)
-        logits = constrain(logits, ("act_batch", "act_length", "act_vocab"), mesh)
-        return {"logits": logits, "cache": new_cache, "captures": captures}
-
-    def unstack_layers(self, fuse_input_projections: bool = False) -> list[dict[str, Any]]:
-        """Each layer's weights copied out of the stacked arrays once, for `run(..., layer_weights=...)`.
-
-        Entries are {'params': that layer's state}. With `fuse_input_projections` the
-        four projections of the layer norm's output (q, k, v, fc1) are concatenated
-        into one kernel, {'input_projection': {'kernel', 'bias'}}, and their own
-        kernels left out of the copy (empty arrays), so it costs no more memory: a
-        decoding step then reads them in one matrix-vector product instead of four
-        (batch-1 steps of phi-small's layers on the CPU: 6.8 -> 5.5 ms, 17 -> 21 GB/s).
-        Not done where those layers carry LoRA adapters, or on a mesh that splits
-        them over a 'tensor' axis (the concatenation would interleave the shards).
-        """
-        _, stacked = nnx.split(self.layers)
-        layers = [{"params": jax.tree.map(lambda a, i=i: a[i], stacked)} for i in range(self.config.num_hidden_layers)]
-        if fuse_input_projections and self.can_fuse_input_projections():
-            for layer in layers:
-                params = layer["params"]
-                linears = [params[module][linear] for module, linear in INPUT_PROJECTIONS]
-                layer["input_projection"] = {
-                    "kernel": jnp.concatenate([p["kernel"].get_value() for p in linears], axis=-1),
-                    "bias": jnp.concatenate([p["bias"].get_value() for p in linears], axis=-1)}
-                for p in linears:
-                    p["kernel"].set_value(jnp.zeros((0,), p["kernel"].get_value().dtype))
-        return layers
-
-    def can_fuse_input_projections(self) -> bool:
-        """Whether `unstack_layers(fuse_input_projections=True)` fuses (see there)."""
-        adapted = self.config.lora_rank and set(self.config.lora_targets) & {linear for _, linear in INPUT_PROJECTIONS}
-        return not adapted and (self.mesh is None or self.mesh.shape.get("tensor", 1) == 1)
-
-    def init_cache(self, batch: int, max_length: int, dtype=None, per_layer: bool = False) -> dict[str, Any]:
-        """An empty static KV cache {'k', 'v'} in the compute dtype, heads first: [B*K, max_length, D] per layer.
-
-        Stacked [L, B*K, max_length, D] for the scanned layers, or with `per_layer`
-        lists of L arrays for `run(..., layer_weights=...)`, whose unrolled layers
-        then read their cache without copying it out of a stack.
-        """
-        cfg = self.config
-        shape = (batch * cfg.num_key_value_heads, max_length, cfg.head_dim)
-        dtype = dtype or jnp.dtype(cfg.compute_dtype)
-        if per_layer:
-            layers = range(cfg.num_hidden_layers)
-            return {"k": [jnp.zeros(shape, dtype) for _ in layers], "v": [jnp.zeros(shape, dtype) for _ in layers]}
-        shape = (cfg.num_hidden_layers, *shape)
-        return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)}
-
-    def __call__(self, input_ids, attention_mask=None, position_ids=None, segment_ids=None, *, dropout_rng=None,
-                 capture: tuple[str, ...] | list[str] = (), edits: dict | None = None):
-        """Logits for numpy or jax inputs. Outside a trace it runs a cached jitted forward pass.
-
-        With `capture` (names from CAPTURE_NAMES) returns (logits, {name: [L, ...] array});
-        `edits` patch or steer the residual stream (build them with `phi2_jax.interpret`).
+        capture: names from CAPTURE_NAMES; then returns (logits, {name: [L, ...] array}).
+        edits: residual-stream interventions after each layer (build them with `phi2_jax.model.interpret`).
+        Outside a trace it runs a cached jitted forward pass.
         """
         args = [None if a is None else jnp.asarray(a) for a in (input_ids, attention_mask, position_ids, segment_ids)]
         if args[0].ndim != 2:
@@ -515,10 +352,80 @@ class Phi(nnx.Module):
         else:
             graphdef, state = nnx.split(self)
             out = _jitted_run(graphdef, state, *args, dropout_rng=dropout_rng, capture=capture, edits=edits)
-        return (out["logits"], out["captures"]) if capture else out["logits"]
+        return (out.logits, out.captures) if capture else out.logits
 
+    def run(self, input_ids: Array, attention_mask: Array | None = None, position_ids: Array | None = None,
+            segment_ids: Array | None = None, *, dropout_rng: Array | None = None, cache: KVCache | None = None,
+            cache_index: Array | int = 0, capture: tuple[str, ...] = (), edits: dict[str, Array] | None = None
+            ) -> ForwardOutput:
+        """The forward pass with everything optional (traced code only).
 
-CAPTURE_NAMES = ("residual", "attn_out", "mlp_out", "mlp_act", "attn_probs")
+        cache: a `KVCache`; the T new tokens are written at slots [cache_index, cache_index + T)
+          and `attention_mask` is then the [B, S] mask of valid cache slots (this step's included).
+        edits: {'replace_mask' [L, B, T], 'replace_value' [L, B, T, E], 'add' [L, B, T, E]}.
+        """
+        inputs = self.layer_inputs(input_ids.shape, attention_mask, position_ids, segment_ids, cache_index, capture)
+        embed_rng, layers_rng = jax.random.split(dropout_rng) if dropout_rng is not None else (None, None)
+        h = self.embed(input_ids, embed_rng)
+        h, cache, captures = self.scan_layers(h, inputs, layers_rng, cache, edits)
+        return ForwardOutput(self.head(h), cache, captures)
+
+    def layer_inputs(self, shape: tuple[int, int], attention_mask=None, position_ids=None, segment_ids=None,
+                     cache_index: Array | int = 0, capture: tuple[str, ...] = ()) -> LayerInputs:
+        if position_ids is None:
+            position_ids = default_positions(*shape, attention_mask, segment_ids)
+        cos, sin = rotary_tables(position_ids, self.config.rotary_dim, self.config.rope_theta)
+        return LayerInputs(cos, sin, attention_mask, segment_ids, cache_index, tuple(capture))
+
+    def embed(self, input_ids: Array, rng: Array | None = None) -> Array:
+        """The residual stream's start [B, T, E] in the compute dtype."""
+        h = jnp.take(self.embed_tokens.get_value(), input_ids, axis=0).astype(self.config.compute_dtype)
+        h = dropout(h, self.config.embd_pdrop, rng)
+        return constrain(h, ("act_batch", "act_length", "act_embed"), self.mesh)
+
+    def scan_layers(self, h: Array, inputs: LayerInputs, rng: Array | None, cache: KVCache | None,
+                    edits: dict[str, Array] | None = None) -> tuple[Array, KVCache | None, dict[str, Array]]:
+        """All layers over the stacked weights in one `lax.scan` (rematerialised per the config)."""
+        mesh = self.mesh
+        graphdef, stacked = nnx.split(self.layers)
+
+        def one_layer(carry, xs):
+            h, cache = carry
+            layer = nnx.merge(graphdef, xs["params"])
+            index = xs["index"]
+            layer_rng = jax.random.fold_in(rng, index) if rng is not None else None
+            # The cache rides in the carry so that XLA updates it in place (as a scan output it would be
+            # copied whole at every decoding step).
+            h, cache, captured = layer(h, inputs, layer_rng, mesh, (cache, index) if cache is not None else None)
+            if "edits" in xs:
+                e = xs["edits"]
+                h = jnp.where(e["replace_mask"][..., None], e["replace_value"].astype(h.dtype), h)
+                h = h + e["add"].astype(h.dtype)
+            h = constrain(h, ("act_batch", "act_length", "act_embed"), mesh)
+            if "residual" in inputs.capture:
+                captured["residual"] = h
+            return (h, cache), captured
+
+        if self.config.remat != "none":
+            one_layer = jax.checkpoint(one_layer, policy=_REMAT_POLICIES[self.config.remat], prevent_cse=False)
+        xs = {"params": stacked, "index": jnp.arange(self.config.num_hidden_layers)}
+        if edits is not None:
+            xs["edits"] = edits
+        (h, cache), captures = jax.lax.scan(one_layer, (h, cache), xs)
+        return h, cache, captures
+
+    def head(self, h: Array) -> Array:
+        """Float32 logits [B, T, V] from the residual stream."""
+        h = self.final_layernorm(h, self.config.compute_dtype)
+        logits = self.lm_head(h, out_dtype=jnp.float32)
+        return constrain(logits, ("act_batch", "act_length", "act_vocab"), self.mesh)
+
+    def init_cache(self, batch: int, max_length: int, *, layout: str = "bskd", per_layer: bool = False,
+                   dtype=None) -> KVCache:
+        """An empty KV cache for `batch` sequences of up to `max_length` tokens, in the compute dtype."""
+        cfg = self.config
+        return KVCache.empty(cfg.num_hidden_layers, batch, max_length, cfg.num_key_value_heads, cfg.head_dim,
+                             dtype or jnp.dtype(cfg.compute_dtype), layout, per_layer)
 
 
 @functools.partial(jax.jit, static_argnums=0, static_argnames="capture")
@@ -526,7 +433,7 @@ def _jitted_run(graphdef, state, input_ids, attention_mask, position_ids, segmen
     model = nnx.merge(graphdef, state)
     out = model.run(input_ids, attention_mask, position_ids, segment_ids, dropout_rng=dropout_rng, capture=capture,
                     edits=edits)
-    return {"logits": out["logits"], "captures": out["captures"]}
+    return out._replace(cache=None)
 
 
 # ----------------------------------------------------------------------------- creation

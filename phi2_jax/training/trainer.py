@@ -57,7 +57,7 @@ class Trainer:
         from phi2_jax.data.pipeline import build_splits, train_dataset, validation_batches
         from phi2_jax.training.optim import make_optimizer
         from phi2_jax.sharding import make_mesh
-        from phi2_jax.training.step import build_steps
+        from phi2_jax.training.step import build_steps, tuned_for_backend
 
         self.config, self.jax = config, jax
         t = config.train
@@ -73,8 +73,8 @@ class Trainer:
         self.dataset = train_dataset(self.splits, self.local_batch, d.shuffle_seed, jax.process_index(), pc, d.workers)
         self.val_batches = validation_batches(self.splits, self.local_batch, t.eval_batches, jax.process_index(), pc)
         self.tx, self.schedule = make_optimizer(config.optim, t.steps)
-        self.steps = build_steps(self.model_config, self.mesh, self.tx, self.schedule, t.seed, t.grad_accum,
-                                 config.optim.z_loss)
+        self.steps = build_steps(tuned_for_backend(self.model_config, jax.default_backend()), self.mesh, self.tx,
+                                 self.schedule, t.seed, t.grad_accum, config.optim.z_loss)
         self.run_dir = Path(config.run_dir)
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.stop_requested = False

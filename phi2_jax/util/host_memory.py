@@ -3,26 +3,25 @@
 XLA:CPU allocates a program's temporaries afresh at every execution, and
 glibc serves each block above 32 MB with a new `mmap` and unmaps it on free,
 so every training step (and every `generate` call) faults its temporaries
-back in, 4 KB at a time: 150k page faults and 0.4 s of kernel time per
-training step of the bench's phi-small.
+back in, 4 KB at a time, and spends kernel time doing it.
 
 * `keep_freed_memory()` (train, and `bench train`, which measures what train
   runs): all threads share one arena served from the heap, never by `mmap`,
   and freed memory is kept for reuse instead of being trimmed. The faults go
-  to zero and the bench's training step went 2.45 / 2.40 -> 2.27 / 1.91 s in
-  alternated runs, at the price of a resident size that stays at the
-  process's peak (what a caching allocator does). Set at run time with
-  `mallopt`, before XLA's threads start. Not for decoding: XLA's runtime
-  mallocs small objects for each of a decoding step's many small ops, and
-  with one shared arena batch-8 decoding went 18.7 -> 28.5 ms/token (the
-  one-arena setting alone; separate arenas cannot keep the large blocks).
+  to zero and the training step gets faster, at the price of a resident size
+  that stays at the process's peak (what a caching allocator does). Set at run
+  time with `mallopt`, before XLA's threads start. Not for decoding: XLA's
+  runtime mallocs small objects for each of a decoding step's many small ops,
+  and one shared arena slows them (the one-arena setting alone; separate
+  arenas cannot keep the large blocks).
 * `reexec_with_huge_pages()` (convert): the converter moves a model through
   freshly allocated tensor buffers (mapped safetensors, tensorstore chunks,
   safetensors row blocks); glibc's `glibc.malloc.hugetlb=1` tunable asks for
-  transparent huge pages on them (512x fewer faults). Measured on the dev VM
-  in A/B pairs on the same disk state: from-hf of phi-2 34.0 / 34.0 -> 21.7 /
-  21.6 s, to-hf 29.3 / 21.4 -> 15.4 / 17.5 s. Tunables are read once at
-  process start, so the command execs itself again with it set.
+  transparent huge pages on them (512x fewer faults), which speeds both
+  directions up. Tunables are read once at process start, so the command
+  execs itself again with it set.
+
+Measured: docs/benchmarks.md, "Host allocator".
 
 Both were measured on XLA:CPU only, so the commands apply them only when the platform JAX will
 run on is the CPU (`platform_before_jax_starts`): a GPU host's allocator is left as it is.
