@@ -191,6 +191,7 @@ class PhiConfig:
         else:
             raise ConfigError(
                 f"{source} has model_type {model_type!r}; expected 'phi' (transformers) or 'phi-msft' (first phi-2 upload).")
+        _check_token_ids(values, source)
         return cls.from_dict({**values, **runtime})
 
     @classmethod
@@ -202,9 +203,13 @@ class PhiConfig:
         if not path.is_file():
             raise ConfigError(f"{path} does not exist; expected a Hugging Face config.json.")
         try:
-            hf = json.loads(path.read_text())
+            hf = json.loads(path.read_bytes().decode("utf-8"))
+        except UnicodeDecodeError as error:
+            raise ConfigError(f"{path} is not UTF-8 text (byte {error.start}); expected a JSON config.json.") from None
         except json.JSONDecodeError as error:
             raise ConfigError(f"{path} is not valid JSON ({error.msg} at line {error.lineno}).") from None
+        except OSError as error:
+            raise ConfigError(f"{path} could not be read ({error.strerror}).") from None
         if not isinstance(hf, dict):
             raise ConfigError(f"{path} holds a {type(hf).__name__}; expected a JSON object.")
         return cls.from_hf_dict(hf, source=str(path), **runtime)
@@ -260,6 +265,50 @@ _HF_BOOKKEEPING = {
 }
 
 
+# The JSON type each architecture field must have in a config.json (a number given as the string "32" is refused,
+# not guessed at: the file was written by something that did not mean a Phi config).
+_INT_FIELDS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+               "num_key_value_heads", "max_position_embeddings", "bos_token_id", "eos_token_id", "rotary_dim")
+_FLOAT_FIELDS = ("partial_rotary_factor", "rope_theta", "layer_norm_eps", "resid_pdrop", "embd_pdrop",
+                 "attention_dropout", "initializer_range")
+
+
+def _check_types(values: dict[str, Any], source: str, names: dict[str, str] | None = None) -> None:
+    """Refuses a value of the wrong JSON type; `names` maps our field name to the key the file used."""
+    names = names or {}
+    for key, value in values.items():
+        if value is None and key in ("num_key_value_heads", "bos_token_id", "eos_token_id"):
+            continue
+        if key in _INT_FIELDS:
+            expected, ok = "an integer", isinstance(value, int) and not isinstance(value, bool)
+        elif key in _FLOAT_FIELDS:
+            expected, ok = "a number", isinstance(value, (int, float)) and not isinstance(value, bool)
+        elif key == "qk_layernorm":
+            expected, ok = "true or false", isinstance(value, bool)
+        elif key == "hidden_act":
+            expected, ok = "a string", isinstance(value, str)
+        else:
+            continue
+        if not ok:
+            raise ConfigError(f"{source} gives '{names.get(key, key)}' as {json.dumps(value)} "
+                              f"({_json_type(value)}); expected {expected}.")
+
+
+def _json_type(value: Any) -> str:
+    return {str: "a string", bool: "a boolean", list: "a list", dict: "an object", type(None): "null",
+            int: "an integer", float: "a number"}.get(type(value), type(value).__name__)
+
+
+def _check_token_ids(values: dict[str, Any], source: str) -> None:
+    """bos/eos ids must name a token of the vocabulary (an id past its end would index past the embedding)."""
+    vocab = values.get("vocab_size")
+    for key in ("bos_token_id", "eos_token_id"):
+        token = values.get(key)
+        if token is not None and isinstance(vocab, int) and not 0 <= token < vocab:
+            raise ConfigError(f"{source} has {key} {token}, outside the vocabulary of {vocab} tokens; "
+                              f"expected an id in [0, {vocab}).")
+
+
 def _refuse_unknown(hf: dict[str, Any], known: set[str], source: str) -> None:
     for key in hf:
         if key not in known and key not in _HF_BOOKKEEPING:
@@ -272,20 +321,28 @@ def _read_phi(hf: dict[str, Any], source: str) -> dict[str, Any]:
     _refuse_unknown(hf, known, source)
     if hf.get("tie_word_embeddings"):
         raise ConfigError(f"{source} sets tie_word_embeddings=true; Phi models have an untied lm_head, expected false.")
-    rope = dict(hf.get("rope_parameters") or {})
+    rope = hf.get("rope_parameters") or {}
+    if not isinstance(rope, dict):
+        raise ConfigError(f"{source} gives 'rope_parameters' as {json.dumps(rope)}; expected an object.")
+    _check_types({k: v for k, v in rope.items() if k in ("rope_theta", "partial_rotary_factor")}, source,
+                 {k: f"rope_parameters.{k}" for k in rope})
     legacy_scaling = hf.get("rope_scaling")
     rope_type = rope.get("rope_type", rope.get("type", "default"))
     if rope_type != "default" or legacy_scaling:
         raise ConfigError(f"{source} asks for rope scaling {rope or legacy_scaling}; only the default rotary embedding is supported.")
     values = {k: hf[k] for k in _HF_FIELDS if k in hf}
+    eos = values.get("eos_token_id")
+    if isinstance(eos, list):
+        if not eos:
+            raise ConfigError(f"{source} gives 'eos_token_id' as an empty list; expected an id or a list of ids.")
+        values["eos_token_id"] = eos[0]
+    _check_types(values, source)
     # 5.x keeps these inside rope_parameters; 4.x at top level. The nested one wins.
     for key in ("rope_theta", "partial_rotary_factor"):
         if key in rope:
             values[key] = rope[key]
     if "partial_rotary_factor" not in values:
         values["partial_rotary_factor"] = 0.5  # transformers' PhiConfig default
-    if isinstance(values.get("eos_token_id"), list):
-        values["eos_token_id"] = values["eos_token_id"][0]
     values.setdefault("num_key_value_heads", None)
     # Fields the file omits take transformers' PhiConfig defaults, not phi-2's.
     for key, default in _TRANSFORMERS_DEFAULTS.items():
@@ -320,14 +377,24 @@ def _read_msft(hf: dict[str, Any], source: str) -> dict[str, Any]:
     for required in ("n_embd", "n_layer", "n_head"):
         if required not in hf:
             raise ConfigError(f"{source} is a phi-msft config without '{required}'; expected it to give the model size.")
+    theirs_of = {ours: theirs for theirs, ours in _MSFT_NAMES.items()}
+    _check_types({**values, "rotary_dim": hf.get("rotary_dim", 32)}, source, theirs_of)
+    for ours in ("hidden_size", "num_attention_heads"):  # the head size below divides by them
+        if values[ours] <= 0:
+            raise ConfigError(f"{source} has {theirs_of[ours]} {values[ours]}; expected a positive integer.")
+    if values["hidden_size"] % values["num_attention_heads"]:
+        raise ConfigError(f"{source} has n_embd {values['hidden_size']}, not divisible by n_head "
+                          f"{values['num_attention_heads']}; expected a multiple so that every head has the same size.")
     values.setdefault("intermediate_size", 4 * values["hidden_size"])  # n_inner: null means 4 x n_embd
     head_dim = values["hidden_size"] // values["num_attention_heads"]
     rotary_dim = hf.get("rotary_dim", 32)
     values["partial_rotary_factor"] = rotary_dim / head_dim
     if int(head_dim * values["partial_rotary_factor"]) != rotary_dim:
         raise ConfigError(f"{source} has rotary_dim {rotary_dim} that no fraction of head_dim {head_dim} reproduces.")
-    values.setdefault("bos_token_id", 50256)
-    values.setdefault("eos_token_id", 50256)
+    _check_token_ids(values, source)  # the ids the file gives; the default below is phi-2's, kept only if it fits
+    default = 50256 if values.get("vocab_size", 51200) > 50256 else None
+    values.setdefault("bos_token_id", default)
+    values.setdefault("eos_token_id", default)
     return values
 
 

@@ -247,3 +247,80 @@ def test_non_empty_destination_needs_overwrite(hf_folder, tmp_path, capsys):
     with pytest.raises(SystemExit):
         convert("from-hf", broken, dest, "--overwrite")
     assert (dest / "params").is_dir() and phi2_jax.from_pretrained(dest) is not None
+
+
+# ----------------------------------------------------------------------------- config.json and arguments
+def _edit_config(folder, tmp_path, edit):
+    target = tmp_path / "edited"
+    shutil.copytree(folder, target)
+    config = json.loads((target / "config.json").read_text())
+    edited = edit(config)
+    (target / "config.json").write_bytes(edited if isinstance(edited, bytes) else json.dumps(config).encode())
+    return target
+
+
+CONFIGS = {
+    "number as a string": ("small", lambda c: c.update(hidden_size="32"),
+                           r"config.json gives 'hidden_size' as \"32\" \(a string\); expected an integer\."),
+    "float as a string": ("small", lambda c: c["rope_parameters"].update(rope_theta="10000.0"),
+                          r"config.json gives 'rope_parameters.rope_theta' as \"10000.0\" \(a string\); expected a number\."),
+    "boolean for a size": ("small", lambda c: c.update(num_hidden_layers=True),
+                           r"gives 'num_hidden_layers' as true \(a boolean\); expected an integer\."),
+    "zero heads": ("small", lambda c: c.update(num_attention_heads=0, num_key_value_heads=0),
+                   r"num_attention_heads must be a positive integer, got 0\."),
+    "msft zero heads": ("msft", lambda c: c.update(n_head=0), r"config.json has n_head 0; expected a positive integer\."),
+    "msft number as a string": ("msft", lambda c: c.update(n_embd="48"),
+                                r"config.json gives 'n_embd' as \"48\" \(a string\); expected an integer\."),
+    "msft heads not dividing": ("msft", lambda c: c.update(n_head=5),
+                                r"has n_embd 48, not divisible by n_head 5; expected a multiple"),
+    "not UTF-8": ("small", lambda c: b"\xff\xfe" + json.dumps(c).encode("utf-16-le"),
+                  r"config.json is not UTF-8 text \(byte 0\); expected a JSON config.json\."),
+    "empty eos list": ("small", lambda c: c.update(eos_token_id=[]),
+                       r"gives 'eos_token_id' as an empty list; expected an id or a list of ids\."),
+    "rope_parameters a list": ("small", lambda c: c.update(rope_parameters=[1]),
+                               r"gives 'rope_parameters' as \[1\]; expected an object\."),
+}
+
+
+@pytest.mark.parametrize("how", CONFIGS)
+def test_bad_config_json_is_one_sentence(hf_folder, tmp_path, capsys, how):
+    name, edit, pattern = CONFIGS[how]
+    folder, _ = hf_folder(name, **{"small": SMALL, "msft": MSFT}[name])
+    target = _edit_config(folder, tmp_path, edit)
+    before = {p.name: p.read_bytes() for p in target.iterdir()}
+    dest = tmp_path / "out" / "ckpt"
+    _assert_refused(capsys, ["from-hf", target, dest], pattern, dest)
+    _assert_refused(capsys, ["inspect", target], pattern, dest)
+    assert {p.name: p.read_bytes() for p in target.iterdir()} == before
+
+
+@pytest.mark.parametrize("size,pattern", [
+    ("0", r"--max-shard-size '0' is 0 bytes; expected a positive size, e.g. 2GB\."),
+    ("-1GB", r"--max-shard-size '-1GB' is -1000000000 bytes; expected a positive size"),
+    ("0.1B", r"--max-shard-size '0.1B' is 0 bytes"),
+    ("infGB", r"--max-shard-size 'infGB' is not a size; expected e.g. 2GB, 500MB or 1000000\."),
+    ("lots", r"--max-shard-size 'lots' is not a size"),
+])
+def test_max_shard_size_must_be_positive(hf_folder, tmp_path, capsys, size, pattern):
+    folder, _ = hf_folder("small", **SMALL)
+    convert("from-hf", folder, tmp_path / "ckpt")
+    dest = tmp_path / "hf"
+    _assert_refused(capsys, ["to-hf", tmp_path / "ckpt", dest, f"--max-shard-size={size}"], pattern, dest)
+
+
+def _garble(folder):
+    for file in folder.rglob("*"):
+        if file.is_file():
+            file.write_bytes(b"garbage")
+
+
+@pytest.mark.parametrize("part", ["params", "meta"])
+def test_to_hf_from_a_damaged_checkpoint_is_one_sentence(hf_folder, tmp_path, capsys, part):
+    folder, _ = hf_folder("small", **SMALL)
+    convert("from-hf", folder, tmp_path / "ckpt")
+    _garble(tmp_path / "ckpt" / part)
+    dest = tmp_path / "hf"
+    pattern = rf"{tmp_path / 'ckpt'} could not be restored \(\w+: .*\); the checkpoint is damaged\.$"
+    _assert_refused(capsys, ["to-hf", tmp_path / "ckpt", dest], pattern, dest)
+    if part == "meta":  # inspect reads only the metadata
+        _assert_refused(capsys, ["inspect", tmp_path / "ckpt"], pattern, dest)

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import collections
 import json
+import os
+import re
 import time
 from pathlib import Path
 
@@ -24,12 +26,34 @@ from phi2_jax.util.host_arrays import contiguous
 _ZARR_DTYPES = {np.dtype("float32"): "<f4", np.dtype("float16"): "<f2", np.dtype(ml_dtypes.bfloat16): "bfloat16"}
 
 
+def _result(future):
+    """`future.result()`, with a tensorstore error that carries an OS error code raised as that `OSError`.
+
+    tensorstore reports a full disk or a file-size limit as a ValueError whose text
+    ends in `[os_error_code='28']`; as an OSError the caller can tell the user
+    what happened to the destination in one sentence.
+    """
+    try:
+        return future.result()
+    except ValueError as error:
+        code = re.search(r"os_error_code='?(\d+)", str(error))
+        if code is None:
+            raise
+        raise OSError(int(code[1]), os.strerror(int(code[1]))) from error
+
+
 def _kvstore(directory: Path, name: str) -> dict:
     return {"driver": "ocdbt", "base": f"file://{directory.absolute()}/", "path": name}
 
 
 class ParamWriter:
-    """Creates zarr arrays in an OCDBT store under `directory`; `close()` writes the tree metadata."""
+    """Creates zarr arrays in an OCDBT store under `directory`; `close()` writes the tree metadata.
+
+    Use it as a context manager: leaving the block by an exception waits for the
+    writes still in flight (`abort`), so that whoever removes the unfinished
+    folder afterwards does not race tensorstore's background writes (which
+    recreated files in a folder already removed).
+    """
 
     def __init__(self, directory: Path, chunk_bytes: int = 64 << 20):
         self.directory = Path(directory)
@@ -54,7 +78,7 @@ class ParamWriter:
                 "metadata": {"shape": list(shape), "chunks": chunks, "dtype": _ZARR_DTYPES[dtype],
                              "compressor": None, "order": order}}
         self.leaves.append(keys)
-        return ts.open(spec, create=True, context=self.context).result()
+        return _result(ts.open(spec, create=True, context=self.context))
 
     def write(self, keys: tuple[str, ...], array: np.ndarray, dtype) -> None:
         """Writes `array` (any layout, any float dtype) as a new leaf, converting one chunk at a time.
@@ -83,11 +107,26 @@ class ParamWriter:
     def _submit(self, future) -> None:
         self.pending.append(future)
         while len(self.pending) > self.max_in_flight:
-            self.pending.popleft().result()
+            _result(self.pending.popleft())
+
+    def abort(self) -> None:
+        """Waits for every write in flight, ignoring their errors: after it, nothing more lands in `directory`."""
+        while self.pending:
+            try:
+                self.pending.popleft().result()
+            except Exception:  # the write is abandoned anyway; only its completion matters here
+                pass
+
+    def __enter__(self) -> "ParamWriter":
+        return self
+
+    def __exit__(self, kind, value, traceback) -> None:
+        if kind is not None:
+            self.abort()
 
     def close(self) -> None:
         while self.pending:
-            self.pending.popleft().result()
+            _result(self.pending.popleft())
         tree = {str(keys): {"key_metadata": [{"key": k, "key_type": 2} for k in keys],
                             "value_metadata": {"value_type": "jax.Array", "skip_deserialize": False}}
                 for keys in self.leaves}

@@ -98,17 +98,26 @@ def is_step_dir(path: Path) -> bool:
     return (path / "params").is_dir() and (path / "meta").is_dir()
 
 
-def resolve_step_dir(path: str | Path) -> Path | None:
-    """The step directory for a run folder (its newest step), a checkpoints folder, or a step directory."""
+def step_dirs(path: str | Path) -> list[Path]:
+    """The step directories a path offers, newest first: a step directory itself, or a run / checkpoints folder's steps.
+
+    Readers that may fall back past a damaged newest checkpoint (as the trainer does) try them in this order.
+    """
     path = Path(path)
     if is_step_dir(path):
-        return path
+        return [path]
     for folder in (path / "checkpoints", path):
         if folder.is_dir():
             steps = sorted((int(p.name), p) for p in folder.iterdir() if p.name.isdigit() and is_step_dir(p))
             if steps:
-                return steps[-1][1]
-    return None
+                return [p for _, p in reversed(steps)]
+    return []
+
+
+def resolve_step_dir(path: str | Path) -> Path | None:
+    """The step directory for a run folder (its newest step), a checkpoints folder, or a step directory."""
+    found = step_dirs(path)
+    return found[0] if found else None
 
 
 def read_meta(step_dir: Path) -> dict:

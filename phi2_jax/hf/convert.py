@@ -29,14 +29,15 @@ import jax
 import numpy as np
 
 from phi2_jax.checkpoint import run_checkpoints as checkpoint
-from phi2_jax.util.atomic_dir import write_atomically
+from phi2_jax.util.atomic_dir import refuse_overlap, write_atomically
 from phi2_jax.config import PhiConfig
 from phi2_jax.errors import UserInputError, WeightsError, exit_on_user_error
 from phi2_jax.hf.files import HFWeights
 from phi2_jax.util.host_arrays import contiguous, numpy_dtype
 from phi2_jax.util.host_memory import reexec_with_huge_pages
 from phi2_jax.hf.layout import detect_layout, flatten, hf_names_and_shapes, hf_tensor, tensor_plan
-from phi2_jax.hf.loading import check_hf_tensors, our_shapes
+from phi2_jax.hf import sentencepiece_export
+from phi2_jax.hf.loading import check_hf_tensors, newest_restorable, our_shapes, report_nonfinite
 from phi2_jax.model.lora import merged_kernel
 from phi2_jax.checkpoint.orbax_stream import ParamReader, ParamWriter
 from phi2_jax.util.progress import Progress
@@ -64,10 +65,12 @@ def storage_dtype(source: np.dtype, param: np.dtype) -> np.dtype:
     return source if param == np.float32 and source.itemsize < param.itemsize else param
 
 
-def from_hf(hf_dir: Path, ckpt_dir: Path, dtype: str = "float32", overwrite: bool = False) -> tuple[PhiConfig, list[str]]:
+def from_hf(hf_dir: Path, ckpt_dir: Path, dtype: str = "float32", overwrite: bool = False,
+            allow_nonfinite: bool = False) -> tuple[PhiConfig, list[str]]:
     """Converts a Hugging Face Phi folder to an Orbax checkpoint (params + meta), one tensor at a time.
 
     `dtype` is the parameter dtype the checkpoint restores to; see `storage_dtype` for what is on disk.
+    A tensor holding NaN or infinity stops the conversion unless `allow_nonfinite` (then one line reports them).
     Returns the model config and the dtypes the tensors were stored in.
     """
     if dtype not in ("float32", "bfloat16"):
@@ -75,7 +78,7 @@ def from_hf(hf_dir: Path, ckpt_dir: Path, dtype: str = "float32", overwrite: boo
     if not hf_dir.is_dir():
         raise WeightsError(f"{hf_dir} does not exist or is not a folder; expected a Hugging Face model folder.")
     config = PhiConfig.from_hf_file(hf_dir, param_dtype=dtype)
-    weights = HFWeights(hf_dir)
+    weights = HFWeights(hf_dir, allow_nonfinite=allow_nonfinite)
     layout = detect_layout(weights.names, str(hf_dir))
     check_hf_tensors(weights, config, layout)
     target = numpy_dtype(dtype)
@@ -83,48 +86,98 @@ def from_hf(hf_dir: Path, ckpt_dir: Path, dtype: str = "float32", overwrite: boo
     stored: set[str] = set()
 
     def write(staging: Path) -> None:
-        writer = ParamWriter(staging / "params")
         progress = Progress(f"from-hf {hf_dir.name} ({layout}, {weights.dtype(plan[0][0])})", len(plan),
                             weights.total_bytes())
-        for name, rule, layer in plan:
-            source = weights.read(name)
-            for path, part in zip(rule.ours, rule.transform.to_ours(source)):
-                stored_as = storage_dtype(part.dtype, target)
-                stored.add(str(stored_as))
-                writer.write(leaf_keys(path, layer), part, stored_as)
-            progress.advance(1, source.nbytes)
-            del source
-        writer.close()
-        checkpoint.save_meta(staging, {"model_config": config.to_dict(), "source": str(hf_dir.absolute()),
-                                       "source_layout": layout, "stored_dtypes": sorted(stored),
-                                       "format": "phi2_jax model checkpoint v1"})
+        with ParamWriter(staging / "params") as writer:  # a failure waits for the writes in flight
+            for name, rule, layer in plan:
+                source = weights.read(name)
+                for path, part in zip(rule.ours, rule.transform.to_ours(source)):
+                    stored_as = storage_dtype(part.dtype, target)
+                    stored.add(str(stored_as))
+                    writer.write(leaf_keys(path, layer), part, stored_as)
+                progress.advance(1, source.nbytes)
+                del source
+            writer.close()
+        meta = {"model_config": config.to_dict(), "source": str(hf_dir.absolute()), "source_layout": layout,
+                "stored_dtypes": sorted(stored), "format": "phi2_jax model checkpoint v1"}
+        if tokenizer_kind(hf_dir) == "folder":  # to-hf and generate find the tokenizer the model came with
+            meta["tokenizer"] = str(hf_dir.absolute())
+        checkpoint.save_meta(staging, meta)
         progress.close()
 
-    write_atomically(ckpt_dir, overwrite, write)
+    write_atomically(ckpt_dir, overwrite, write, sources=[hf_dir])
+    if report_nonfinite(weights):
+        print(f"warning: {report_nonfinite(weights)}", file=sys.stderr)
     return config, sorted(stored)
 
 
 # ----------------------------------------------------------------------------- to-hf
 def parse_size(text: str) -> int:
-    """'2GB' -> 2_000_000_000 (decimal units, as transformers' max_shard_size)."""
+    """'2GB' -> 2_000_000_000 (decimal units, as transformers' max_shard_size); a size must be positive."""
     units = {"KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "B": 1}
     upper = text.strip().upper()
+    size = None
     for unit, factor in units.items():
         if upper.endswith(unit):
             try:
-                return int(float(upper[: -len(unit)]) * factor)
-            except ValueError:
-                break
-    if upper.isdigit():
-        return int(upper)
-    raise UserInputError(f"--max-shard-size '{text}' is not a size; expected e.g. 2GB, 500MB or 1000000.")
+                size = int(float(upper[: -len(unit)]) * factor)
+            except (ValueError, OverflowError):  # 'xGB', 'nanGB', 'infGB'
+                pass
+            break
+    if size is None and upper.lstrip("-").isdigit():
+        size = int(upper)
+    if size is None:
+        raise UserInputError(f"--max-shard-size '{text}' is not a size; expected e.g. 2GB, 500MB or 1000000.")
+    if size <= 0:
+        raise UserInputError(f"--max-shard-size '{text}' is {size} bytes; expected a positive size, e.g. 2GB.")
+    return size
 
 
-def _check_export_args(dtype: str, tokenizer: Path | None) -> None:
+def tokenizer_kind(path: Path) -> str | None:
+    """'folder' (Hugging Face tokenizer files), 'json' (a tokenizer.json), 'sentencepiece' (a .model) or None."""
+    if path.is_dir():
+        return "folder" if any((path / f).is_file() for f in TOKENIZER_FILES) else None
+    if path.is_file() and path.suffix in (".json", ".model"):
+        return "json" if path.suffix == ".json" else "sentencepiece"
+    return None
+
+
+def _check_export_args(dtype: str, tokenizer: Path | None, max_shard_size: str = "2GB") -> None:
     if dtype not in ("float16", "bfloat16", "float32"):
         raise UserInputError(f"--dtype {dtype} is not supported; expected float16, bfloat16 or float32.")
-    if tokenizer is not None and not any((tokenizer / f).is_file() for f in TOKENIZER_FILES):
-        raise UserInputError(f"--tokenizer {tokenizer} holds no tokenizer files; expected e.g. tokenizer.json.")
+    parse_size(max_shard_size)
+    if tokenizer is not None and tokenizer_kind(tokenizer) is None:
+        raise UserInputError(f"--tokenizer {tokenizer} is neither a folder holding tokenizer files (e.g. "
+                             f"tokenizer.json), a tokenizer.json file, nor a sentencepiece .model file.")
+
+
+def write_tokenizer(staging: Path, tokenizer: Path, config: PhiConfig) -> str:
+    """Copies (or, for sentencepiece, converts) `tokenizer` into `staging`; returns a sentence saying what it did.
+
+    transformers reads a tokenizer from tokenizer.json, so a sentencepiece model
+    is converted to one (`sentencepiece_export`) and kept beside it as
+    tokenizer.model; if it cannot be converted the sentence says why and no
+    tokenizer is written.
+    """
+    kind = tokenizer_kind(tokenizer)
+    if kind == "folder":
+        copied = [f for f in TOKENIZER_FILES if (tokenizer / f).is_file()]
+        for f in copied:
+            shutil.copy2(tokenizer / f, staging / f)
+        return f"tokenizer: copied {', '.join(copied)} from {tokenizer}."
+    if kind == "json":
+        shutil.copy2(tokenizer, staging / "tokenizer.json")
+        return f"tokenizer: copied {tokenizer} as tokenizer.json."
+    if kind == "sentencepiece":
+        try:
+            written = sentencepiece_export.export(tokenizer, staging, config.max_position_embeddings)
+        except sentencepiece_export.NotConvertible as why:
+            return (f"tokenizer not exported: {why}, and transformers needs a tokenizer.json; pass --tokenizer "
+                    f"with a folder that holds one.")
+        shutil.copy2(tokenizer, staging / "tokenizer.model")
+        return f"tokenizer: converted the sentencepiece model {tokenizer} to {' and '.join(written)}."
+    return (f"tokenizer not exported: {tokenizer} no longer holds a tokenizer; pass --tokenizer with a folder "
+            f"holding tokenizer.json or a sentencepiece .model file.")
 
 
 def _cast(array: np.ndarray, dtype: np.dtype) -> np.ndarray:
@@ -135,8 +188,11 @@ def _cast(array: np.ndarray, dtype: np.dtype) -> np.ndarray:
 
 
 def write_hf_folder(staging: Path, config: PhiConfig, ours: Callable[[str, int | None], np.ndarray], dtype: str,
-                    max_shard_size: str, tokenizer: Path | None, label: str) -> list[str]:
-    """Writes a Hugging Face folder into `staging`; `ours(path, layer)` serves our (merged) arrays one at a time."""
+                    max_shard_size: str, tokenizer: Path | None, label: str) -> tuple[list[str], str | None]:
+    """Writes a Hugging Face folder into `staging`; `ours(path, layer)` serves our (merged) arrays one at a time.
+
+    Returns the safetensors file names and the sentence `write_tokenizer` said (None without a tokenizer).
+    """
     out_dtype = numpy_dtype(dtype)
     plan = tensor_plan(config, "transformers")
     shapes = hf_names_and_shapes(config, "transformers", our_shapes(config))
@@ -175,12 +231,9 @@ def write_hf_folder(staging: Path, config: PhiConfig, ours: Callable[[str, int |
     (staging / "config.json").write_text(json.dumps(config.to_hf_dict(torch_dtype=dtype), indent=2))
     generation = {"bos_token_id": config.bos_token_id, "eos_token_id": config.eos_token_id}
     (staging / "generation_config.json").write_text(json.dumps(generation, indent=2))
-    if tokenizer is not None:
-        for f in TOKENIZER_FILES:
-            if (tokenizer / f).is_file():
-                shutil.copy2(tokenizer / f, staging / f)
+    note = write_tokenizer(staging, tokenizer, config) if tokenizer is not None else None
     progress.close()
-    return names
+    return names, note
 
 
 def _with_merged_adapters(read: Callable[[str, int | None], np.ndarray], config: PhiConfig):
@@ -227,34 +280,63 @@ class ReadAhead:
             self.pending[key] = self.pool.submit(self.read, *key)
             self.next += 1
 
+    def close(self) -> None:
+        """Stops reading ahead (a failed export must not keep reading in the background)."""
+        self.pool.shutdown(wait=True, cancel_futures=True)
+
 
 def to_hf(source: Path, hf_dir: Path, dtype: str = "float16", max_shard_size: str = "2GB",
           tokenizer: Path | None = None, overwrite: bool = False) -> list[str]:
-    """Writes a Hugging Face folder from a converted checkpoint or a training run's newest checkpoint."""
-    _check_export_args(dtype, tokenizer)
+    """Writes a Hugging Face folder from a converted checkpoint or a training run's newest checkpoint.
+
+    The tokenizer is `tokenizer`, else the one the checkpoint records (a run's
+    sentencepiece model is converted to tokenizer.json); a line on stderr says
+    what was written, or why no tokenizer was. A run whose newest checkpoint is
+    damaged exports the previous one, saying so, as the trainer resumes from it.
+    """
+    _check_export_args(dtype, tokenizer, max_shard_size)
     if not source.exists():
         raise UserInputError(f"{source} does not exist; expected a converted checkpoint or a training run folder.")
-    step_dir = checkpoint.resolve_step_dir(source)
-    if step_dir is None:
+    if not checkpoint.step_dirs(source):
         raise UserInputError(f"{source} holds no phi2_jax checkpoint (no params/ and meta/); expected the output of "
                              f"from-hf or a training run folder.")
-    config = PhiConfig.from_dict(checkpoint.read_meta(step_dir)["model_config"])
-    reader = ParamReader(step_dir / "params")
-    order = [(path, layer) for _, rule, layer in tensor_plan(config, "transformers") for path in rule.ours]
-    ours = _with_merged_adapters(ReadAhead(lambda path, layer: reader.read(leaf_keys(path, layer)), order), config)
-    names: list[str] = []
-    write_atomically(hf_dir, overwrite, lambda staging: names.extend(
-        write_hf_folder(staging, config, ours, dtype, max_shard_size, tokenizer, f"to-hf {hf_dir.name}")))
+    refuse_overlap(hf_dir, [source, tokenizer])
+
+    def export(step_dir: Path) -> tuple[list[str], str]:
+        meta = checkpoint.read_meta(step_dir)
+        config = PhiConfig.from_dict(meta["model_config"])
+        recorded = meta.get("tokenizer")
+        chosen = tokenizer or (Path(recorded) if recorded else None)
+        reader = ParamReader(step_dir / "params")
+        order = [(path, layer) for _, rule, layer in tensor_plan(config, "transformers") for path in rule.ours]
+        ahead = ReadAhead(lambda path, layer: reader.read(leaf_keys(path, layer)), order)
+        ours = _with_merged_adapters(ahead, config)
+        result: list = []
+        try:
+            write_atomically(hf_dir, overwrite, lambda staging: result.extend(
+                write_hf_folder(staging, config, ours, dtype, max_shard_size, chosen, f"to-hf {hf_dir.name}")),
+                sources=[source, chosen])
+        finally:
+            ahead.close()
+        names, note = result
+        return names, note or (f"tokenizer not exported: {step_dir} records no tokenizer; pass --tokenizer with a "
+                               f"folder holding tokenizer.json or a sentencepiece .model file.")
+
+    names, note = newest_restorable(source, export)
+    print(note, file=sys.stderr)
     return names
 
 
 def save_pretrained(model, hf_dir: str | Path, *, dtype: str = "float32", max_shard_size: str = "2GB",
                     tokenizer: str | Path | None = None, overwrite: bool = False) -> list[str]:
-    """Writes an in-memory model as a Hugging Face folder (LoRA adapters merged), atomically."""
+    """Writes an in-memory model as a Hugging Face folder (LoRA adapters merged), atomically.
+
+    tokenizer: a folder of tokenizer files, a tokenizer.json, or a sentencepiece .model (converted to tokenizer.json).
+    """
     from flax import nnx
 
     tokenizer = Path(tokenizer) if tokenizer else None
-    _check_export_args(dtype, tokenizer)
+    _check_export_args(dtype, tokenizer, max_shard_size)
     config = model.config
     flat = flatten(nnx.to_pure_dict(nnx.state(model)))
 
@@ -262,9 +344,13 @@ def save_pretrained(model, hf_dir: str | Path, *, dtype: str = "float32", max_sh
         return np.asarray(jax.device_get(flat[path] if layer is None else flat[path][layer]))
 
     ours = _with_merged_adapters(read, config)
-    names: list[str] = []
-    write_atomically(Path(hf_dir), overwrite, lambda staging: names.extend(
-        write_hf_folder(staging, config, ours, dtype, max_shard_size, tokenizer, f"save {Path(hf_dir).name}")))
+    result: list = []
+    write_atomically(Path(hf_dir), overwrite, lambda staging: result.extend(
+        write_hf_folder(staging, config, ours, dtype, max_shard_size, tokenizer, f"save {Path(hf_dir).name}")),
+        sources=[tokenizer])
+    names, note = result
+    if note:
+        print(note, file=sys.stderr)
     return names
 
 
@@ -273,19 +359,21 @@ def inspect(path: Path) -> dict:
     """What a folder or checkpoint holds, read from headers and metadata only."""
     if not path.exists():
         raise UserInputError(f"{path} does not exist.")
-    step_dir = checkpoint.resolve_step_dir(path)
-    if step_dir is not None:
+    if checkpoint.step_dirs(path):
         import orbax.checkpoint as ocp
 
-        meta = checkpoint.read_meta(step_dir)
-        config = PhiConfig.from_dict(meta["model_config"])
-        tree = ocp.StandardCheckpointer().metadata(step_dir.absolute() / "params")
-        tree = getattr(tree, "item_metadata", tree)
-        leaves = jax.tree.leaves(tree, is_leaf=lambda x: hasattr(x, "shape"))
-        return {"format": "phi2_jax Orbax checkpoint", "path": str(step_dir), "step": meta.get("step", "-"),
-                "stored as": sorted({str(np.dtype(x.dtype)) for x in leaves}),
-                "restores as": config.param_dtype, "tensors": len(leaves),
-                "parameters": sum(int(np.prod(x.shape)) for x in leaves), "config": config.to_hf_dict()}
+        def describe(step_dir: Path) -> dict:
+            meta = checkpoint.read_meta(step_dir)
+            config = PhiConfig.from_dict(meta["model_config"])
+            tree = ocp.StandardCheckpointer().metadata(step_dir.absolute() / "params")
+            tree = getattr(tree, "item_metadata", tree)
+            leaves = jax.tree.leaves(tree, is_leaf=lambda x: hasattr(x, "shape"))
+            return {"format": "phi2_jax Orbax checkpoint", "path": str(step_dir), "step": meta.get("step", "-"),
+                    "stored as": sorted({str(np.dtype(x.dtype)) for x in leaves}),
+                    "restores as": config.param_dtype, "tensors": len(leaves),
+                    "parameters": sum(int(np.prod(x.shape)) for x in leaves), "config": config.to_hf_dict()}
+
+        return newest_restorable(path, describe)  # a damaged checkpoint: one line, or the previous one described
     weights = HFWeights(path)
     layout = detect_layout(weights.names, str(path))
     config = PhiConfig.from_hf_file(path)
@@ -304,6 +392,8 @@ def parse_args(argv):
     a.add_argument("ckpt_dir", type=Path)
     a.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     a.add_argument("--overwrite", action="store_true")
+    a.add_argument("--allow-nonfinite", action="store_true",
+                   help="convert weights holding NaN or infinity (reported) instead of refusing them")
     b = sub.add_parser("to-hf", help="Orbax checkpoint or run folder -> Hugging Face folder")
     b.add_argument("source", type=Path)
     b.add_argument("hf_dir", type=Path)
@@ -324,7 +414,8 @@ def main(argv=None) -> None:
     if argv is None:  # the command owns its process: conversion is host work, so it never grabs an accelerator
         jax.config.update("jax_platforms", "cpu")
     if args.command == "from-hf":
-        config, stored = from_hf(args.hf_dir, args.ckpt_dir, args.dtype, args.overwrite)
+        config, stored = from_hf(args.hf_dir, args.ckpt_dir, args.dtype, args.overwrite,
+                                args.allow_nonfinite)
         print(f"wrote {args.ckpt_dir} ({config.num_params():,} parameters, {args.dtype}; stored as {', '.join(stored)})")
     elif args.command == "to-hf":
         files = to_hf(args.source, args.hf_dir, args.dtype, args.max_shard_size, args.tokenizer, args.overwrite)

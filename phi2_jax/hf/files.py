@@ -4,13 +4,15 @@ Handles a single `model.safetensors`, shards listed by
 `model.safetensors.index.json`, and (only when torch is installed, and only
 through `torch.load(weights_only=True)`, never a full unpickle)
 `pytorch_model.bin`. Every problem a downloaded folder can have is reported as
-a `WeightsError` naming the file.
+a `WeightsError` naming the file: an index whose shards lie outside the folder,
+a tensor stored in a dtype a Phi model does not hold (int8, float64, ...), and,
+as each tensor is read, NaN or infinite weights (unless the caller accepts them).
 """
 
 from __future__ import annotations
 
 import json
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 import ml_dtypes
 import numpy as np
@@ -22,13 +24,37 @@ from phi2_jax.hf.safetensors_io import SafetensorsFile
 SAFETENSORS = "model.safetensors"
 SAFETENSORS_INDEX = "model.safetensors.index.json"
 TORCH_BIN = "pytorch_model.bin"
+# The dtypes a Phi model's weights are stored in; anything else (a quantised int8 file, float64) would be
+# changed on the way in, so it is refused by name rather than cast.
+WEIGHT_DTYPES = ("float32", "float16", "bfloat16")
+_EXPONENT_MASKS = {np.dtype("float32"): (np.uint32, 0x7F800000), np.dtype("float16"): (np.uint16, 0x7C00),
+                   np.dtype(ml_dtypes.bfloat16): (np.uint16, 0x7F80)}
+
+
+def count_nonfinite(array: np.ndarray, block_bytes: int = 16 << 20) -> int:
+    """How many NaN or infinite values a float32/float16/bfloat16 array holds, a block of rows at a time.
+
+    A value is non-finite exactly when all its exponent bits are set; testing the
+    bits works for bfloat16 too (numpy's isfinite has no fast path for it) and
+    keeps the temporaries to one block.
+    """
+    uint, mask = _EXPONENT_MASKS[array.dtype]
+    flat = array.reshape(-1) if array.flags.c_contiguous or array.flags.f_contiguous else np.ravel(array)
+    bits = flat.view(uint)
+    step = max(1, block_bytes // array.dtype.itemsize)
+    return sum(int(np.count_nonzero((bits[i:i + step] & mask) == mask)) for i in range(0, bits.size, step))
 
 
 class HFWeights:
-    """Lazy view of the tensors in a Hugging Face folder: `names`, `shape(name)`, `dtype(name)`, `read(name)`."""
+    """Lazy view of the tensors in a Hugging Face folder: `names`, `shape(name)`, `dtype(name)`, `read(name)`.
 
-    def __init__(self, folder: str | Path):
+    allow_nonfinite: hand back tensors holding NaN or infinity (each reported once) instead of refusing them.
+    """
+
+    def __init__(self, folder: str | Path, allow_nonfinite: bool = False):
         self.folder = Path(folder)
+        self.allow_nonfinite = allow_nonfinite
+        self.nonfinite: dict[str, int] = {}  # tensor -> count, for tensors read while allowed
         if not self.folder.is_dir():
             raise WeightsError(f"{self.folder} is not a folder; expected a Hugging Face model folder.")
         self._file_of: dict[str, Path] = {}
@@ -47,13 +73,34 @@ class HFWeights:
                 f"{self.folder} holds no weights; expected {SAFETENSORS}, {SAFETENSORS_INDEX} with its shards, or {TORCH_BIN}.")
         self.format = "pytorch_model.bin" if self._torch_state is not None else "safetensors"
         self.files = sorted(set(self._file_of.values()))
+        for name in self._file_of:
+            if self.dtype(name) not in WEIGHT_DTYPES:
+                raise WeightsError(f"{self._file_of[name]}: tensor '{name}' is stored as {self.dtype(name)}, which a Phi "
+                                   f"model does not hold (it would be changed on the way in); expected "
+                                   f"{', '.join(WEIGHT_DTYPES[:-1])} or {WEIGHT_DTYPES[-1]}.")
 
     def _read_index(self, index: Path) -> None:
         try:
-            weight_map = json.loads(index.read_text())["weight_map"]
-        except (json.JSONDecodeError, KeyError, TypeError) as error:
-            raise WeightsError(f"{index} is not a safetensors index ({error}); expected a JSON object with 'weight_map'.") from None
+            contents = json.loads(index.read_bytes().decode("utf-8"))
+        except UnicodeDecodeError as error:
+            raise WeightsError(f"{index} is not UTF-8 text (byte {error.start}); expected a safetensors index "
+                               f"in JSON.") from None
+        except json.JSONDecodeError as error:
+            raise WeightsError(f"{index} is not valid JSON ({error.msg} at line {error.lineno}); expected a "
+                               f"safetensors index.") from None
+        except OSError as error:
+            raise WeightsError(f"{index} could not be read ({error.strerror}).") from None
+        weight_map = contents.get("weight_map") if isinstance(contents, dict) else None
+        if not isinstance(weight_map, dict):
+            raise WeightsError(f"{index} has no 'weight_map' object (found {type(weight_map).__name__}); expected "
+                               f"a JSON object with 'weight_map': {{tensor name: shard file name}}.")
         for name, shard in weight_map.items():
+            if not isinstance(shard, str) or not shard:
+                raise WeightsError(f"{index} maps '{name}' to {shard!r}; expected the file name of a shard.")
+            parts = PurePosixPath(shard.replace("\\", "/"))
+            if parts.is_absolute() or Path(shard).is_absolute() or ".." in parts.parts:
+                raise WeightsError(f"{index} names shard {shard!r} for '{name}', which lies outside {self.folder}; "
+                                   f"expected a file name inside the model folder.")
             path = self.folder / shard
             if not path.is_file():
                 raise WeightsError(f"{index} names shard {shard} for '{name}', but {path} does not exist.")
@@ -98,9 +145,20 @@ class HFWeights:
         return self._open(self._file_of[name]).dtype(name).name
 
     def read(self, name: str) -> np.ndarray:
-        """The tensor as a numpy array in its stored dtype (bfloat16 via ml_dtypes)."""
+        """The tensor as a numpy array in its stored dtype (bfloat16 via ml_dtypes), checked to be finite."""
         if name not in self._file_of:
             raise WeightsError(f"{self.folder} has no tensor '{name}'.")
+        array = self._read(name)
+        bad = count_nonfinite(array)
+        if bad and not self.allow_nonfinite:
+            raise WeightsError(f"{self._file_of[name]}: tensor '{name}' holds {bad:,} NaN or infinite value"
+                               f"{'s' * (bad > 1)} of {array.size:,}; pass allow_nonfinite=True "
+                               f"(--allow-nonfinite) to load it anyway.")
+        if bad:
+            self.nonfinite[name] = bad
+        return array
+
+    def _read(self, name: str) -> np.ndarray:
         if self._torch_state is not None:
             tensor = self._torch_state[name]
             if str(tensor.dtype) == "torch.bfloat16":

@@ -30,8 +30,33 @@ CODES = {v: k for k, v in DTYPES.items()}
 _MAX_HEADER = 100 * 2**20
 
 
+class _DuplicateKey(Exception):
+    pass
+
+
+def _no_duplicates(pairs: list[tuple[str, object]]) -> dict:
+    """A JSON object hook: a name given twice is an error (json.loads would keep the last one silently)."""
+    out = {}
+    for key, value in pairs:
+        if key in out:
+            raise _DuplicateKey(key)
+        out[key] = value
+    return out
+
+
+def _is_count(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
 class SafetensorsFile:
-    """Header of one .safetensors file, validated against the file size; tensors read on demand."""
+    """Header of one .safetensors file, validated against the file size; tensors read on demand.
+
+    Every entry must say exactly which bytes are its tensor: offsets are
+    non-negative integers inside the data section, `end - begin` is the size its
+    dtype and shape imply, and the entries tile the data section without
+    overlaps, holes or trailing bytes (the reference reader's rules), so no
+    tensor can be read out of header bytes or out of another tensor.
+    """
 
     def __init__(self, path: str | Path):
         self.path = Path(path)
@@ -45,9 +70,11 @@ class SafetensorsFile:
                 if header_len > min(_MAX_HEADER, size - 8):
                     raise WeightsError(f"{self.path} declares a {header_len}-byte header in a {size}-byte file; "
                                        f"it is truncated or not a safetensors file.")
-                header = json.loads(f.read(header_len))
+                header = json.loads(f.read(header_len).decode("utf-8"), object_pairs_hook=_no_duplicates)
         except OSError as error:
             raise WeightsError(f"{self.path} could not be read ({error.strerror}).") from None
+        except _DuplicateKey as error:
+            raise WeightsError(f"{self.path} gives the key '{error.args[0]}' twice in its header; it is corrupt.") from None
         except (json.JSONDecodeError, UnicodeDecodeError):
             raise WeightsError(f"{self.path} has a header that is not valid JSON; it is corrupt or not a safetensors file.") from None
         if not isinstance(header, dict):
@@ -57,17 +84,46 @@ class SafetensorsFile:
         self.entries: dict[str, tuple[np.dtype, tuple[int, ...], int, int]] = {}
         data_len = size - self.data_start
         for name, entry in header.items():
-            try:
-                dtype, shape, (begin, end) = DTYPES[entry["dtype"]], tuple(entry["shape"]), entry["data_offsets"]
-            except (KeyError, TypeError, ValueError):
-                raise WeightsError(f"{self.path}: tensor '{name}' has a malformed header entry {entry}.") from None
-            if end - begin != int(np.prod(shape)) * dtype.itemsize:
-                raise WeightsError(f"{self.path}: tensor '{name}' claims {end - begin} bytes for shape {list(shape)} "
-                                   f"of {entry['dtype']}; the header is corrupt.")
-            if end > data_len:
-                raise WeightsError(f"{self.path}: tensor '{name}' ends at byte {end} of a {data_len}-byte data section; "
-                                   f"the file is truncated.")
-            self.entries[name] = (dtype, shape, begin, end)
+            self.entries[name] = self._entry(name, entry, data_len)
+        self._check_tiling(data_len)
+
+    def _entry(self, name: str, entry, data_len: int) -> tuple[np.dtype, tuple[int, ...], int, int]:
+        if (not isinstance(entry, dict) or not isinstance(entry.get("shape"), list)
+                or not isinstance(entry.get("data_offsets"), list) or len(entry["data_offsets"]) != 2):
+            raise WeightsError(f"{self.path}: tensor '{name}' has a malformed header entry {entry}; expected "
+                               f"{{\"dtype\", \"shape\", \"data_offsets\": [begin, end]}}.")
+        code, shape, (begin, end) = entry.get("dtype"), entry["shape"], entry["data_offsets"]
+        if code not in DTYPES:
+            raise WeightsError(f"{self.path}: tensor '{name}' has dtype {code!r}, which this reader does not know; "
+                               f"expected one of {', '.join(DTYPES)}.")
+        if not all(_is_count(d) for d in shape):
+            raise WeightsError(f"{self.path}: tensor '{name}' has shape {shape}; expected non-negative integers.")
+        if not (_is_count(begin) and _is_count(end)) or begin > end:
+            raise WeightsError(f"{self.path}: tensor '{name}' has data_offsets {[begin, end]}; expected non-negative "
+                               f"integers [begin, end] with begin <= end; the header is corrupt.")
+        dtype = DTYPES[code]
+        if end - begin != int(np.prod(shape, dtype=object)) * dtype.itemsize:
+            raise WeightsError(f"{self.path}: tensor '{name}' claims {end - begin} bytes for shape {list(shape)} "
+                               f"of {code}; the header is corrupt.")
+        if end > data_len:
+            raise WeightsError(f"{self.path}: tensor '{name}' ends at byte {end} of a {data_len}-byte data section; "
+                               f"the file is truncated.")
+        return dtype, tuple(shape), begin, end
+
+    def _check_tiling(self, data_len: int) -> None:
+        """The entries, sorted by offset, cover the data section exactly: no overlap, no hole, nothing after."""
+        covered, previous = 0, None
+        for name, (_, _, begin, end) in sorted(self.entries.items(), key=lambda item: item[1][2:]):
+            if begin < covered:
+                raise WeightsError(f"{self.path}: tensor '{name}' (bytes {begin}-{end}) overlaps tensor '{previous}' "
+                                   f"(which ends at byte {covered}); the header is corrupt.")
+            if begin > covered:
+                raise WeightsError(f"{self.path}: bytes {covered}-{begin} of the data section belong to no tensor "
+                                   f"(before '{name}'); the header is corrupt.")
+            covered, previous = end, name
+        if covered != data_len:
+            raise WeightsError(f"{self.path} has {data_len - covered} bytes after its last tensor; expected the data "
+                               f"section to end at byte {covered}; the file is corrupt.")
 
     def keys(self) -> list[str]:
         return list(self.entries)
