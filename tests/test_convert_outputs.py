@@ -2,7 +2,6 @@
 disk, partial folders of killed runs reclaimed, and the run's tokenizer carried into the export."""
 
 import errno
-import json
 import os
 import re
 import shutil
@@ -13,11 +12,8 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import pytest
 
-import phi2_jax
-from phi2_jax.checkpoint import run_checkpoints
 from phi2_jax.checkpoint.orbax_stream import ParamWriter
 from phi2_jax.errors import UserInputError
 from phi2_jax.hf import convert as convert_module

@@ -3,7 +3,6 @@ loaded past a damaged newest checkpoint, as the trainer resumes past one."""
 
 import json
 import logging
-import os
 import re
 import shutil
 import sysconfig

@@ -24,6 +24,7 @@ import logging
 
 import jax
 import jax.numpy as jnp
+from jax._src.cudnn import fused_attention_stablehlo as cudnn_fused_attention
 from jax._src.cudnn.fused_attention_stablehlo import MaskType
 from jax._src.cudnn.fused_attention_stablehlo import dot_product_attention as cudnn_dot_product_attention
 
@@ -161,6 +162,18 @@ def resolve_backend(backend: str, dtype, head_dim: int) -> str:
     return "xla"
 
 
+def cudnn_packs_documents() -> bool:
+    """Whether cuDNN's packed layout (documents as offsets and lengths) runs here: JAX allows it from sm90 on.
+
+    Asked through JAX's own check, which a deviceless compile for a GPU target answers for that target
+    (training/dry_run.py).
+    """
+    try:
+        return bool(cudnn_fused_attention.check_compute_capability("9.0"))
+    except (RuntimeError, ValueError):
+        return False
+
+
 def packed_segments(segment_ids: jax.Array) -> tuple[jax.Array, jax.Array]:
     """cuDNN's description of packed documents: (offsets [B, T+1], lengths [B, T]), -1 where unused.
 
@@ -204,12 +217,12 @@ def attention(
     if chosen == "cudnn" and self_attention:  # training and prefill; decoding's few query rows stay on xla
         if kv_mask is None and q_segment_ids is None:
             return jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation="cudnn")
-        if kv_mask is None and q_segment_ids is kv_segment_ids:
+        if kv_mask is None and q_segment_ids is kv_segment_ids and cudnn_packs_documents():
             offsets, lengths = packed_segments(q_segment_ids)
             return cudnn_dot_product_attention(q, k, v, None, None, lengths, lengths, offsets, offsets,
                                                scale=float(head_dim) ** -0.5, mask_type=MaskType.PADDING_CAUSAL)
-        # Padding (batched scoring of prompts of several lengths): a mask, which cuDNN takes as a bias. Inference
-        # only: no gradient flows, so cuDNN computes no bias gradient.
+        # Padding (batched scoring of prompts of several lengths), or packed documents before Hopper: a mask,
+        # which cuDNN takes as a dense bias.
         mask = attention_mask(batch, q_len, kv_len, kv_mask=kv_mask, q_segment_ids=q_segment_ids,
                               kv_segment_ids=kv_segment_ids)
         return jax.nn.dot_product_attention(q, k, v, mask=mask, implementation="cudnn")

@@ -40,25 +40,27 @@ def dense(x: jax.Array, kernel: jax.Array, compute_dtype, out_dtype, weight_grad
     return _dense(x, kernel, compute_dtype, out_dtype)
 
 
-def _matmul(x, kernel, compute_dtype):
-    """Float32 x @ kernel with the operands' algorithm stated for low-precision compute."""
-    return jnp.einsum("...i,io->...o", x, kernel, preferred_element_type=jnp.float32,
+def _matmul(x, kernel, compute_dtype, result_dtype=jnp.float32):
+    """x @ kernel accumulated in float32, with the operands' algorithm stated for low-precision compute."""
+    return jnp.einsum("...i,io->...o", x, kernel, preferred_element_type=result_dtype,
                       precision=_ALGORITHMS.get(compute_dtype))
 
 
 @functools.partial(jax.custom_jvp, nondiff_argnums=(2, 3))
 def _dense(x, kernel, compute_dtype, out_dtype):
-    return _matmul(x, kernel.astype(compute_dtype), compute_dtype).astype(out_dtype)
+    return _matmul(x, kernel.astype(compute_dtype), compute_dtype, out_dtype)
 
 
 @_dense.defjvp
 def _dense_jvp(compute_dtype, out_dtype, primals, tangents):
     (x, kernel), (dx, dkernel) = primals, tangents
     kernel_c = kernel.astype(compute_dtype)  # what is all-gathered and multiplied: the compute-dtype copy
-    y = _matmul(x, kernel_c, compute_dtype)
+    # The primal product comes out in the output dtype: it is what remat's save_dots policy keeps, and a
+    # float32 copy would double those saved activations.
+    y = _matmul(x, kernel_c, compute_dtype, out_dtype)
     # The kernel's tangent enters in its own (float32) dtype, so the transposed dot returns float32.
     dy = _matmul(dx, kernel_c, compute_dtype) + _matmul(x, dkernel, compute_dtype)
-    return y.astype(out_dtype), dy.astype(out_dtype)
+    return y, dy.astype(out_dtype)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))

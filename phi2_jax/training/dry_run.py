@@ -306,7 +306,7 @@ def format_report(report: dict, label: str) -> str:
         f"{report['remat']}): {_gib(report['param_bytes_per_device'])}/device",
         f"  optimizer state {_gib(report['optimizer_bytes_per_device'])}/device",
         f"  batch arrays    {_gib(report['batch_bytes_per_device'])}/device   (all three from shard shapes)",
-        f"  XLA memory analysis, per device:",
+        "  XLA memory analysis, per device:",
         f"    arguments     {_gib(m['argument'])}",
         f"    outputs       {_gib(m['output'])}, of which {_gib(m['alias'])} reuse donated arguments",
         f"    temporaries   {_gib(m['temp'])}",
