@@ -180,7 +180,7 @@ def test_token_files_hold_every_document_and_eos_in_order_and_are_reused(tmp_pat
         assert list(packed.tokens[:]) == expected([d for d in source_docs if not is_validation(d, 0.2)])
     assert list(splits.validation.tokens[:]) == expected([d for s in docs for d in s if is_validation(d, 0.2)])
     assert splits.weights == [1.0, 2.0]
-    assert sorted(p.suffix for p in (tmp_path / "cache" / "tokens").iterdir()) == [".int32"] * 3
+    assert sorted(p.suffix for p in (tmp_path / "cache" / "tokens").iterdir()) == [".uint16"] * 3
 
     # Cached: a second build reads no document at all.
     monkeypatch.setattr("phi2_jax.data.pipeline.read_source", lambda source: pytest.fail("re-read a cached source"))
@@ -296,13 +296,13 @@ def test_pretokenized_folder_trains_like_the_trainers_own_cache(tmp_path, monkey
     assert summary["eos_id"] == load_tokenizer(tokenizer_dir).eos_id and len(summary["files"]) == 3
 
     from_text = build_splits([{"path": p} for p in patterns], tokenizer_dir, 8, 0.2, 300)
-    from_files = build_splits([{"path": str(out / "train-*.int32"), "format": "tokens"},
-                               {"path": str(out / "validation.int32"), "format": "tokens", "split": "validation"}],
+    from_files = build_splits([{"path": str(out / "train-*.uint16"), "format": "tokens"},
+                               {"path": str(out / "validation.uint16"), "format": "tokens", "split": "validation"}],
                               tokenizer_dir, 8, 0.2, 300)
     np.testing.assert_array_equal(from_files.train[0].tokens[:],
                                   np.concatenate([packed.tokens[:] for packed in from_text.train]))
     np.testing.assert_array_equal(from_files.validation.tokens[:], from_text.validation.tokens[:])
-    assert summary["files"]["train-000.int32"]["tokens"] == len(from_text.train[0].tokens)
+    assert summary["files"]["train-000.uint16"]["tokens"] == len(from_text.train[0].tokens)
 
     # An existing folder is kept unless --overwrite; a bad source leaves no folder behind.
     before = (out / "tokens.json").read_text()
@@ -317,5 +317,5 @@ def test_pretokenized_folder_trains_like_the_trainers_own_cache(tmp_path, monkey
 
 def test_token_files_need_a_known_dtype(tmp_path):
     np.ones(8, np.uint16).tofile(tmp_path / "train.bin")
-    with pytest.raises(ConfigError, match=r"train.bin is neither a .npy array nor a raw .int32 token file"):
+    with pytest.raises(ConfigError, match=r"train.bin is neither a .npy array nor a raw .uint16 or .int32 token file"):
         TokenArrays([tmp_path / "train.bin"])

@@ -3,8 +3,8 @@
     sources (stdlib | text | jsonl | parquet globs, each with a mixture weight; `sources.py`)
       -> documents, split train / validation by a hash of each document's name
       -> tokenized once in a streaming pass, EOS after every document, cached
-         on disk as int32 token files that are memory-mapped, never loaded
-         (`token_files.py`); or token files tokenized elsewhere (format: tokens)
+         on disk as uint16 token files (int32 for a vocabulary past 65,536)
+         that are memory-mapped, never loaded (`token_files.py`); or token files tokenized elsewhere (format: tokens)
       -> packed: the stream is cut into seq_len + 1 windows (concat-then-split);
          segment ids mark documents so attention never crosses them, and
          positions restart at every document
@@ -30,7 +30,7 @@ import numpy as np
 
 from phi2_jax.errors import ConfigError
 from phi2_jax.data.sources import Document, is_validation, read_source, source_files, source_fingerprint
-from phi2_jax.data.token_files import TokenArrays, TokenFile, check_token_ids
+from phi2_jax.data.token_files import TokenArrays, TokenFile, check_token_ids, token_suffix
 from phi2_jax.data.tokenizer import Tokenizer, cache_dir
 
 log = logging.getLogger(__name__)
@@ -82,6 +82,8 @@ def build_splits(sources: list[dict], tokenizer_spec: str, seq_len: int, val_fra
     """
     from phi2_jax.data.tokenizer import load_tokenizer, train_sentencepiece
 
+    if max_documents < 0:
+        raise ConfigError(f"data.max_documents is {max_documents}; expected 0 (every document) or a positive cap.")
     if not sources:
         raise ConfigError("data.sources is empty; expected at least one source such as {path: stdlib}.")
     given = {i: TokenArrays([Path(f) for f in source_files(source)])  # source index -> its token files
@@ -127,9 +129,9 @@ def build_splits(sources: list[dict], tokenizer_spec: str, seq_len: int, val_fra
     return Splits(train_sets, weights, val, tokenizer)
 
 
-def documents(source: dict, max_documents: int = 0) -> Iterator[Document]:
-    """A text source's documents, the first `max_documents` of them if that is set."""
-    docs = read_source(source)
+def documents(source: dict, max_documents: int = 0, files: list[str] | None = None) -> Iterator[Document]:
+    """A text source's documents (of only `files`, if given), the first `max_documents` of them if that is set."""
+    docs = read_source(source, files)
     return itertools.islice(docs, max_documents) if max_documents else docs
 
 
@@ -137,18 +139,19 @@ def _cached_token_files(texts: dict[int, dict], keys: dict[int, str], tokenizer:
                         max_documents: int) -> tuple[dict[int, Path], Path]:
     """The cached token files of each text source's training documents and of all their validation documents."""
     tokenizer_key = f"{hashlib.sha256(Path(tokenizer.source).read_bytes()).hexdigest()}|{tokenizer.vocab_size}"
-    folder = cache_dir() / "tokens"
-    train_files = {i: folder / f"{_digest(tokenizer_key, 'train', key)}.int32" for i, key in keys.items()}
-    val_file = folder / f"{_digest(tokenizer_key, 'validation', *keys.values())}.int32"
+    folder, suffix = cache_dir() / "tokens", token_suffix(tokenizer.vocab_size)
+    train_files = {i: folder / f"{_digest(tokenizer_key, 'train', key)}{suffix}" for i, key in keys.items()}
+    val_file = folder / f"{_digest(tokenizer_key, 'validation', *keys.values())}{suffix}"
     if texts:
         tokenize_sources(texts, tokenizer, val_fraction, train_files, val_file, max_documents)
     return train_files, val_file
 
 
 def tokenize_sources(texts: dict[int, dict], tokenizer: Tokenizer, val_fraction: float, train_files: dict[int, Path],
-                     val_file: Path, max_documents: int = 0) -> None:
+                     val_file: Path, max_documents: int = 0, files: dict[int, list[str]] | None = None) -> None:
     """Writes whichever of the token files do not exist yet: each text source's training documents to
-    train_files[i], all sources' validation documents (split by name) to val_file.
+    train_files[i], all sources' validation documents (split by name) to val_file. `files[i]`: read only
+    these of source i's files (all of them by default).
 
     One streaming pass over each source that still needs one; each file is
     published whole when its pass ends (see `TokenFile`).
@@ -161,7 +164,7 @@ def tokenize_sources(texts: dict[int, dict], tokenizer: Tokenizer, val_fraction:
                 continue
             with _token_file_if(not train_files[i].is_file(), train_files[i], tokenizer,
                                 f"training documents of '{source.get('path')}'") as train_out:
-                for doc in documents(source, max_documents):
+                for doc in documents(source, max_documents, None if files is None else files[i]):
                     out = val_out if is_validation(doc, val_fraction) else train_out
                     if out is not None:
                         out.add(doc)
