@@ -407,6 +407,17 @@ def test_only_process_0_tokenizes_and_process_1_reads_its_cache(tmp_path, monkey
     readers.clear()
     build_splits(sources, tokenizer_dir, 8, 0.2, 300, process_index=1, process_count=2, wait_s=0.1)
     assert readers == []
+    # Done, but the files are not here (a cache on each host's own disk): refused, not tokenized again.
+    folder = tmp_path / "cache" / "tokens"
+    for path in folder.glob("*.uint16"):
+        path.unlink()
+    with pytest.raises(ConfigError) as refused:
+        build_splits(sources, tokenizer_dir, 8, 0.2, 300, process_index=1, process_count=2, wait_s=0.1)
+    assert str(refused.value).endswith(
+        f".uint16 is not in the token cache although process 0 has finished writing it, so {folder} is not shared "
+        f"between the hosts; expected $PHI2_JAX_CACHE on a folder every host shares, or token files made beforehand "
+        f"by python -m phi2_jax.pretokenize.")
+    assert readers == [] and list(folder.glob("*.uint16")) == []
 
 
 @pytest.mark.parametrize("stale_claim", [False, True], ids=["no-process-0", "process-0-died"])

@@ -56,7 +56,7 @@ def test_shards_together_give_one_runs_token_streams(tmp_path, tokenizer_dir, nu
     # Disjoint: every file is read by exactly one shard.
     summaries = [json.loads(p.read_text()) for p in sorted((tmp_path / "sharded").glob("shard-*/tokens.json"))]
     assert [s["shard"] for s in summaries] == list(range(num_shards))
-    assert sum(e.get("files", 0) for s in summaries for e in s["files"].values()) == 46
+    assert sum(e.get("source_files", 0) for s in summaries for e in s["files"].values()) == 46
     assert {s["dtype"] for s in summaries} == {"uint16"}
     if num_shards == 2:  # about equal bytes
         sizes = [sum(p.stat().st_size for p in shards if p.parent.name == f"shard-{k:05d}") for k in (0, 1)]

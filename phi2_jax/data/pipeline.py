@@ -114,11 +114,13 @@ def build_splits(sources: list[dict], tokenizer_spec: str, seq_len: int, val_fra
     def tokenize(may_tokenize: bool) -> tuple[Tokenizer, dict[int, Path], Path]:
         tokenizer = named
         if tokenizer is None:
-            log.info("tokenizer: a %d-token sentencepiece BPE on the training documents (trained once, then cached)",
-                     vocab_size)
+            if may_tokenize:  # elsewhere it is process 0's, read from the cache
+                log.info("tokenizer: a %d-token sentencepiece BPE on the training documents (trained once, then "
+                         "cached)", vocab_size)
             tokenizer = check(load_tokenizer(train_sentencepiece(
                 lambda: (d.text for source in texts.values() for d in documents(source, max_documents)
-                         if not is_validation(d, val_fraction)), vocab_size, "auto", corpus_key="|".join(keys.values()))))
+                         if not is_validation(d, val_fraction)), vocab_size, "auto", corpus_key="|".join(keys.values()),
+                may_train=may_tokenize)))
         return (tokenizer, *_cached_token_files(texts, keys, tokenizer, val_fraction, max_documents, may_tokenize))
 
     job = _digest(tokenizer_spec, str(vocab_size), *keys.values())

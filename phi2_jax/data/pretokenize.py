@@ -79,7 +79,8 @@ def pretokenize(out_dir: Path, tokenizer_path: str, sources: list[dict], val_fra
         start = time.perf_counter()
         train_files, val_file = {i: staging / f"train-{i:03d}{suffix}" for i in texts}, staging / f"validation{suffix}"
         tokenize_sources(texts, tokenizer, val_fraction, train_files, val_file, files=share)
-        entries = {path.name: {"tokens": len(TokenArrays([path])), "source": texts[i], "files": len(share[i])}
+        entries = {path.name: {"tokens": len(TokenArrays([path])), "source": texts[i],
+                                "source_files": len(share[i])}
                    for i, path in train_files.items()}
         entries[val_file.name] = {"tokens": len(TokenArrays([val_file]))}
         summary.update({
