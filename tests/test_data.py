@@ -420,6 +420,52 @@ def test_only_process_0_tokenizes_and_process_1_reads_its_cache(tmp_path, monkey
     assert readers == [] and list(folder.glob("*.uint16")) == []
 
 
+def test_process_0s_error_stops_the_others_at_once_and_is_forgotten_when_fixed(tmp_path, monkeypatch):
+    sources, tokenizer_dir, readers = _two_process_setup(tmp_path, monkeypatch)
+    record = json.dumps({"text": "y = x + 1\n" * 30})
+    fixed = '{"text": "x = 1"}\n' + record + "\n"
+    broken = '{"text": "x = 1"}\n{' + "b" * (len(record) - 2) + "}\n"  # the same size
+    data = tmp_path / "corpus" / "rest.jsonl"
+    data.write_text(broken)
+    stat = data.stat()
+
+    def job(index_errors):
+        def process(index):
+            try:
+                build_splits(sources, tokenizer_dir, 8, 0.0, 300, process_index=index, process_count=2, wait_s=60)
+            except ConfigError as error:
+                index_errors[index] = str(error)
+
+        waiting = threading.Event()
+        real_stamp = tokenize_once._stamp
+
+        def stamp(path):  # the waiter's first look (at an earlier job's failed file) is made: process 0 may start
+            result = real_stamp(path)
+            waiting.set()
+            return result
+
+        monkeypatch.setattr(tokenize_once, "_stamp", stamp)
+        waiter = threading.Thread(target=process, args=(1,), name="process-1")
+        waiter.start()  # waiting before process 0 begins
+        assert waiting.wait(timeout=30)
+        process(0)
+        waiter.join(timeout=10)  # not the 60 s of silence
+        assert not waiter.is_alive()
+
+    errors = {}
+    job(errors)
+    assert errors == {0: f"{data} line 2 is not valid JSON (Expecting property name enclosed in double quotes at column 2).",
+                      1: f"process 0 could not tokenize the text sources, so process 1 of 2 stops too: {errors[0]}"}
+    assert set(readers) == {"MainThread"}
+    assert sorted(p.suffix for p in (tmp_path / "cache" / "tokens").iterdir()) == [".failed", ".uint16"]  # *.py's
+    # Fixed (same size and time, so the same job): the earlier failure left behind stops no one.
+    data.write_text(fixed)
+    os.utime(data, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    errors = {}
+    job(errors)
+    assert errors == {}
+
+
 @pytest.mark.parametrize("stale_claim", [False, True], ids=["no-process-0", "process-0-died"])
 def test_process_1_without_process_0s_cache_is_refused(tmp_path, monkeypatch, stale_claim):
     sources, tokenizer_dir, readers = _two_process_setup(tmp_path, monkeypatch)

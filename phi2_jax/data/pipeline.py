@@ -123,7 +123,9 @@ def build_splits(sources: list[dict], tokenizer_spec: str, seq_len: int, val_fra
                 may_train=may_tokenize)))
         return (tokenizer, *_cached_token_files(texts, keys, tokenizer, val_fraction, max_documents, may_tokenize))
 
-    job = _digest(tokenizer_spec, str(vocab_size), *keys.values())
+    # The job names what its cache holds: a done file of another tokenizer or corpus never counts.
+    tokenizer_id = "auto" if named is None else hashlib.sha256(Path(named.source).read_bytes()).hexdigest()
+    job = _digest(tokenizer_id, str(vocab_size), *keys.values())
     tokenizer, train_files, val_file = tokenize_once(cache_dir() / "tokens", job, process_index,
                                                      process_count if texts else 1, tokenize, wait_s)
 

@@ -4,10 +4,11 @@ Every process of a pod job would otherwise read and tokenize the whole corpus
 (racing on the same cache files, and multiplying the work by the number of
 hosts). Process 0 announces its work in a claim file beside the cache, touched
 every few seconds while it works, and leaves a done file when the cache is
-complete; the other processes wait for the done file and then only read. A
-process that sees neither a done file nor a live claim for `wait_s` seconds
-stops with a sentence: the cache is not shared between hosts (or process 0
-failed), and the fix is a shared $PHI2_JAX_CACHE or `python -m phi2_jax.pretokenize`.
+complete (or a failed file with its error, which they repeat and stop); the
+other processes wait for the done file and then only read. A process that sees
+neither a done file nor a live claim for `wait_s` seconds stops with a sentence:
+the cache is not shared between hosts (or process 0 died), and the fix is a
+shared $PHI2_JAX_CACHE or `python -m phi2_jax.pretokenize`.
 """
 
 from __future__ import annotations
@@ -36,14 +37,16 @@ def tokenize_once(folder: Path, job: str, process_index: int, process_count: int
     if process_count <= 1:
         return build(True)
     folder.mkdir(parents=True, exist_ok=True)
-    claim, done = folder / f"{job}.claim", folder / f"{job}.done"
+    claim, done, failed = (folder / f"{job}.{state}" for state in ("claim", "done", "failed"))
     if process_index == 0:
-        return _build_and_announce(claim, done, process_count, build, max(0.1, min(10.0, wait_s / 10)))
-    _wait_for(claim, done, process_index, process_count, folder, wait_s)
+        return _build_and_announce(claim, done, failed, process_count, build, max(0.1, min(10.0, wait_s / 10)))
+    _wait_for(claim, done, failed, process_index, process_count, folder, wait_s)
     return build(False)
 
 
-def _build_and_announce(claim: Path, done: Path, process_count: int, build: Callable[[bool], T], beat_s: float) -> T:
+def _build_and_announce(claim: Path, done: Path, failed: Path, process_count: int, build: Callable[[bool], T],
+                        beat_s: float) -> T:
+    failed.unlink(missing_ok=True)
     claim.write_text(f"process 0 of {process_count} on {socket.gethostname()}, pid {os.getpid()}\n")
     stop = threading.Event()
 
@@ -57,19 +60,25 @@ def _build_and_announce(claim: Path, done: Path, process_count: int, build: Call
         result = build(True)
         done.write_text(claim.read_text())
         return result
+    except Exception as error:  # the others would wait for a claim that stops beating: tell them now
+        failed.write_text(str(error) if isinstance(error, ConfigError) else f"{type(error).__name__}: {error}")
+        raise
     finally:
         stop.set()
         beating.join()
         claim.unlink(missing_ok=True)
 
 
-def _wait_for(claim: Path, done: Path, process_index: int, process_count: int, folder: Path, wait_s: float) -> None:
+def _wait_for(claim: Path, done: Path, failed: Path, process_index: int, process_count: int, folder: Path,
+              wait_s: float) -> None:
     seen, quiet_since, said = None, time.monotonic(), time.monotonic()
+    stale_failure = _stamp(failed)  # an earlier job's: only a failed file written from now on counts
     while not done.exists():
-        try:
-            stamp = claim.stat().st_mtime_ns
-        except FileNotFoundError:
-            stamp = None
+        failure = _stamp(failed)
+        if failure is not None and failure != stale_failure:
+            raise ConfigError(f"process 0 could not tokenize the text sources, so process {process_index} of "
+                              f"{process_count} stops too: {failed.read_text()}")
+        stamp = _stamp(claim)
         now = time.monotonic()
         if stamp is not None and stamp != seen:  # process 0 is alive and working
             seen, quiet_since = stamp, now
@@ -84,3 +93,11 @@ def _wait_for(claim: Path, done: Path, process_index: int, process_count: int, f
             said = now
             log.info("process %d waits for process 0 to tokenize the text sources into %s", process_index, folder)
         time.sleep(_POLL_S)
+
+
+def _stamp(path: Path) -> int | None:
+    """`path`'s modification time in ns, or None if it does not exist."""
+    try:
+        return path.stat().st_mtime_ns
+    except FileNotFoundError:
+        return None
