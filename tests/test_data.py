@@ -454,7 +454,8 @@ def test_process_0s_error_stops_the_others_at_once_and_is_forgotten_when_fixed(t
 
     errors = {}
     job(errors)
-    assert errors == {0: f"{data} line 2 is not valid JSON (Expecting property name enclosed in double quotes at column 2).",
+    assert errors == {0: f"{data} line 2 is not valid JSON (Expecting property name enclosed in double quotes at "
+                         f"column 2).",
                       1: f"process 0 could not tokenize the text sources, so process 1 of 2 stops too: {errors[0]}"}
     assert set(readers) == {"MainThread"}
     assert sorted(p.suffix for p in (tmp_path / "cache" / "tokens").iterdir()) == [".failed", ".uint16"]  # *.py's

@@ -6,6 +6,7 @@ import logging
 import numpy as np
 import pytest
 
+from phi2_jax import ConfigError
 from phi2_jax.data import pretokenize
 from phi2_jax.data.pipeline import build_splits
 from phi2_jax.data.token_files import TokenArrays
@@ -152,3 +153,17 @@ def test_an_empty_validation_file_is_warned_about(tmp_path, tokenizer_dir, caplo
         pretokenize.main([str(tmp_path / "out0"), "--tokenizer", tokenizer_dir, "--source", str(corpus / "*.txt"),
                           "--val-fraction", "0"])
     assert caplog.records == []
+
+
+def test_training_on_an_unfinished_sharding_is_refused(tmp_path, tokenizer_dir):
+    patterns = _corpus(tmp_path / "corpus")
+    for shard in (0, 2):  # shard 1 of 3 has not run yet
+        _run(tmp_path / "out", tokenizer_dir, patterns, "--shard", str(shard), "--num-shards", "3")
+    sources = [{"path": str(tmp_path / "out" / "shard-*" / "train-*"), "format": "tokens"}]
+    with pytest.raises(ConfigError) as refused:
+        build_splits(sources, tokenizer_dir, 8, 0.2, 300)
+    assert str(refused.value) == (
+        f"{tmp_path / 'out'} holds 2 of the 3 shards of a sharded pretokenize (shard-00001 is missing); expected every "
+        f"shard finished before training (e.g. sbatch --dependency=afterok:<the array's job id>).")
+    _run(tmp_path / "out", tokenizer_dir, patterns, "--shard", "1", "--num-shards", "3")
+    assert len(build_splits(sources, tokenizer_dir, 8, 0.2, 300).train[0].tokens) > 0

@@ -30,7 +30,7 @@ import numpy as np
 
 from phi2_jax.errors import ConfigError
 from phi2_jax.data.sources import Document, is_validation, read_source, source_files, source_fingerprint
-from phi2_jax.data.token_files import TokenArrays, TokenFile, check_token_ids, token_suffix
+from phi2_jax.data.token_files import TokenArrays, TokenFile, check_shards_complete, check_token_ids, token_suffix
 from phi2_jax.data.tokenizer import Tokenizer, cache_dir
 from phi2_jax.data.tokenize_once import tokenize_once
 
@@ -97,6 +97,7 @@ def build_splits(sources: list[dict], tokenizer_spec: str, seq_len: int, val_fra
     texts = {i: s for i, s in enumerate(sources) if i not in given}  # source index -> text source
     keys = {i: f"{source_fingerprint(source)}|{max_documents}|{val_fraction}" for i, source in texts.items()}
     for tokens in given.values():
+        check_shards_complete(tokens.paths)
         check_token_ids(tokens, vocab_size)
     if tokenizer_spec == "auto" and not texts:
         raise ConfigError("data.tokenizer 'auto' trains on text sources and there are none; expected the "

@@ -8,8 +8,10 @@ raw file's dtype is its suffix: `.uint16` whenever the vocabulary fits in 16 bit
 
 from __future__ import annotations
 
+import json
 import logging
 import os
+import re
 import time
 from pathlib import Path
 
@@ -66,7 +68,8 @@ class TokenFile:
         if not self.pending:
             return
         eos = [self.tokenizer.eos_id]
-        ids = np.asarray([t for ids in self.tokenizer.encode_batch(self.pending) for t in ids + eos], np.int64).astype(self.dtype)
+        ids = np.asarray([t for ids in self.tokenizer.encode_batch(self.pending) for t in ids + eos], np.int64)
+        ids = ids.astype(self.dtype)  # in range: the vocabulary was checked against the dtype
         self.file.write(ids.tobytes())
         self.documents, self.tokens, self.pending = self.documents + len(self.pending), self.tokens + len(ids), []
         now = time.perf_counter()
@@ -173,3 +176,22 @@ def check_token_ids(tokens: TokenArrays, vocab_size: int, sample: int = 1 << 20)
                 bad = int(part.min()) if int(part.min()) < 0 else int(part.max())
                 raise ConfigError(f"{path} holds token id {bad}, outside the model's vocabulary of {vocab_size}; "
                                   f"expected ids made by the configured tokenizer.")
+
+
+def check_shards_complete(paths: list[Path]) -> None:
+    """Refuses token files from some but not all shards of a sharded pretokenize (OUT_DIR/shard-IIIII/...).
+
+    A glob over the shards of a run still in progress matches only those that
+    are finished, and training on them would silently leave part of the corpus out.
+    """
+    for out_dir in sorted({p.parent.parent for p in paths if re.fullmatch(r"shard-\d{5}", p.parent.name)}):
+        summaries = sorted(out_dir.glob("shard-[0-9][0-9][0-9][0-9][0-9]/tokens.json"))
+        if not summaries:
+            continue
+        expected = json.loads(summaries[0].read_text()).get("num_shards", len(summaries))
+        missing = [f"shard-{k:05d}" for k in range(expected)
+                   if not (out_dir / f"shard-{k:05d}" / "tokens.json").is_file()]
+        if missing:
+            raise ConfigError(f"{out_dir} holds {expected - len(missing)} of the {expected} shards of a sharded "
+                              f"pretokenize ({missing[0]} is missing); expected every shard finished before training "
+                              f"(e.g. sbatch --dependency=afterok:<the array's job id>).")
