@@ -1,16 +1,21 @@
 """The input pipeline: packing, sources, mixture, sharding and iterator state."""
 
 import json
+import logging
 import os
 import pickle
 import subprocess
 import sys
+import threading
+import time
 
 import numpy as np
 import pytest
 
 from phi2_jax import ConfigError
-from phi2_jax.data.pipeline import allow_grain_workers, PackedSequences, Splits, build_splits, train_dataset
+from phi2_jax.data import tokenize_once
+from phi2_jax.data.pipeline import (allow_grain_workers, PackedSequences, Splits, build_splits, train_dataset,
+                                    validation_batches)
 from phi2_jax.data.sources import is_validation, read_source
 from phi2_jax.data.token_files import TokenArrays
 from phi2_jax.data.tokenizer import load_tokenizer
@@ -137,7 +142,7 @@ def test_tokenizer_training_is_the_same_in_every_process(tmp_path):
     """The same corpus gives the same tokenizer in fresh processes, also when its lines are sampled."""
     script = (
         "import json, numpy as np, sentencepiece as spm\n"
-        "from phi2_jax import tokenizer\n"
+        "from phi2_jax.data import tokenizer\n"
         "rng = np.random.default_rng(1)\n"
         "words = [''.join(rng.choice(list('abcdefghij'), rng.integers(2, 7))) for _ in range(300)]\n"
         "lines = [' '.join(row) for row in rng.choice(words, (tokenizer._TOKENIZER_TRAINING_LINES + 10_000, 6))]\n"
@@ -180,7 +185,7 @@ def test_token_files_hold_every_document_and_eos_in_order_and_are_reused(tmp_pat
         assert list(packed.tokens[:]) == expected([d for d in source_docs if not is_validation(d, 0.2)])
     assert list(splits.validation.tokens[:]) == expected([d for s in docs for d in s if is_validation(d, 0.2)])
     assert splits.weights == [1.0, 2.0]
-    assert sorted(p.suffix for p in (tmp_path / "cache" / "tokens").iterdir()) == [".int32"] * 3
+    assert sorted(p.suffix for p in (tmp_path / "cache" / "tokens").iterdir()) == [".uint16"] * 3
 
     # Cached: a second build reads no document at all.
     monkeypatch.setattr("phi2_jax.data.pipeline.read_source", lambda source: pytest.fail("re-read a cached source"))
@@ -296,13 +301,13 @@ def test_pretokenized_folder_trains_like_the_trainers_own_cache(tmp_path, monkey
     assert summary["eos_id"] == load_tokenizer(tokenizer_dir).eos_id and len(summary["files"]) == 3
 
     from_text = build_splits([{"path": p} for p in patterns], tokenizer_dir, 8, 0.2, 300)
-    from_files = build_splits([{"path": str(out / "train-*.int32"), "format": "tokens"},
-                               {"path": str(out / "validation.int32"), "format": "tokens", "split": "validation"}],
+    from_files = build_splits([{"path": str(out / "train-*.uint16"), "format": "tokens"},
+                               {"path": str(out / "validation.uint16"), "format": "tokens", "split": "validation"}],
                               tokenizer_dir, 8, 0.2, 300)
     np.testing.assert_array_equal(from_files.train[0].tokens[:],
                                   np.concatenate([packed.tokens[:] for packed in from_text.train]))
     np.testing.assert_array_equal(from_files.validation.tokens[:], from_text.validation.tokens[:])
-    assert summary["files"]["train-000.int32"]["tokens"] == len(from_text.train[0].tokens)
+    assert summary["files"]["train-000.uint16"]["tokens"] == len(from_text.train[0].tokens)
 
     # An existing folder is kept unless --overwrite; a bad source leaves no folder behind.
     before = (out / "tokens.json").read_text()
@@ -317,5 +322,172 @@ def test_pretokenized_folder_trains_like_the_trainers_own_cache(tmp_path, monkey
 
 def test_token_files_need_a_known_dtype(tmp_path):
     np.ones(8, np.uint16).tofile(tmp_path / "train.bin")
-    with pytest.raises(ConfigError, match=r"train.bin is neither a .npy array nor a raw .int32 token file"):
+    with pytest.raises(ConfigError, match=r"train.bin is neither a .npy array nor a raw .uint16 or .int32 token file"):
         TokenArrays([tmp_path / "train.bin"])
+
+
+@pytest.mark.parametrize("weight", [0, -1.5, "0.5", True, float("nan"), None])
+def test_a_weight_that_is_not_a_positive_number_is_refused(tmp_path, weight):
+    _corpus(tmp_path / "corpus")
+    path = str(tmp_path / "corpus" / "*.py")
+    with pytest.raises(ConfigError) as refused:
+        build_splits([{"path": path, "weight": weight}], "unused", 8, 0.1, 300)
+    assert str(refused.value) == (f"data source '{path}' has weight {weight!r}; expected a positive number "
+                                  f"(a sampling ratio such as 0.5).")
+
+
+def test_negative_max_documents_is_refused():
+    with pytest.raises(ConfigError) as refused:
+        build_splits([{"path": "stdlib"}], "auto", 8, 0.1, 300, max_documents=-1)
+    assert str(refused.value) == "data.max_documents is -1; expected 0 (every document) or a positive cap."
+
+
+def test_a_binary_text_source_is_refused_naming_the_file(tmp_path):
+    (tmp_path / "tokens.txt").write_bytes(np.arange(50, dtype=np.int32).tobytes())
+    with pytest.raises(ConfigError) as refused:
+        list(read_source({"path": str(tmp_path / "*.txt")}))
+    assert str(refused.value) == (f"{tmp_path / 'tokens.txt'} holds NUL bytes, so it is binary, not text; expected "
+                                  f"text, .jsonl or .parquet files (token files are read with format: tokens).")
+
+
+def test_a_too_small_validation_split_is_warned_about(caplog):
+    stream = np.arange(100, dtype=np.int32)
+    splits = Splits([PackedSequences(stream, 4, -1)], [1.0], PackedSequences(stream[:30], 4, -1), None)
+    with caplog.at_level(logging.WARNING, logger="phi2_jax.data.pipeline"):
+        assert validation_batches(splits, 8, 2) == []  # 7 windows of 4 + 1, fewer than one batch of 8
+        assert len(validation_batches(splits, 2, 5)) == 3
+        assert validation_batches(splits, 4, 2, process_index=1, process_count=2) == []  # process 0 says it
+        assert len(validation_batches(splits, 7, 1)) == 1  # as many as asked for: nothing to say
+    assert [r.getMessage() for r in caplog.records][1:] == [
+        "the validation split holds 30 tokens, 3 of the 5 batches of 2 sequences of 4 + 1 tokens asked for "
+        "(train.eval_batches); the validation loss is their mean."]
+    assert caplog.records[0].getMessage() == (
+        "the validation split holds 30 tokens, fewer than one batch of 8 sequences of 4 + 1 tokens, so no validation "
+        "loss will be reported; raise data.val_fraction or add a validation token file (format: tokens, split: "
+        "validation).")
+
+
+def _two_process_setup(tmp_path, monkeypatch):
+    """A corpus, a tokenizer, a fresh cache, and a record of which thread reads which source."""
+    monkeypatch.setenv("PHI2_JAX_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr("phi2_jax.data.tokenize_once._POLL_S", 0.02)
+    _corpus(tmp_path / "corpus")
+    tokenizer_dir = str(train_bpe_tokenizer(["def g(x): return x"] * 20, 300, tmp_path / "tok"))
+    readers = []
+    real = read_source
+
+    def recording(source, files=None):
+        readers.append(threading.current_thread().name)
+        return real(source, files)
+
+    monkeypatch.setattr("phi2_jax.data.pipeline.read_source", recording)
+    sources = [{"path": str(tmp_path / "corpus" / "*.py")}, {"path": str(tmp_path / "corpus" / "*.jsonl")}]
+    return sources, tokenizer_dir, readers
+
+
+def test_only_process_0_tokenizes_and_process_1_reads_its_cache(tmp_path, monkeypatch):
+    sources, tokenizer_dir, readers = _two_process_setup(tmp_path, monkeypatch)
+    results = {}
+
+    def process_1():
+        results[1] = build_splits(sources, tokenizer_dir, 8, 0.2, 300, process_index=1, process_count=2, wait_s=30)
+
+    waiter = threading.Thread(target=process_1, name="process-1")
+    waiter.start()  # before process 0 has begun: it waits
+    time.sleep(0.2)
+    assert waiter.is_alive() and readers == []
+    results[0] = build_splits(sources, tokenizer_dir, 8, 0.2, 300, process_index=0, process_count=2, wait_s=30)
+    waiter.join(timeout=30)
+    assert set(readers) == {"MainThread"} and len(readers) == 2  # one pass per source, by process 0 only
+    alone = build_splits(sources, tokenizer_dir, 8, 0.2, 300)  # a one-process run reads the same cache
+    for result in results.values():
+        for packed, expected in zip([*result.train, result.validation], [*alone.train, alone.validation]):
+            np.testing.assert_array_equal(packed.tokens[:], expected.tokens[:])
+    # A later job finds the cache done: process 1 reads no source and does not wait.
+    readers.clear()
+    build_splits(sources, tokenizer_dir, 8, 0.2, 300, process_index=1, process_count=2, wait_s=0.1)
+    assert readers == []
+    # Done, but the files are not here (a cache on each host's own disk): refused, not tokenized again.
+    folder = tmp_path / "cache" / "tokens"
+    for path in folder.glob("*.uint16"):
+        path.unlink()
+    with pytest.raises(ConfigError) as refused:
+        build_splits(sources, tokenizer_dir, 8, 0.2, 300, process_index=1, process_count=2, wait_s=0.1)
+    assert str(refused.value).endswith(
+        f".uint16 is not in the token cache although process 0 has finished writing it, so {folder} is not shared "
+        f"between the hosts; expected $PHI2_JAX_CACHE on a folder every host shares, or token files made beforehand "
+        f"by python -m phi2_jax.pretokenize.")
+    assert readers == [] and list(folder.glob("*.uint16")) == []
+
+
+def test_process_0s_error_stops_the_others_at_once_and_is_forgotten_when_fixed(tmp_path, monkeypatch):
+    sources, tokenizer_dir, readers = _two_process_setup(tmp_path, monkeypatch)
+    record = json.dumps({"text": "y = x + 1\n" * 30})
+    fixed = '{"text": "x = 1"}\n' + record + "\n"
+    broken = '{"text": "x = 1"}\n{' + "b" * (len(record) - 2) + "}\n"  # the same size
+    data = tmp_path / "corpus" / "rest.jsonl"
+    data.write_text(broken)
+    stat = data.stat()
+
+    def job(index_errors):
+        def process(index):
+            try:
+                build_splits(sources, tokenizer_dir, 8, 0.0, 300, process_index=index, process_count=2, wait_s=60)
+            except ConfigError as error:
+                index_errors[index] = str(error)
+
+        waiting = threading.Event()
+        real_stamp = tokenize_once._stamp
+
+        def stamp(path):  # the waiter's first look (at an earlier job's failed file) is made: process 0 may start
+            result = real_stamp(path)
+            waiting.set()
+            return result
+
+        monkeypatch.setattr(tokenize_once, "_stamp", stamp)
+        waiter = threading.Thread(target=process, args=(1,), name="process-1")
+        waiter.start()  # waiting before process 0 begins
+        assert waiting.wait(timeout=30)
+        process(0)
+        waiter.join(timeout=10)  # not the 60 s of silence
+        assert not waiter.is_alive()
+
+    errors = {}
+    job(errors)
+    assert errors == {0: f"{data} line 2 is not valid JSON (Expecting property name enclosed in double quotes at "
+                         f"column 2).",
+                      1: f"process 0 could not tokenize the text sources, so process 1 of 2 stops too: {errors[0]}"}
+    assert set(readers) == {"MainThread"}
+    assert sorted(p.suffix for p in (tmp_path / "cache" / "tokens").iterdir()) == [".failed", ".uint16"]  # *.py's
+    # Fixed (same size and time, so the same job): the earlier failure left behind stops no one.
+    data.write_text(fixed)
+    os.utime(data, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    errors = {}
+    job(errors)
+    assert errors == {}
+
+
+@pytest.mark.parametrize("stale_claim", [False, True], ids=["no-process-0", "process-0-died"])
+def test_process_1_without_process_0s_cache_is_refused(tmp_path, monkeypatch, stale_claim):
+    sources, tokenizer_dir, readers = _two_process_setup(tmp_path, monkeypatch)
+    folder = tmp_path / "cache" / "tokens"
+    if stale_claim:  # process 0 began (on this cache) and died without finishing
+        folder.mkdir(parents=True)
+        real_wait = tokenize_once._wait_for
+
+        def wait_for(claim, *args):
+            claim.write_text("process 0 of 2 on another host, pid 1\n")
+            return real_wait(claim, *args)
+
+        monkeypatch.setattr(tokenize_once, "_wait_for", wait_for)
+    start = time.monotonic()
+    with pytest.raises(ConfigError) as refused:
+        build_splits(sources, tokenizer_dir, 8, 0.2, 300, process_index=1, process_count=2, wait_s=0.3)
+    assert 0.3 <= time.monotonic() - start < 10
+    assert str(refused.value) == (
+        f"process 1 of 2 waited 0.3s for process 0 to tokenize the text sources into {folder} and saw no sign of it, "
+        f"so that folder is not shared between the hosts (or the sources differ between them, or process 0 failed: "
+        f"see its log); expected $PHI2_JAX_CACHE on a folder every host shares, or token files made beforehand by "
+        f"python -m phi2_jax.pretokenize (data.sources with format: tokens).")
+    assert readers == []  # it tokenized nothing
+    assert [p.suffix for p in folder.iterdir()] == ([".claim"] if stale_claim else [])

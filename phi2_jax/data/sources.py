@@ -11,6 +11,7 @@ from __future__ import annotations
 import glob
 import hashlib
 import json
+import math
 import os
 import sysconfig
 from collections.abc import Iterator
@@ -29,13 +30,14 @@ class Document:
     text: str
 
 
-def _stdlib_root() -> Path:
+def stdlib_root() -> Path:
+    """The running interpreter's standard library folder (the `stdlib` source)."""
     return Path(sysconfig.get_paths()["stdlib"])
 
 
 def stdlib_files() -> list[Path]:
     """Every .py file of the running interpreter's standard library (tests excluded), in a fixed order."""
-    root = _stdlib_root()
+    root = stdlib_root()
     return [p for p in sorted(root.rglob("*.py")) if not _STDLIB_SKIP & set(p.relative_to(root).parts)]
 
 
@@ -66,6 +68,10 @@ def source_files(source: dict) -> list[str]:
     fmt = source.get("format", "auto")
     if fmt not in _FORMATS:
         raise ConfigError(f"data source format '{fmt}' is unknown; expected {', '.join(_FORMATS)}.")
+    weight = source.get("weight", 1.0)
+    if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not math.isfinite(weight) or weight <= 0:
+        raise ConfigError(f"data source '{source.get('path')}' has weight {weight!r}; expected a positive number "
+                          f"(a sampling ratio such as 0.5).")
     if "split" in source and (fmt != "tokens" or source["split"] not in ("train", "validation")):
         raise ConfigError(f"data source {source}: 'split' takes train or validation, for token files (format: tokens) "
                           f"only; text sources are split by document (data.val_fraction).")
@@ -74,14 +80,17 @@ def source_files(source: dict) -> list[str]:
     return _files(source.get("path", ""))
 
 
-def read_source(source: dict) -> Iterator[Document]:
+def read_source(source: dict, files: list[str] | None = None) -> Iterator[Document]:
     """Documents of one source, {path, format: auto|text|jsonl|parquet, field: 'text'}, read lazily.
 
     One file, JSONL line or Parquet record batch is in memory at a time, so a
     corpus larger than RAM streams through. The source's keys and files are
     checked when this is called; a bad record raises when it is reached.
+    `files`: only these of the source's files (a pretokenize shard's share), as
+    `source_files` spells them.
     """
-    files = source_files(source)
+    every = source_files(source)
+    files = every if files is None else files
     fmt, field = source.get("format", "auto"), source.get("field", "text")
     assert fmt != "tokens", "token files hold no documents; read them with token_files.TokenArrays"
     if source.get("path") == "stdlib":
@@ -90,7 +99,7 @@ def read_source(source: dict) -> Iterator[Document]:
 
 
 def _stdlib_documents(files: list[str]) -> Iterator[Document]:
-    root = _stdlib_root()
+    root = stdlib_root()
     for path in map(Path, files):
         try:
             yield Document(str(path.relative_to(root)), path.read_text(encoding="utf-8"))
@@ -102,7 +111,11 @@ def _file_documents(files: list[str], fmt: str, field: str) -> Iterator[Document
     for file in files:
         kind = fmt if fmt != "auto" else {".jsonl": "jsonl", ".parquet": "parquet"}.get(Path(file).suffix, "text")
         if kind == "text":
-            yield Document(file, Path(file).read_text(encoding="utf-8", errors="replace"))
+            text = Path(file).read_text(encoding="utf-8", errors="replace")
+            if "\x00" in text:  # text never holds NUL; a token file or an archive would train on garbage
+                raise ConfigError(f"{file} holds NUL bytes, so it is binary, not text; expected text, .jsonl or "
+                                  f".parquet files (token files are read with format: tokens).")
+            yield Document(file, text)
         elif kind == "jsonl":
             for n, record in jsonl_objects(Path(file), ConfigError):
                 if not isinstance(record.get(field), str):

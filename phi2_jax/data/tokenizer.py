@@ -120,14 +120,16 @@ _TOKENIZER_TRAINING_LINES = 200_000
 
 
 def train_sentencepiece(corpus: Callable[[], Iterable[str]], vocab_size: int, name: str,
-                        corpus_key: str | None = None) -> Path:
+                        corpus_key: str | None = None, may_train: bool = True) -> Path:
     """Trains (or reuses from the cache) a BPE sentencepiece model on the texts of `corpus()`; returns its .model path.
 
     `corpus()` yields the texts afresh each time it is called (`lambda: texts` for
     a list): they are streamed, never all held in memory. The cache key covers the
     vocab size and the corpus: `corpus_key` if the caller has a cheaper name for
     its contents (the data pipeline's file fingerprints), else a hash of every
-    text, so a changed corpus never silently reuses a stale tokenizer.
+    text, so a changed corpus never silently reuses a stale tokenizer. With
+    `may_train` False (a process that only reads what process 0 made) a model
+    missing from the cache is refused instead of trained.
     """
     import sentencepiece as spm
 
@@ -142,6 +144,10 @@ def train_sentencepiece(corpus: Callable[[], Iterable[str]], vocab_size: int, na
     model = out.with_suffix(".model")
     if model.is_file():
         return model
+    if not may_train:
+        raise ConfigError(f"{model} is not in the cache although process 0 has finished training it, so "
+                          f"{model.parent} is not shared between the hosts; expected $PHI2_JAX_CACHE on a folder every "
+                          f"host shares, or a tokenizer given as data.tokenizer.")
     out.parent.mkdir(parents=True, exist_ok=True)
     lines = _sampled_lines(corpus, _TOKENIZER_TRAINING_LINES)
     tmp = out.with_name(out.name + f".tmp{os.getpid()}")

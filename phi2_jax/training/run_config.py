@@ -29,7 +29,7 @@ class ModelSection:
 @dataclasses.dataclass
 class DataSection:
     # Each source: {path: "stdlib" | glob, format: auto|text|jsonl|parquet|tokens, weight: 1.0, field: "text"};
-    # tokens: .int32 files (python -m phi2_jax.pretokenize) or .npy token-id arrays made with data.tokenizer,
+    # tokens: .uint16/.int32 files (python -m phi2_jax.pretokenize) or .npy token-id arrays made with data.tokenizer,
     # EOS after each document; split: train|validation.
     sources: list[dict[str, Any]] = dataclasses.field(default_factory=lambda: [{"path": "stdlib"}])
     tokenizer: str = "auto"  # "auto": sentencepiece trained on the training split; or tokenizer.json / .model

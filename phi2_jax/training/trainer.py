@@ -67,7 +67,7 @@ class Trainer:
         d = config.data
         # Everything that can refuse the config runs before run_dir is created.
         self.splits = build_splits(d.sources, d.tokenizer, d.seq_len, d.val_fraction, self.model_config.vocab_size,
-                                   d.max_documents)
+                                   d.max_documents, jax.process_index(), jax.process_count())
         pc = jax.process_count()
         self.local_batch = t.batch_size // pc
         self.dataset = train_dataset(self.splits, self.local_batch, d.shuffle_seed, jax.process_index(), pc, d.workers)
