@@ -118,42 +118,40 @@ def attention_probs(q: jax.Array, k: jax.Array, mask: jax.Array) -> jax.Array:
     return jax.nn.softmax(scores, axis=-1)
 
 
-def cudnn_supported(dtype, head_dim: int, check_device: bool = True) -> tuple[bool, str]:
+def cudnn_supported(dtype, head_dim: int) -> tuple[bool, str]:
     """Whether cuDNN fused attention can run, and if not, why (one phrase).
 
-    check_device=False judges the dtype and shape only: an explicit 'cudnn' backend is trusted to target a
-    GPU (a deviceless compile for a GPU has no GPU to ask).
+    The GPU is judged by JAX's own cuDNN capability check, which a deviceless compile for a
+    GPU target answers for that target (training/dry_run.py): no GPU is asked for then.
     """
     if jnp.dtype(dtype) not in [jnp.dtype(d) for d in _CUDNN_DTYPES]:
         return False, f"compute dtype {jnp.dtype(dtype).name} is not bfloat16/float16"
     if head_dim % 8 or head_dim > 256:
         return False, f"head_dim {head_dim} is not a multiple of 8 up to 256"
-    if not check_device:
-        return True, ""
     try:
-        devices = jax.devices()
+        if cudnn_fused_attention.check_compute_capability("8.0"):
+            return True, ""
+    except (RuntimeError, ValueError):
+        pass
+    try:
+        device = jax.devices()[0]
     except RuntimeError:
         return False, "no JAX devices"
-    device = devices[0]
     if device.platform != "gpu":
         return False, f"the default device is {device.platform}, not a GPU"
-    capability = getattr(device, "compute_capability", None)
-    if capability is not None and float(capability) < 8.0:
-        return False, f"GPU compute capability {capability} is below 8.0 (sm80)"
-    return True, ""
+    return False, f"GPU compute capability {getattr(device, 'compute_capability', '?')} is below 8.0 (sm80)"
 
 
 def resolve_backend(backend: str, dtype, head_dim: int) -> str:
     """Maps 'auto' to 'cudnn' or 'xla' (logging the reason for a fallback once); checks 'cudnn'."""
     if backend == "xla":
         return "xla"
+    ok, why = cudnn_supported(dtype, head_dim)
     if backend == "cudnn":
-        ok, why = cudnn_supported(dtype, head_dim, check_device=False)
         if not ok:
             raise ConfigError(f"attention_backend 'cudnn' cannot run here: {why}; use 'auto' or 'xla'.")
         return "cudnn"
     assert backend == "auto", backend
-    ok, why = cudnn_supported(dtype, head_dim)
     if ok:
         return "cudnn"
     if why not in _fallback_reported:
