@@ -17,7 +17,7 @@ from tests.hf_reference import train_bpe_tokenizer
 
 EVAL = dict(dialect="5.x", vocab_size=512, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
             num_attention_heads=4, partial_rotary_factor=0.5, max_position_embeddings=512)
-MC_TASKS = ["piqa", "arc", "hellaswag", "winogrande", "boolq", "mmlu"]
+MC_TASKS = ["piqa", "arc", "hellaswag", "winogrande", "boolq", "mmlu", "siqa", "openbookqa"]
 
 
 @pytest.fixture(scope="module")
