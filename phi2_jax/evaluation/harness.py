@@ -211,7 +211,14 @@ def check_arguments(args) -> None:
             raise UserInputError(f"{flag} must be at least {least}, got {value}.")
     if not (math.isfinite(args.timeout) and args.timeout > 0):
         raise UserInputError(f"--timeout must be a positive number of seconds, got {args.timeout}.")
-    if args.output is not None:
+    if getattr(args, "suite", None):
+        if args.task or args.ppl:
+            raise UserInputError("--suite runs its own task list; leave out --task and --ppl.")
+        if args.data is None or args.output is None:
+            raise UserInputError("--suite needs --data FOLDER (the task files) and --output FOLDER (results, cache, report).")
+        if args.output.exists() and not args.output.is_dir():
+            raise UserInputError(f"--output {args.output} is a file; with --suite it names a folder.")
+    elif args.output is not None:
         if args.output.is_dir():
             raise UserInputError(f"--output {args.output} is a folder; expected a file name for the results JSON.")
         parent = next((p for p in args.output.parents if p.exists()), None)
@@ -245,8 +252,16 @@ def main(argv=None) -> None:
     parser.add_argument("--timeout", type=float, default=10.0, help="seconds per code test run")
     parser.add_argument("--sandbox-workers", type=int, help="code test runs at once (default: CPUs, at most 8)")
     parser.add_argument("--output", type=Path, help="write the results (with per-item details) as JSON; "
-                                                    "rewritten after each task")
+                                                    "rewritten after each task (with --suite: a folder)")
+    parser.add_argument("--suite", help="run every task of a release's table: phi2")
+    parser.add_argument("--data", type=Path, help="with --suite: the folder of task files")
+    parser.add_argument("--label", help="with --suite: the model's name in the report (default: the model folder's)")
     args = parser.parse_args(sys.argv[1:] if argv is None else argv)
+    if args.suite:
+        from phi2_jax.evaluation.suite_command import run_suite_command
+
+        check_arguments(args)
+        return run_suite_command(args)
     if not args.task and not args.ppl:
         raise UserInputError("nothing to evaluate; pass --task NAME[=FILE] and/or --ppl FILE.")
     check_arguments(args)
