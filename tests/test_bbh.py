@@ -128,3 +128,71 @@ def test_bbh_generation_is_batched_and_equals_one_prompt_at_a_time(tiny, monkeyp
     items = load_bbh(None)
     alone = [real(model, tokenizer, [i.prompt], max_new_tokens=6, stop=bbh.STOP)[0] for i in items]
     assert [i["completion"] for i in batched["items"]] == alone
+
+
+# Completions and targets for which lm_eval's bbh_cot_fewshot filter and ours must agree item by item:
+# a well-formed final sentence, a wrong answer, no answer at all, an answer before a blank line.
+AGREE = [
+    ("A = True. So the answer is True.", "True"),
+    ("So the answer is False.", "True"),
+    ("We get -12. So the answer is -12.", "-12"),
+    ("So the answer is 12.", "-12"),
+    ("The jar is the leftmost. So the answer is (B).", "(B)"),
+    ("So the answer is (C).", "(B)"),
+    ("no final sentence", "(A)"),
+    ("So the answer is ] ) }.", "] ) }"),
+    ("So the answer is valid.\n\nQ: next", "valid"),
+]
+LM_EVAL_REGEX = "(?<=the answer is )(.*)(?=.)"  # lm_eval's bbh/cot_fewshot filter, as it ships
+
+
+def test_lm_evals_bbh_filter_and_exact_match_agree_with_ours_item_by_item():
+    pytest.importorskip("lm_eval")
+    from lm_eval.filters.extraction import RegexFilter
+    from lm_eval.filters.selection import TakeFirstFilter
+
+    completions = [c for c, _ in AGREE]
+    filtered = TakeFirstFilter().apply(RegexFilter(regex_pattern=LM_EVAL_REGEX).apply([[c] for c in completions], []), [])
+    theirs = [answer == target for answer, (_, target) in zip(filtered, AGREE)]
+    items = [bbh.BbhItem("t", "", target, target_kind(target)) for _, target in AGREE]
+    ours = [i["correct"] for i in bbh_scores(items, completions)["items"]]
+    assert ours == theirs == [True, False, True, False, True, False, False, True, True]
+
+
+def test_lm_eval_scores_a_local_bbh_task_as_we_do(tiny, tmp_path, monkeypatch):
+    lm_eval = pytest.importorskip("lm_eval")
+    from lm_eval.tasks import TaskManager
+
+    from phi2_jax.evaluation.lm_eval_adapter import lm_eval_model
+
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")  # the task's data is a local file; nothing is fetched
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    folder, model, tokenizer, tok_dir = tiny
+    data = BBH_SAMPLES / "boolean_expressions.jsonl"
+    prompt = (BBH_SAMPLES / "boolean_expressions.txt").read_text().strip()
+    (tmp_path / "tasks").mkdir()
+    (tmp_path / "tasks" / "local_bbh.yaml").write_text(
+        "task: phi2_local_bbh\ndataset_path: json\n"
+        f"dataset_kwargs:\n  data_files:\n    test: {data}\n"
+        "test_split: test\noutput_type: generate_until\n"
+        f"description: {json.dumps(prompt + chr(10) + chr(10))}\n"
+        'doc_to_text: "Q: {{input}}\\nA: Let\'s think step by step.\\n"\ndoc_to_target: "{{target}}"\n'
+        'target_delimiter: ""\nnum_fewshot: 0\n'
+        'generation_kwargs:\n  until: ["\\n\\n"]\n  max_gen_toks: 8\n  do_sample: false\n  temperature: 0.0\n'
+        f"filter_list:\n  - name: get-answer\n    filter:\n      - function: regex\n        regex_pattern: {json.dumps(LM_EVAL_REGEX)}\n"
+        "      - function: take_first\n"
+        "metric_list:\n  - metric: exact_match\n    aggregation: mean\n    higher_is_better: true\n")
+    results = lm_eval.simple_evaluate(model=lm_eval_model(str(folder), str(tok_dir), batch_size=2),
+                                      tasks=["phi2_local_bbh"], task_manager=TaskManager(include_path=str(tmp_path / "tasks")),
+                                      log_samples=True)
+    samples = sorted(results["samples"]["phi2_local_bbh"], key=lambda s: s["doc_id"])
+    ours = evaluate(model, tokenizer, {"bbh": data}, batch_size=2, max_new_tokens=8)["bbh"]
+    items = load_bbh(data)
+    assert len(samples) == len(items) == 3
+    for sample, item, scored in zip(samples, items, ours["items"]):
+        assert sample["arguments"][0][0] == item.prompt            # the same prompt string
+        assert sample["resps"][0][0] == scored["completion"]       # the same greedy completion
+        theirs = sample["filtered_resps"][0]
+        assert (theirs == item.target) == scored["correct"]
+        assert theirs == ("[invalid]" if not scored["answer"] else scored["answer"])
+    assert results["results"]["phi2_local_bbh"]["exact_match,get-answer"] == pytest.approx(ours["exact_match"])

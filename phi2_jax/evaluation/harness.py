@@ -106,7 +106,7 @@ def score_code(model, tokenizer, items, samples: int, temperature: float, max_ne
     for n, item in enumerate(items):
         mine = outcomes[n * samples:(n + 1) * samples]
         results.append({"task_id": item.task_id, "passed": sum(o.passed for o in mine), "n": samples,
-                        "statuses": [o.status for o in mine]})
+                        "statuses": [o.status for o in mine], "completions": completions[n]})
     scores = {f"pass@{k}": float(np.mean([pass_at_k(r["n"], r["passed"], k) for r in results]))
               for k in (1, 5, 10) if k <= samples}
     return {**scores, "n": len(items), "items": results}
