@@ -63,7 +63,7 @@ def test_chart_has_one_bar_group_per_column(tmp_path):
     path = tmp_path / "chart.png"
     figure = report.chart({k: v for k, v in RESULTS.items() if k != "gsm8k"}, "ours", path)
     (axes,) = figure.axes
-    assert [t.get_text() for t in axes.get_xticklabels()] == GROUP_NAMES
+    assert [t.get_text().replace("\n", " ") for t in axes.get_xticklabels()] == GROUP_NAMES
     expected = {**PUBLISHED, "ours": [45.0, 50.0, 70.0, None, 30.0]}
     assert [c.get_label() for c in axes.containers] == list(expected)
     for container, values in zip(axes.containers, expected.values()):

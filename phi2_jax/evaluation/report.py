@@ -87,7 +87,7 @@ def chart(results: dict, label: str, path: Path | None = None):
     width = 0.8 / len(rows)
     for n, (model, values) in enumerate(rows.items()):
         axes.bar([g + (n - (len(rows) - 1) / 2) * width for g in range(len(GROUPS))], values, width, label=model)
-    axes.set_xticks(range(len(GROUPS)), list(GROUPS))
+    axes.set_xticks(range(len(GROUPS)), [g.replace(" ", "\n") for g in GROUPS])  # two-word names side by side overlap
     axes.set_ylabel("score (%)")
     axes.set_ylim(0, 100)
     axes.legend(fontsize="small")
