@@ -17,7 +17,7 @@ from tests.hf_reference import train_bpe_tokenizer
 
 EVAL = dict(dialect="5.x", vocab_size=512, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
             num_attention_heads=4, partial_rotary_factor=0.5, max_position_embeddings=512)
-MC_TASKS = ["piqa", "arc", "hellaswag", "winogrande", "boolq", "mmlu"]
+MC_TASKS = ["piqa", "arc", "hellaswag", "winogrande", "boolq", "mmlu", "siqa", "openbookqa"]
 
 
 @pytest.fixture(scope="module")
@@ -238,3 +238,24 @@ def test_finished_tasks_are_written_when_a_later_task_fails(setup, tmp_path, cap
     results = json.loads(out.read_text())
     assert list(results) == ["piqa"] and results["piqa"]["n"] == 2
     assert sorted(os.listdir(tmp_path)) == ["results.json"]  # no partial file left
+
+
+def test_generation_tasks_run_batched_and_equal_one_prompt_at_a_time(setup, monkeypatch):
+    _, _, model, tokenizer, _ = setup
+    from phi2_jax.inference import generate as generation
+
+    calls, real = [], generation.generate_text
+
+    def spy(model, tokenizer, prompts, **kwargs):
+        calls.append(len(prompts))
+        return real(model, tokenizer, prompts, **kwargs)
+
+    monkeypatch.setattr(generation, "generate_text", spy)
+    results = evaluate(model, tokenizer, {"gsm8k": None, "humaneval": None}, batch_size=2, max_new_tokens=6)
+    assert calls == [2, 1, 2]  # gsm8k's 3 items two at a time, then humaneval's 2 together (left-padded)
+    _, gsm8k = load_task("gsm8k", None, None)
+    alone = [real(model, tokenizer, [i.prompt], max_new_tokens=6, stop=["\n\nQuestion:", "Question:"])[0] for i in gsm8k]
+    assert [i["completion"] for i in results["gsm8k"]["items"]] == alone
+    _, humaneval = load_task("humaneval", None, None)
+    alone = [real(model, tokenizer, [i.prompt], max_new_tokens=6, stop=i.stop)[0] for i in humaneval]
+    assert [i["completions"][0] for i in results["humaneval"]["items"]] == alone

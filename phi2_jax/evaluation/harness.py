@@ -6,7 +6,9 @@
 Multiple choice: acc (highest summed log-likelihood) and acc_norm (per byte of
 the continuation), as lm-evaluation-harness scores PIQA, ARC, HellaSwag,
 WinoGrande, BoolQ and MMLU. GSM8K: greedy few-shot generation, the final
-number extracted and compared exactly. Code: completions run against the
+number extracted and compared exactly. BBH (`--task bbh=FOLDER`): chain-of-thought
+few-shot prompts from a prompt file per task, the answer after "So the answer is"
+(`bbh.py`). Code: completions run against the
 task's tests in the sandbox (`sandbox.py`), scored pass@k.
 """
 
@@ -26,6 +28,7 @@ from phi2_jax.errors import UserInputError, exit_on_user_error
 from phi2_jax.util.progress import Progress
 from phi2_jax.evaluation.sandbox import Limits, run_programs
 from phi2_jax.inference.scoring import loglikelihood, rolling_loglikelihood
+from phi2_jax.evaluation.bbh import score_bbh
 from phi2_jax.evaluation.tasks import extract_answer, load_task
 
 
@@ -77,28 +80,33 @@ def score_generation(model, tokenizer, items, max_new_tokens: int, batch_size: i
 
 
 def score_code(model, tokenizer, items, samples: int, temperature: float, max_new_tokens: int,
-               limits: Limits, workers: int | None = None) -> dict:
+               limits: Limits, workers: int | None = None, batch_size: int = 8) -> dict:
     """pass@k (k <= samples) of completions run against each task's tests in the sandbox.
 
-    All completions are generated first, then run `workers` at a time (`run_programs`).
+    All completions are generated first, `batch_size` prompts at a time, then run `workers` at a time
+    (`run_programs`).
     """
     from phi2_jax.inference.generate import generate_text
 
     progress = Progress("  generating", len(items) * samples)
-    programs = []
-    for item in items:
-        for s in range(samples):
-            completion = generate_text(model, tokenizer, [item.prompt], max_new_tokens=max_new_tokens, stop=item.stop,
-                                       temperature=temperature if samples > 1 else 0.0, seed=s)[0]
-            programs.append(item.prompt + completion + item.test_suffix)
-            progress.advance(1)
+    completions = [[""] * samples for _ in items]
+    for s in range(samples):
+        # `batch_size` prompts at a time, left-padded by generate_text; a task's items share their stop strings.
+        for start in range(0, len(items), batch_size):
+            chunk = items[start:start + batch_size]
+            texts = generate_text(model, tokenizer, [i.prompt for i in chunk], max_new_tokens=max_new_tokens,
+                                  stop=chunk[0].stop, temperature=temperature if samples > 1 else 0.0, seed=s)
+            for n, text in enumerate(texts):
+                completions[start + n][s] = text
+            progress.advance(len(chunk))
     progress.close()
+    programs = [item.prompt + c + item.test_suffix for item, mine in zip(items, completions) for c in mine]
     outcomes = run_programs(programs, limits, workers)
     results = []
     for n, item in enumerate(items):
         mine = outcomes[n * samples:(n + 1) * samples]
         results.append({"task_id": item.task_id, "passed": sum(o.passed for o in mine), "n": samples,
-                        "statuses": [o.status for o in mine]})
+                        "statuses": [o.status for o in mine], "completions": completions[n]})
     scores = {f"pass@{k}": float(np.mean([pass_at_k(r["n"], r["passed"], k) for r in results]))
               for k in (1, 5, 10) if k <= samples}
     return {**scores, "n": len(items), "items": results}
@@ -119,6 +127,20 @@ def perplexity(model, tokenizer, files: list[Path], batch_size: int) -> dict:
             "nll_per_token": -total_logprob / total_tokens}
 
 
+def first_items(kind: str, items: list, limit: int | None) -> list:
+    """The first `limit` items (of each BBH task for BBH), or all of them."""
+    if not limit:
+        return items
+    if kind != "bbh":
+        return items[:limit]
+    kept, seen = [], {}
+    for item in items:
+        seen[item.task] = seen.get(item.task, 0) + 1
+        if seen[item.task] <= limit:
+            kept.append(item)
+    return kept
+
+
 def evaluate(model, tokenizer, tasks: dict[str, Path | None], *, ppl_files: list[Path] = (), num_fewshot=None,
              limit: int | None = None, batch_size: int = 8, max_new_tokens: int = 256, code_samples: int = 1,
              code_temperature: float = 0.8, limits: Limits = Limits(), sandbox_workers: int | None = None,
@@ -131,15 +153,17 @@ def evaluate(model, tokenizer, tasks: dict[str, Path | None], *, ppl_files: list
     results = {}
     for name, path in tasks.items():
         kind, items = load_task(name, path, num_fewshot)
-        items = items[:limit] if limit else items
+        items = first_items(kind, items, limit)
         print(f"{name}: {len(items)} {kind.replace('_', ' ')} items", file=sys.stderr)
-        if kind == "multiple_choice":
+        if kind == "bbh":
+            results[name] = score_bbh(model, tokenizer, items, max_new_tokens, batch_size)
+        elif kind == "multiple_choice":
             results[name] = score_multiple_choice(model, tokenizer, items, batch_size)
         elif kind == "generation":
             results[name] = score_generation(model, tokenizer, items, max_new_tokens, batch_size)
         else:
             results[name] = score_code(model, tokenizer, items, code_samples, code_temperature, max_new_tokens, limits,
-                                       sandbox_workers)
+                                       sandbox_workers, batch_size)
         if on_result:
             on_result(dict(results))
     if ppl_files:
@@ -154,9 +178,11 @@ def table(results: dict) -> str:
     for task, metrics in results.items():
         n = metrics.get("n", metrics.get("tokens", ""))
         for key, value in metrics.items():
-            if key in ("n", "items", "tokens"):
+            if key in ("n", "items", "tokens", "tasks"):
                 continue
             lines.append(f"| {task} | {key} | {value:.4f} | {n} |")
+        for sub, scores in metrics.get("tasks", {}).items():  # BBH's tasks, each scored on its own
+            lines.append(f"| {task}/{sub} | exact_match | {scores['exact_match']:.4f} | {scores['n']} |")
     return "\n".join(lines)
 
 
@@ -185,7 +211,14 @@ def check_arguments(args) -> None:
             raise UserInputError(f"{flag} must be at least {least}, got {value}.")
     if not (math.isfinite(args.timeout) and args.timeout > 0):
         raise UserInputError(f"--timeout must be a positive number of seconds, got {args.timeout}.")
-    if args.output is not None:
+    if getattr(args, "suite", None):
+        if args.task or args.ppl:
+            raise UserInputError("--suite runs its own task list; leave out --task and --ppl.")
+        if args.data is None or args.output is None:
+            raise UserInputError("--suite needs --data FOLDER (the task files) and --output FOLDER (results, cache, report).")
+        if args.output.exists() and not args.output.is_dir():
+            raise UserInputError(f"--output {args.output} is a file; with --suite it names a folder.")
+    elif args.output is not None:
         if args.output.is_dir():
             raise UserInputError(f"--output {args.output} is a folder; expected a file name for the results JSON.")
         parent = next((p for p in args.output.parents if p.exists()), None)
@@ -219,8 +252,16 @@ def main(argv=None) -> None:
     parser.add_argument("--timeout", type=float, default=10.0, help="seconds per code test run")
     parser.add_argument("--sandbox-workers", type=int, help="code test runs at once (default: CPUs, at most 8)")
     parser.add_argument("--output", type=Path, help="write the results (with per-item details) as JSON; "
-                                                    "rewritten after each task")
+                                                    "rewritten after each task (with --suite: a folder)")
+    parser.add_argument("--suite", help="run every task of a release's table: phi2")
+    parser.add_argument("--data", type=Path, help="with --suite: the folder of task files")
+    parser.add_argument("--label", help="with --suite: the model's name in the report (default: the model folder's)")
     args = parser.parse_args(sys.argv[1:] if argv is None else argv)
+    if args.suite:
+        from phi2_jax.evaluation.suite_command import run_suite_command
+
+        check_arguments(args)
+        return run_suite_command(args)
     if not args.task and not args.ppl:
         raise UserInputError("nothing to evaluate; pass --task NAME[=FILE] and/or --ppl FILE.")
     check_arguments(args)

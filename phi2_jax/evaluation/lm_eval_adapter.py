@@ -43,13 +43,21 @@ class Harness:
     def generate_until(self, requests: list[tuple[str, dict]]) -> list[str]:
         from phi2_jax.inference.generate import generate_text
 
-        outputs = []
-        for context, kwargs in requests:
+        outputs = [""] * len(requests)
+        groups: dict[tuple, list[int]] = {}
+        for n, (_, kwargs) in enumerate(requests):
             until = kwargs.get("until", [])
-            until = [until] if isinstance(until, str) else list(until)
+            until = (until,) if isinstance(until, str) else tuple(until)
             temperature = float(kwargs.get("temperature", 0.0)) if kwargs.get("do_sample", False) else 0.0
-            outputs += generate_text(self.model, self.tokenizer, [context], max_new_tokens=int(kwargs.get("max_gen_toks", 256)),
-                                     stop=until, temperature=temperature)
+            groups.setdefault((until, int(kwargs.get("max_gen_toks", 256)), temperature), []).append(n)
+        # Requests with the same settings are generated batch_size at a time (left-padded by generate_text).
+        for (until, max_new_tokens, temperature), members in groups.items():
+            for start in range(0, len(members), self.batch_size):
+                chunk = members[start:start + self.batch_size]
+                texts = generate_text(self.model, self.tokenizer, [requests[n][0] for n in chunk],
+                                      max_new_tokens=max_new_tokens, stop=until, temperature=temperature)
+                for n, text in zip(chunk, texts):
+                    outputs[n] = text
         return outputs
 
 

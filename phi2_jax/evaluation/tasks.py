@@ -2,8 +2,8 @@
 
 Families, as Phi-2's release reports them:
   multiple choice, scored by log-likelihood: piqa, arc (arc_easy / arc_challenge),
-    hellaswag, winogrande, boolq, mmlu
-  generation with an extracted answer: gsm8k
+    hellaswag, winogrande, boolq, mmlu, siqa, openbookqa
+  generation with an extracted answer: gsm8k, bbh (a folder of tasks with chain-of-thought prompts: `bbh.py`)
   code run against unit tests: humaneval, mbpp
 Prompts follow lm-evaluation-harness' formats. Small sample files for each
 family ship in `phi2_jax/evaluation/samples/` (`--task piqa` uses the sample).
@@ -51,6 +51,8 @@ FIELDS = {
     "winogrande": ({"sentence": str, "option1": str, "option2": str, "answer": (str, int)}, {}),
     "boolq": ({"question": str, "passage": str}, {"answer": (bool, str, int), "label": (bool, str, int)}),
     "mmlu": ({"question": str, "choices": STRINGS, "answer": (int, str)}, {}),
+    "siqa": ({"context": str, "question": str, "answerA": str, "answerB": str, "answerC": str, "label": (str, int)}, {}),
+    "openbookqa": ({"question_stem": str, "choices": dict, "answerKey": str}, {}),
     "gsm8k": ({"question": str, "answer": str}, {}),
     "humaneval": ({"task_id": str, "prompt": str, "test": str, "entry_point": str}, {}),
     "mbpp": ({"task_id": (int, str), "text": str, "test_list": STRINGS}, {"test_setup_code": (str, type(None))}),
@@ -89,7 +91,8 @@ def check_field(value, expected, where: str, field: str) -> None:
 
 KIND = {"piqa": "multiple_choice", "arc": "multiple_choice", "hellaswag": "multiple_choice",
         "winogrande": "multiple_choice", "boolq": "multiple_choice", "mmlu": "multiple_choice",
-        "gsm8k": "generation", "humaneval": "code", "mbpp": "code"}
+        "siqa": "multiple_choice", "openbookqa": "multiple_choice",
+        "gsm8k": "generation", "humaneval": "code", "mbpp": "code", "bbh": "bbh"}
 ALIASES = {"arc_easy": "arc", "arc_challenge": "arc"}
 
 
@@ -205,6 +208,18 @@ def multiple_choice(base: str, record: dict, where: str) -> MultipleChoice:
         lines = [record["question"].strip()] + [f"{l}. {c}" for l, c in zip(letters, record["choices"])]
         context = "\n".join(lines) + "\nAnswer:"
         return MultipleChoice([(context, f" {l}") for l in letters], _label_index(record["answer"], list(letters), where))
+    if base == "siqa":
+        context = f"Q: {record['context']} {record['question']}\nA:"
+        options = [(context, " " + record[key]) for key in ("answerA", "answerB", "answerC")]
+        return MultipleChoice(options, _label_index(str(record["label"]), ["1", "2", "3"], where))
+    if base == "openbookqa":
+        _check_keys(record["choices"], {"text": STRINGS, "label": STRINGS}, where, "choices")
+        texts, labels = record["choices"]["text"], record["choices"]["label"]
+        if len(texts) != len(labels) or not texts:
+            raise UserInputError(f"{where}: the choices have {len(texts)} texts and {len(labels)} labels; "
+                                 f"expected the same number, at least one.")
+        return MultipleChoice([(record["question_stem"], " " + t) for t in texts],
+                              _label_index(record["answerKey"], labels, where))
     raise AssertionError(base)
 
 
@@ -268,6 +283,10 @@ def _with_shots(items: list[MultipleChoice], n: int, shots: int) -> MultipleChoi
 def load_task(name: str, path: Path | None, num_fewshot: int | None) -> tuple[str, list]:
     """(family kind, items) for a task file (or the shipped sample when `path` is None)."""
     base = family(name)
+    if base == "bbh":  # a folder of tasks, each with its prompt file
+        from phi2_jax.evaluation.bbh import load_bbh
+
+        return "bbh", load_bbh(path)
     path = path or SAMPLES / f"{base}.jsonl"
     records = read_jsonl(path, base)
     kind = KIND[base]
