@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from phi2_jax.data.chat import PHI2_TEMPLATE, ChatTemplate, load_chat_template
+from phi2_jax.data.chat import PHI2_TEMPLATE, ChatTemplate, load_chat_template, save_chat_template
 from phi2_jax.errors import ConfigError, UserInputError
 from tests import hf_reference
 
@@ -95,3 +95,16 @@ def test_unknown_role_and_bad_templates_are_one_sentence(tmp_path):
         ChatTemplate(PHI2_TEMPLATE, {"eos_token": "<|endoftext|>"}).render(bad)
     with pytest.raises(ConfigError, match="does not parse as jinja"):
         ChatTemplate("{% for m in messages %}")
+
+
+def test_saved_template_is_what_transformers_renders_in_an_exported_folder(tmp_path):
+    folder, _ = hf_tokenizer(tmp_path, CHATML, "export")
+    config = json.loads((folder / "tokenizer_config.json").read_text())
+    del config["chat_template"]  # an exported base model: no template of its own
+    (folder / "tokenizer_config.json").write_text(json.dumps(config))
+    save_chat_template(load_chat_template(None), folder)
+    hf = transformers.AutoTokenizer.from_pretrained(folder)
+    for conversation in CONVERSATIONS:
+        assert hf.apply_chat_template(conversation, tokenize=False, add_generation_prompt=True) == (
+            load_chat_template(None).render(conversation, add_generation_prompt=True))
+    assert load_chat_template(folder).template == PHI2_TEMPLATE

@@ -99,6 +99,16 @@ class ChatTemplate:
             raise UserInputError(f"the chat template ({self.source}) failed to render a conversation: {error}.") from None
 
 
+def save_chat_template(template: ChatTemplate, folder: str | Path) -> Path:
+    """Writes the template as `folder/chat_template.jinja`, the file transformers reads over any other, so an
+    exported model (or a run folder) renders conversations as training did. Returns the path."""
+    path = Path(folder) / "chat_template.jinja"
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(template.template, encoding="utf-8")
+    tmp.replace(path)  # never a half-written template
+    return path
+
+
 def _token_text(value) -> str | None:
     """A special token as tokenizer_config.json writes it: a string or an AddedToken dict {'content': ...}."""
     if isinstance(value, dict):
