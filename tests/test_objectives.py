@@ -226,8 +226,13 @@ def test_lora_reference_is_the_base_without_a_second_copy(dpo):
     assert new_bytes < 0.05 * sum(v.nbytes for v in flat.values())
 
 
-def test_dpo_options_are_checked():
+def test_dpo_options_are_checked(dpo):
     from phi2_jax.errors import ConfigError
+
+    *_, batch, folder = dpo
+    graphdef, state = nnx.split(phi2_jax.from_pretrained(folder))  # no adapters and no reference log-probs given
+    with pytest.raises(ConfigError, match="train.objective dpo needs a reference: set model.lora_rank > 0"):
+        objectives.dpo_loss_sums(graphdef, nnx.to_pure_dict(state), batch, beta=0.1)
 
     for args, message in [(("sigmoids", 0.1, 0.0), "train.loss_type is 'sigmoids'"), (("sigmoid", 0.0, 0.0), "train.beta"),
                           (("robust", 0.1, 0.5), "train.label_smoothing is 0.5"),

@@ -92,6 +92,10 @@ def policy_and_reference_logps(graphdef, params: dict, batch: dict, dropout_rng=
     of the weights), else the same parameters with the LoRA adapters off (`adapters_off`),
     without dropout and without gradient.
     """
+    if "ref_chosen_logps" not in batch and not any(k.endswith("/lora_b") for k in flatten(params)):
+        # Without adapters "adapters off" is the policy itself: the loss would be a constant, silently.
+        raise ConfigError("train.objective dpo needs a reference: set model.lora_rank > 0 (the reference is then the "
+                          "base with the adapters off) or give ref_chosen_logps / ref_rejected_logps in the batch.")
     policy = pair_logps(nnx.merge(graphdef, params), batch, dropout_rng)
     if "ref_chosen_logps" in batch:
         reference = batch["ref_chosen_logps"], batch["ref_rejected_logps"]
