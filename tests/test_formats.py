@@ -3,7 +3,6 @@
 import json
 import logging
 
-import numpy as np
 import pytest
 
 from phi2_jax.data.chat import ChatTemplate, load_chat_template
@@ -66,7 +65,7 @@ def test_plain_prompt_completion_and_text(folder):
     assert example.weights.tolist() == [0.0] * len(prompt) + [1.0] * len(completion)
     everything = formatter(folder, count_prompt=True).sft_example({"prompt": "what is two plus two?", "completion": " four."})
     assert everything.weights.tolist() == [1.0] * len(everything.ids)
-    text = f.sft_example({"body": "hello world"}.copy() | {"text": "hello world"})
+    text = f.sft_example({"text": "hello world"})
     assert text.ids.tolist() == tok.encode("hello world<|endoftext|>") and text.weights.all()
     renamed = formatter(folder, fields=FieldNames(prompt="question", completion="answer"))
     assert renamed.sft_example({"question": "what is two plus two?", "answer": " four."}).ids.tolist() == example.ids.tolist()
@@ -133,11 +132,13 @@ def test_packing_keeps_weights_and_restarts_positions(folder):
     examples = [f.sft_example({"prompt": p, "completion": c}) for p, c in
                 [("two plus two?", " four"), ("hello", " world"), ("what is", " two")]]
     rows = pack_examples(examples, 16, pad_id=0)
-    at, row = 0, 0
-    for segment, example in enumerate(examples, start=1):
+    at, row, segment = 0, 0, 0
+    for example in examples:
         n = len(example.ids) - 1
         if at + n > 16:
-            at, row, segment = 0, row + 1, 1
+            at, row, segment = 0, row + 1, 0
+        segment += 1
+        assert rows["segment_ids"][row, at:at + n].tolist() == [segment] * n
         assert rows["input_ids"][row, at:at + n].tolist() == example.ids[:-1].tolist()
         assert rows["weights"][row, at:at + n].tolist() == example.weights[1:].tolist()
         assert rows["positions"][row, at:at + n].tolist() == list(range(n))

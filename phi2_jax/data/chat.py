@@ -16,6 +16,7 @@ answer so a fine-tuned model learns to stop.
 from __future__ import annotations
 
 import json
+import re
 from datetime import datetime
 from functools import lru_cache
 from pathlib import Path
@@ -68,8 +69,6 @@ def _compile(template: str):
 
 
 def _strip_generation_tags(template: str) -> str:
-    import re
-
     return re.sub(r"\{%-?\s*(end)?generation\s*-?%\}", "", template)
 
 
