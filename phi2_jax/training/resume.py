@@ -16,7 +16,9 @@ from typing import Any
 UNSET = object()  # a key one of the two configs does not have
 
 # Run-config keys one session of a run may change for the next.
-RUN_TIME_KEYS = ("run_dir", "train.steps", "train.log_every", "train.eval_every", "train.eval_batches",
+# The learning-rate schedule's length and warmup follow the run's length (a warmup as long as the run is
+# shortened to a tenth of it), so they change with it.
+RUN_TIME_KEYS = ("run_dir", "train.steps", "optim.warmup_steps", "train.log_every", "train.eval_every", "train.eval_batches",
                  "train.samples", "checkpoint.every", "checkpoint.keep", "checkpoint.async_save",
                  "checkpoint.init_from", "checkpoint.restart", "data.workers")
 RUN_TIME_SECTIONS = ("mesh", "distributed", "model")  # the model is compared through its PhiConfig instead

@@ -241,9 +241,9 @@ class Trainer:
         changed = run_time_differences(saved_run, cfg.to_dict())
         if changed and start < cfg.train.steps:
             self._say(f"applying settings that differ from the run's: {describe(changed)}")
-            if any(key == "train.steps" for key, _, _ in changed):
-                self._say(f"the learning-rate schedule now spans {cfg.train.steps} steps "
-                          f"(lr {float(self.schedule(start)):.3e} at step {start})")
+            if any(key in ("train.steps", "optim.warmup_steps") for key, _, _ in changed):
+                self._say(f"the learning-rate schedule now spans {cfg.train.steps} steps, "
+                          f"{cfg.optim.warmup_steps} of warmup (lr {float(self.schedule(start)):.3e} at step {start})")
         elif changed:
             self._say(f"not applied (nothing to train): {describe(changed)}")
         return start, params, opt_state
