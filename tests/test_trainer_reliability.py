@@ -264,3 +264,23 @@ def test_a_warmup_as_long_as_the_run_is_shortened_and_said(caplog):
     assert config.optim.warmup_steps == 2
     assert "optim.warmup_steps 20 is not below train.steps 20; warming up over 2 steps (a tenth of the run) " \
            "instead" in caplog.text
+
+
+def test_a_full_disk_during_a_save_is_a_sentence(tmp_path, cache, trained):
+    """A file-size limit (RLIMIT_FSIZE) stands for a full disk: writes fail as they would (EFBIG, not ENOSPC)."""
+    import resource
+
+    def limit_file_size():
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a failing write, not a killed process
+        resource.setrlimit(resource.RLIMIT_FSIZE, (1_000_000, 1_000_000))  # params are ~1.7 MB, the rest smaller
+
+    run_dir = tmp_path / "run"
+    proc = subprocess.run(train_runs.command(run_dir, "train.steps=10"), cwd=train_runs.ROOT,
+                          env=train_runs.train_env(1, cache), capture_output=True, text=True, timeout=600,
+                          preexec_fn=limit_file_size)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert proc.stderr.strip().splitlines()[-1] == (
+        f"error: writing a checkpoint (by step 10) to {run_dir.absolute()}/checkpoints failed: the disk is full (or a "
+        f"quota or file-size limit was reached); the newest complete checkpoint is none. Free space and run the same "
+        f"command again to resume.")
+    assert "Event loop is closed" not in proc.stderr and "Traceback" not in proc.stderr, proc.stderr[-3000:]

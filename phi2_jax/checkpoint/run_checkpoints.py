@@ -114,7 +114,7 @@ class RunCheckpoints:
 _DISK_FULL = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
 
 
-def _disk_full(error: BaseException) -> bool:
+def is_disk_full(error: BaseException) -> bool:
     """True if `error`, or one it was raised from, is a full disk (or quota, or file-size limit)."""
     seen = set()
     while error is not None and id(error) not in seen:
@@ -138,11 +138,12 @@ class _DiskErrors:
         return self
 
     def __exit__(self, kind, error, tb):
-        if error is None or not _disk_full(error):
+        if error is None or not is_disk_full(error):
             return False
         saved = [s for s in self.checkpoints.steps() if s != self.step]
-        which = f"checkpoint {self.step}" if self.step >= 0 else "a checkpoint"
-        raise UserInputError(f"writing {which} to {self.checkpoints.directory} failed: the disk is full (or a quota "
+        # An asynchronous save's error surfaces at the next save or wait: name the step it surfaced at.
+        which = f" (by step {self.step})" if self.step >= 0 else ""
+        raise UserInputError(f"writing a checkpoint{which} to {self.checkpoints.directory} failed: the disk is full (or a quota "
                              f"or file-size limit was reached); the newest complete checkpoint is "
                              f"{saved[-1] if saved else 'none'}. Free space and run the same command again to "
                              f"resume.") from None

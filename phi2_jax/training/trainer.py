@@ -481,6 +481,32 @@ def parse_args(argv):
     return args
 
 
+def quiet_repeated_orbax_reports() -> None:
+    """Drops the echoes of a failed Orbax read or write (a command's process-wide change).
+
+    When one fails (a damaged checkpoint being set aside, a full disk), Orbax closes its event loop
+    while tensorstore still holds callbacks for it, and each prints `RuntimeError: Event loop is
+    closed`, dozens in all; Orbax's worker threads also log the error with a traceback each. The
+    failure itself reaches the main thread, which reports (or handles) it once.
+    """
+    from phi2_jax.checkpoint.run_checkpoints import is_disk_full
+
+    def first_report(record: logging.LogRecord) -> bool:
+        if "_SignalingThread.run() raised an exception" in record.getMessage():
+            return False  # re-raised where the caller waits for the thread
+        return not (record.exc_info and record.exc_info[1] is not None and is_disk_full(record.exc_info[1]))
+
+    logging.getLogger("absl").addFilter(first_report)  # Orbax logs through absl
+    previous = sys.unraisablehook  # tensorstore reports an exception in its callback as "unraisable"
+
+    def hook(report):
+        if isinstance(report.exc_value, RuntimeError) and str(report.exc_value) == "Event loop is closed":
+            return
+        previous(report)
+
+    sys.unraisablehook = hook
+
+
 @exit_on_user_error
 def main(argv=None) -> None:
     args = parse_args(sys.argv[1:] if argv is None else argv)
@@ -488,6 +514,7 @@ def main(argv=None) -> None:
     log_info_to_stderr(command_line)
     if command_line:
         keep_freed_memory_on_cpu("train")  # before JAX starts its threads
+        quiet_repeated_orbax_reports()
     from phi2_jax.data.pipeline import allow_grain_workers
 
     allow_grain_workers()  # a process-wide change (absl flags), which the command, not the library, makes
