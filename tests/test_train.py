@@ -252,12 +252,15 @@ def test_finetuning_starts_at_the_transformers_loss(tmp_path, cache, hf_folder, 
 def test_launch_local_sh_runs_a_two_process_training(tmp_path, cache):
     run_dir = tmp_path / "local2"
     env = {**train_runs.train_env(1, cache), "PYTHON": sys.executable, "RUN_LOGS": str(tmp_path / "logs")}
-    proc = subprocess.run(["bash", "launch/local.sh", "2", *train_runs.FAST, "train.steps=6", f"run_dir={run_dir}"],
+    # The README's `launch/local.sh 2 train.steps=20 ...` keeps a warmup as long as the run: shortened, and said.
+    proc = subprocess.run(["bash", "launch/local.sh", "2", *train_runs.FAST, "train.steps=6", "optim.warmup_steps=20",
+                           f"run_dir={run_dir}"],
                           cwd=train_runs.ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     assert "2 processes" in proc.stdout and "step 6/6" in proc.stdout
     assert (run_dir / "checkpoints" / "6").is_dir()
     assert "step 6/6" not in (tmp_path / "logs" / "process_1.log").read_text()  # process 1 stays quiet
+    assert "optim.warmup_steps 20 is not below train.steps 6; warming up over 0 steps" in proc.stdout
 
 
 def test_launch_recipes_xla_flags_are_known_to_this_xla():

@@ -5,7 +5,7 @@ drained, one pod evicted). If each process stopped on its own signal, the
 signalled one would enter Orbax's barriered save while the others entered the
 next step's collectives, and both would wait for ever. So the processes agree:
 after each step every process casts its local flag into a tiny all-reduce (a
-max over one int per device), and all read the result one step later, so the
+max over one int per process), and all read the result one step later, so the
 host never waits for the step it has just dispatched. Everyone reads the same
 value after the same step, so everyone stops, and saves, at the same step.
 
@@ -49,11 +49,14 @@ class StopAgreement:
             import numpy as np
             from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-            # jax.devices() lists each process's devices together, so a process's local rows are contiguous.
-            mesh = Mesh(np.array(jax.devices()), ("all",))
+            # One device per process takes part: the fewer participants, the cheaper the collective.
+            first = {}
+            for device in jax.devices():
+                first.setdefault(device.process_index, device)
+            mesh = Mesh(np.array([first[p] for p in sorted(first)]), ("all",))
             self._sharding = NamedSharding(mesh, PartitionSpec("all"))
-            self._local = jax.local_device_count()
-            self._shape = (jax.device_count(),)
+            self._local = 1
+            self._shape = (len(first),)
             self._max = jax.jit(jnp.max, out_shardings=NamedSharding(mesh, PartitionSpec()))
 
     def cast(self, flag: bool) -> Any:
