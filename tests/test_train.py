@@ -218,6 +218,8 @@ def test_damaged_newest_checkpoint_falls_back_to_the_previous(tmp_path, cache):
             file.write_bytes(b"garbage")
     proc = train_runs.run(run_dir, "train.steps=15", cache=cache)
     assert "checkpoint at step 10" in proc.stderr and "could not be restored" in proc.stderr
+    assert proc.stderr.count("moved the damaged checkpoint of step 10 to") == 1  # one line, no echoes
+    assert "Event loop is closed" not in proc.stderr and "Traceback" not in proc.stderr
     assert "resumed from step 5" in proc.stdout and "step 15/15" in proc.stdout
 
 

@@ -267,17 +267,12 @@ def test_a_warmup_as_long_as_the_run_is_shortened_and_said(caplog):
 
 
 def test_a_full_disk_during_a_save_is_a_sentence(tmp_path, cache, trained):
-    """A file-size limit (RLIMIT_FSIZE) stands for a full disk: writes fail as they would (EFBIG, not ENOSPC)."""
-    import resource
-
-    def limit_file_size():
-        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a failing write, not a killed process
-        resource.setrlimit(resource.RLIMIT_FSIZE, (1_000_000, 1_000_000))  # params are ~1.7 MB, the rest smaller
-
+    """A file-size limit stands for a full disk: writes fail as they would (EFBIG, not ENOSPC)."""
     run_dir = tmp_path / "run"
-    proc = subprocess.run(train_runs.command(run_dir, "train.steps=10"), cwd=train_runs.ROOT,
-                          env=train_runs.train_env(1, cache), capture_output=True, text=True, timeout=600,
-                          preexec_fn=limit_file_size)
+    # SIGXFSZ ignored: a failing write, not a killed process; params are ~1.7 MB, everything else smaller.
+    limited = ["bash", "-c", "trap '' XFSZ; ulimit -f 976; exec \"$@\"", "bash"]
+    proc = subprocess.run(limited + train_runs.command(run_dir, "train.steps=10"), cwd=train_runs.ROOT,
+                          env=train_runs.train_env(1, cache), capture_output=True, text=True, timeout=600)
     assert proc.returncode == 2, proc.stderr[-3000:]
     assert proc.stderr.strip().splitlines()[-1] == (
         f"error: writing a checkpoint (by step 10) to {run_dir.absolute()}/checkpoints failed: the disk is full (or a "

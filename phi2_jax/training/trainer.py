@@ -204,8 +204,12 @@ class Trainer:
         cfg = self.config
         steps = checkpoints.steps()
         if not steps:
-            if (self.run_dir / "metrics.jsonl").exists() and self.is_main:  # an earlier start that saved nothing
-                (self.run_dir / "metrics.jsonl").unlink()
+            stale = self.run_dir / "metrics.jsonl"
+            if stale.exists() and self.is_main:  # an earlier start that saved no checkpoint: kept, out of the way
+                kept = stale.with_name(time.strftime("metrics-unsaved-%Y%m%d-%H%M%S.jsonl", time.gmtime()))
+                stale.rename(kept)
+                log.warning("%s: no checkpoint to resume from; the earlier start's metrics were moved to %s",
+                            self.run_dir, kept.name)
             params = self._initial_params()
             return 0, params, self.steps.init_opt(params)
         remedy = ("resume with the run's settings, use another run_dir, or pass checkpoint.restart=true to start "
