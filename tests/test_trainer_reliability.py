@@ -279,3 +279,15 @@ def test_a_full_disk_during_a_save_is_a_sentence(tmp_path, cache, trained):
         f"quota or file-size limit was reached); the newest complete checkpoint is none. Free space and run the same "
         f"command again to resume.")
     assert "Event loop is closed" not in proc.stderr and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+
+
+def test_resume_differences_name_keys_and_ignore_keys_newer_than_the_run():
+    from phi2_jax.training.resume import describe, fixed_differences, run_time_differences
+
+    saved = {"optim": {"lr": 0.003}, "train": {"steps": 10, "batch_size": 8}}
+    now = {"optim": {"lr": 0.001, "new_knob": 1}, "train": {"steps": 20, "batch_size": 8}}
+    fixed = fixed_differences(saved, now, {"num_hidden_layers": 2, "remat": "none"},
+                              {"num_hidden_layers": 3, "remat": "full"})
+    assert describe(fixed, "there", "here") == "model.num_hidden_layers (2 there, 3 here), optim.lr (0.003 there, " \
+                                               "0.001 here)"
+    assert describe(run_time_differences(saved, now)) == "train.steps 10 -> 20"

@@ -54,7 +54,9 @@ def fixed_differences(saved_run: dict, current_run: dict, saved_model: dict, cur
     """Differences a resume may not make: the model's parameters and everything that trains them."""
     model = [d for d in differences(saved_model, current_model, "model.")
              if d[0].removeprefix("model.") not in MODEL_RUN_TIME_FIELDS]
-    return model + [d for d in differences(saved_run, current_run) if not _is_run_time(d[0])]
+    fixed = model + [d for d in differences(saved_run, current_run) if not _is_run_time(d[0])]
+    # A key the run's config lacks is newer than the trainer that wrote it; its default keeps the old behaviour.
+    return [d for d in fixed if d[1] is not UNSET]
 
 
 def run_time_differences(saved_run: dict, current_run: dict) -> list[tuple[str, Any, Any]]:
