@@ -98,23 +98,76 @@ def _free_port():
         return s.getsockname()[1]
 
 
-def test_two_processes_give_the_one_process_curve(tmp_path, cache):
-    one = tmp_path / "one"
-    common = ["train.steps=10", "mesh.data=2", "mesh.fsdp=4", "mesh.tensor=1", "checkpoint.every=10"]
-    train_runs.run(one, *common, devices=8, cache=cache)
-    two = tmp_path / "two"
+TWO_PROCESS = ["train.steps=10", "mesh.data=2", "mesh.fsdp=4", "mesh.tensor=1", "checkpoint.every=10"]
+
+
+def _start_two_processes(run_dir, logs, cache, *overrides):
+    """Two training processes forming one job (4 fake devices each); their output goes to `logs`."""
     port = _free_port()
-    procs = [subprocess.Popen(train_runs.command(two, *common, f"distributed.coordinator=127.0.0.1:{port}",
-                                                 "distributed.num_processes=2", f"distributed.process_id={i}"),
-                              cwd=train_runs.ROOT, env=train_runs.train_env(4, cache), stdout=subprocess.PIPE,
-                              stderr=subprocess.STDOUT, text=True) for i in range(2)]
-    outputs = [p.communicate(timeout=400)[0] for p in procs]
+    procs = []
+    for i, log in enumerate(logs):
+        with open(log, "w") as out:
+            procs.append(subprocess.Popen(
+                train_runs.command(run_dir, *TWO_PROCESS, *overrides, f"distributed.coordinator=127.0.0.1:{port}",
+                                   "distributed.num_processes=2", f"distributed.process_id={i}"),
+                cwd=train_runs.ROOT, env=train_runs.train_env(4, cache), stdout=out, stderr=subprocess.STDOUT))
+    return procs
+
+
+def _finish(procs, logs, timeout=400):
+    for p in procs:
+        p.wait(timeout=timeout)
+    outputs = [log.read_text() for log in logs]
     assert [p.returncode for p in procs] == [0, 0], outputs[0][-3000:] + outputs[1][-3000:]
+    return outputs
+
+
+@pytest.fixture(scope="module")
+def two_process_run(tmp_path_factory, cache):
+    """10 steps in two processes, uninterrupted, with the end-of-run samples on (they read global arrays)."""
+    folder = tmp_path_factory.mktemp("two")
+    logs = [folder / f"process_{i}.log" for i in range(2)]
+    outputs = _finish(_start_two_processes(folder / "run", logs, cache, "train.samples=true"), logs)
+    return folder / "run", outputs
+
+
+def test_two_processes_give_the_one_process_curve(tmp_path, cache, two_process_run):
+    one = tmp_path / "one"
+    train_runs.run(one, *TWO_PROCESS, devices=8, cache=cache)
+    two, outputs = two_process_run
     assert "2 processes" in outputs[0] and "step 10/10" in outputs[0]
     assert "step 10/10" not in outputs[1]  # only process 0 logs
+    assert "samples (greedy):" in outputs[0] and "samples (greedy):" not in outputs[1]
+    assert "tokenizer:" not in outputs[1]  # nor do process 1's INFO logs
     a, b = train_runs.train_losses(one), train_runs.train_losses(two)
     np.testing.assert_allclose([b[s] for s in a], list(a.values()), rtol=2e-4)
     assert (two / "checkpoints" / "10").is_dir()
+    assert (two / "loss_curve.png").is_file()
+
+
+def test_sigterm_to_one_process_stops_both_at_one_step_and_resumes_bit_identically(tmp_path, cache, two_process_run):
+    """A scheduler may signal one process only: both must stop after the same step, save it once and exit 0."""
+    run_dir = tmp_path / "run"
+    logs = [tmp_path / f"process_{i}.log" for i in range(2)]
+    procs = _start_two_processes(run_dir, logs, cache)
+    deadline = time.time() + 300
+    while "\nmodel " not in logs[0].read_text():  # printed just before the first step
+        assert all(p.poll() is None for p in procs) and time.time() < deadline, logs[0].read_text()[-3000:]
+        time.sleep(0.05)
+    procs[1].send_signal(signal.SIGTERM)  # process 1 only
+    outputs = _finish(procs, logs)
+    (saved,) = [int(p.name) for p in (run_dir / "checkpoints").iterdir()]  # exactly one checkpoint
+    assert 1 <= saved < 10
+    assert f"SIGTERM: saved a checkpoint at step {saved}; exiting" in outputs[0]
+
+    resumed = _finish(_start_two_processes(run_dir, logs, cache), logs)
+    assert f"resumed from step {saved}" in resumed[0]
+    reference_dir = two_process_run[0]
+    ours, reference = train_runs.train_losses(run_dir), train_runs.train_losses(reference_dir)
+    assert {s: ours[s] for s in reference if s > saved} == {s: reference[s] for s in reference if s > saved}
+    ours, reference = train_runs.final_params(run_dir, 10), train_runs.final_params(reference_dir, 10)
+    for name in reference:
+        np.testing.assert_array_equal(ours[name], reference[name], err_msg=name)
 
 
 def test_dry_run_compiles_phi2_on_an_abstract_8_device_mesh():
@@ -165,6 +218,8 @@ def test_damaged_newest_checkpoint_falls_back_to_the_previous(tmp_path, cache):
             file.write_bytes(b"garbage")
     proc = train_runs.run(run_dir, "train.steps=15", cache=cache)
     assert "checkpoint at step 10" in proc.stderr and "could not be restored" in proc.stderr
+    assert proc.stderr.count("moved the damaged checkpoint of step 10 to") == 1  # one line, no echoes
+    assert "Event loop is closed" not in proc.stderr and "Traceback" not in proc.stderr
     assert "resumed from step 5" in proc.stdout and "step 15/15" in proc.stdout
 
 
@@ -199,12 +254,15 @@ def test_finetuning_starts_at_the_transformers_loss(tmp_path, cache, hf_folder, 
 def test_launch_local_sh_runs_a_two_process_training(tmp_path, cache):
     run_dir = tmp_path / "local2"
     env = {**train_runs.train_env(1, cache), "PYTHON": sys.executable, "RUN_LOGS": str(tmp_path / "logs")}
-    proc = subprocess.run(["bash", "launch/local.sh", "2", *train_runs.FAST, "train.steps=6", f"run_dir={run_dir}"],
+    # The README's `launch/local.sh 2 train.steps=20 ...` keeps a warmup as long as the run: shortened, and said.
+    proc = subprocess.run(["bash", "launch/local.sh", "2", *train_runs.FAST, "train.steps=6", "optim.warmup_steps=20",
+                           f"run_dir={run_dir}"],
                           cwd=train_runs.ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     assert "2 processes" in proc.stdout and "step 6/6" in proc.stdout
     assert (run_dir / "checkpoints" / "6").is_dir()
     assert "step 6/6" not in (tmp_path / "logs" / "process_1.log").read_text()  # process 1 stays quiet
+    assert "optim.warmup_steps 20 is not below train.steps 6; warming up over 0 steps" in proc.stdout
 
 
 def test_launch_recipes_xla_flags_are_known_to_this_xla():

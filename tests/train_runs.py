@@ -52,7 +52,15 @@ def final_params(run_dir: Path, step: int) -> dict[str, np.ndarray]:
 
     from phi2_jax.hf.layout import flatten
 
-    restored = ocp.StandardCheckpointer().restore((run_dir / "checkpoints" / str(step) / "params").absolute())
+    import jax
+
+    path = (run_dir / "checkpoints" / str(step) / "params").absolute()
+    checkpointer = ocp.StandardCheckpointer()
+    # Onto one device of this process, whatever topology (processes, devices) saved it.
+    stored = checkpointer.metadata(path).item_metadata.tree
+    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    restored = checkpointer.restore(path, jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype,
+                                                                                       sharding=device), stored))
     layers = restored.pop("layers")  # stored one entry per layer: stack them back
     flat = {k: np.asarray(v) for k, v in flatten(restored).items()}
     per_layer = [flatten(layers[str(i)]) for i in range(len(layers))]

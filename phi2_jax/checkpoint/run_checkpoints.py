@@ -14,6 +14,7 @@ A converted checkpoint is a step directory with just `params` and `meta`, so
 
 from __future__ import annotations
 
+import errno
 import functools
 import logging
 import time
@@ -24,6 +25,8 @@ import jax
 import jax.numpy as jnp
 import orbax.checkpoint as ocp
 from jax.sharding import NamedSharding, PartitionSpec
+
+from phi2_jax.errors import UserInputError
 
 log = logging.getLogger(__name__)
 
@@ -43,9 +46,23 @@ class RunCheckpoints:
         return sorted(self.manager.all_steps())
 
     def save(self, step: int, params: Any, opt_state: Any, data_state: dict, meta: dict) -> None:
-        self.manager.save(step, args=ocp.args.Composite(
-            params=ocp.args.StandardSave(split_layers(params)), opt_state=ocp.args.StandardSave(opt_state),
-            data=ocp.args.JsonSave(data_state), meta=ocp.args.JsonSave(meta)), force=True)
+        """Starts saving `step` (asynchronously if so configured); a full disk is one sentence, not a traceback."""
+        with self._disk_errors(step):
+            self.manager.save(step, args=ocp.args.Composite(
+                params=ocp.args.StandardSave(split_layers(params)), opt_state=ocp.args.StandardSave(opt_state),
+                data=ocp.args.JsonSave(data_state), meta=ocp.args.JsonSave(meta)), force=True)
+
+    def newest_meta(self) -> tuple[int, dict] | None:
+        """(step, meta) of the newest checkpoint whose `meta` item reads, or None."""
+        for step in reversed(self.steps()):
+            try:
+                return step, read_meta(self.directory / str(step))
+            except Exception:  # a damaged meta: the checkpoint is unreadable and restore_latest will say so
+                continue
+        return None
+
+    def _disk_errors(self, step: int):
+        return _DiskErrors(self, step)
 
     def restore_latest(self, abstract_params: Any, abstract_opt_state: Any) -> tuple[int, Any, Any, dict, dict] | None:
         """(step, params, opt_state, data_state, meta) of the newest checkpoint that restores, or None.
@@ -87,10 +104,49 @@ class RunCheckpoints:
         self.manager.reload()
 
     def wait(self) -> None:
-        self.manager.wait_until_finished()
+        with self._disk_errors(-1):
+            self.manager.wait_until_finished()
 
     def close(self) -> None:
         self.manager.close()
+
+
+_DISK_FULL = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+
+
+def is_disk_full(error: BaseException) -> bool:
+    """True if `error`, or one it was raised from, is a full disk (or quota, or file-size limit)."""
+    seen = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        if isinstance(error, OSError) and error.errno in _DISK_FULL:
+            return True
+        text = str(error)  # tensorstore reports the OS error in its message only
+        if any(s in text for s in ("No space left on device", "Disk quota exceeded", "File too large")):
+            return True
+        error = error.__cause__ or error.__context__
+    return False
+
+
+class _DiskErrors:
+    """Turns a save's full-disk error into one sentence naming the folder and what to do."""
+
+    def __init__(self, checkpoints: RunCheckpoints, step: int):
+        self.checkpoints, self.step = checkpoints, step
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, kind, error, tb):
+        if error is None or not is_disk_full(error):
+            return False
+        saved = [s for s in self.checkpoints.steps() if s != self.step]
+        # An asynchronous save's error surfaces at the next save or wait: name the step it surfaced at.
+        which = f" (by step {self.step})" if self.step >= 0 else ""
+        raise UserInputError(f"writing a checkpoint{which} to {self.checkpoints.directory} failed: the disk is full (or a quota "
+                             f"or file-size limit was reached); the newest complete checkpoint is "
+                             f"{saved[-1] if saved else 'none'}. Free space and run the same command again to "
+                             f"resume.") from None
 
 
 # ----------------------------------------------------------------------------- model-only reads

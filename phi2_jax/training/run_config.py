@@ -8,6 +8,8 @@ combinations that cannot work are refused by `validate` before any compute.
 from __future__ import annotations
 
 import dataclasses
+import logging
+import math
 import types
 import typing
 from pathlib import Path
@@ -18,6 +20,7 @@ import yaml
 from phi2_jax.config import PRESETS, PhiConfig, preset
 from phi2_jax.errors import ConfigError, did_you_mean
 
+log = logging.getLogger(__name__)
 
 @dataclasses.dataclass
 class ModelSection:
@@ -72,6 +75,9 @@ class CheckpointSection:
     keep: int = 3
     init_from: str = ""  # a Hugging Face folder, a converted checkpoint or a run folder
     async_save: bool = True
+    # Start at step 0 in a run_dir that holds checkpoints: the old run's checkpoints and logs are moved
+    # to run_dir/replaced-<time>/ first (never deleted). Without it such a run_dir is resumed or refused.
+    restart: bool = False
 
 
 @dataclasses.dataclass
@@ -154,6 +160,13 @@ def _model_values(values: dict[str, Any]) -> dict[str, Any]:
     return {**values, "overrides": overrides}
 
 
+def _yaml_problem(error: yaml.YAMLError) -> str:
+    """'line 4, column 7: mapping values are not allowed here' from PyYAML's multi-line report."""
+    mark = getattr(error, "problem_mark", None)
+    problem = getattr(error, "problem", None) or str(error).splitlines()[0]
+    return f"line {mark.line + 1}, column {mark.column + 1}: {problem}" if mark is not None else problem
+
+
 def load_run_config(path: str | Path | None = None, overrides: list[str] = ()) -> RunConfig:
     """The run config from a YAML file (or the defaults: tiny model on the standard library) plus overrides."""
     raw: dict[str, Any] = {}
@@ -164,7 +177,7 @@ def load_run_config(path: str | Path | None = None, overrides: list[str] = ()) -
         try:
             raw = yaml.safe_load(path.read_text()) or {}
         except yaml.YAMLError as error:
-            raise ConfigError(f"{path} is not valid YAML ({error}).") from None
+            raise ConfigError(f"{path} is not valid YAML: {_yaml_problem(error)}.") from None
         if not isinstance(raw, dict):
             raise ConfigError(f"{path} must hold a mapping of sections, got {type(raw).__name__}.")
     for item in overrides:
@@ -177,7 +190,10 @@ def load_run_config(path: str | Path | None = None, overrides: list[str] = ()) -
             node = node.setdefault(p, {})
             if not isinstance(node, dict):
                 raise ConfigError(f"override '{item}': '{p}' is not a section.")
-        node[leaf] = yaml.safe_load(text) if text else ""
+        try:
+            node[leaf] = yaml.safe_load(text) if text else ""
+        except yaml.YAMLError as error:
+            raise ConfigError(f"override '{item}': the value is not valid YAML ({_yaml_problem(error)}).") from None
     if "model" in raw:
         if not isinstance(raw["model"], dict):
             raise ConfigError(f"model must be a section (a mapping), got {raw['model']!r}.")
@@ -199,12 +215,29 @@ def validate(config: RunConfig, num_devices: int, model: PhiConfig | None = None
     from phi2_jax.sharding import MeshConfig
 
     data, fsdp, _ = MeshConfig(config.mesh.data, config.mesh.fsdp, config.mesh.tensor).resolve(num_devices)
-    t, d = config.train, config.data
+    t, d, o = config.train, config.data, config.optim
     for name, value in (("train.steps", t.steps), ("train.batch_size", t.batch_size), ("train.grad_accum", t.grad_accum),
-                        ("train.log_every", t.log_every), ("data.seq_len", d.seq_len),
-                        ("checkpoint.every", config.checkpoint.every), ("checkpoint.keep", config.checkpoint.keep)):
+                        ("train.log_every", t.log_every), ("train.eval_every", t.eval_every),
+                        ("data.seq_len", d.seq_len), ("checkpoint.every", config.checkpoint.every),
+                        ("checkpoint.keep", config.checkpoint.keep)):
         if value < 1:
             raise ConfigError(f"{name} must be at least 1, got {value}.")
+    for name, value in (("train.eval_batches", t.eval_batches), ("data.max_documents", d.max_documents),
+                        ("data.workers", d.workers), ("optim.warmup_steps", o.warmup_steps)):
+        if value < 0:
+            raise ConfigError(f"{name} must be 0 or more, got {value}.")
+    for name, value in (("optim.lr", o.lr), ("optim.clip_norm", o.clip_norm), ("optim.weight_decay", o.weight_decay),
+                        ("optim.eps", o.eps), ("optim.z_loss", o.z_loss), ("optim.min_lr_ratio", o.min_lr_ratio)):
+        if not (math.isfinite(value) and value >= 0):
+            raise ConfigError(f"{name} must be a finite number, 0 or more, got {value}.")
+    for name, value in (("optim.b1", o.b1), ("optim.b2", o.b2)):
+        if not 0.0 <= value < 1.0:
+            raise ConfigError(f"{name} must be in [0, 1), got {value}.")
+    _check_sources(d.sources)
+    for name, value in (("run_dir", config.run_dir), ("checkpoint.init_from", config.checkpoint.init_from)):
+        if "://" in value:
+            raise ConfigError(f"{name} {value} is a URL; the trainer reads and writes local (or mounted) folders "
+                              f"only: mount the bucket (e.g. with gcsfuse or s3fs) and give the mounted path.")
     if t.batch_size % t.grad_accum:
         raise ConfigError(f"train.batch_size {t.batch_size} is not divisible by train.grad_accum {t.grad_accum}.")
     micro = t.batch_size // t.grad_accum
@@ -216,8 +249,25 @@ def validate(config: RunConfig, num_devices: int, model: PhiConfig | None = None
                           f"{model.max_position_embeddings}.")
     if config.optim.schedule not in ("cosine", "linear", "constant"):
         raise ConfigError(f"optim.schedule '{config.optim.schedule}' is unknown; expected cosine, linear or constant.")
-    if config.optim.warmup_steps >= t.steps and t.steps > 1:
-        raise ConfigError(f"optim.warmup_steps {config.optim.warmup_steps} is not below train.steps {t.steps}.")
+    if o.warmup_steps >= t.steps and t.steps > 1:
+        # A short run (a smoke test, `launch/local.sh 2 train.steps=20`) keeps the default warmup of 20 steps:
+        # warm up over a tenth of the run instead, said, and recorded as such in config.json.
+        clipped = t.steps // 10
+        log.warning("optim.warmup_steps %d is not below train.steps %d; warming up over %d steps (a tenth of the "
+                    "run) instead", o.warmup_steps, t.steps, clipped)
+        o.warmup_steps = clipped
     if not 0.0 <= d.val_fraction < 1.0:
         raise ConfigError(f"data.val_fraction must be in [0, 1), got {d.val_fraction}.")
     return model
+
+
+def _check_sources(sources: Any) -> None:
+    """data.sources: a list of mappings, each with a path and, if given, a positive finite weight."""
+    if not isinstance(sources, list) or not sources:
+        raise ConfigError(f"data.sources must be a non-empty list of sources, got {sources!r}.")
+    for i, source in enumerate(sources):
+        if not isinstance(source, dict) or "path" not in source:
+            raise ConfigError(f"data.sources[{i}] must be a mapping with a 'path', got {source!r}.")
+        weight = source.get("weight", 1.0)
+        if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not (math.isfinite(weight) and weight > 0):
+            raise ConfigError(f"data.sources[{i}].weight must be a positive number, got {weight!r}.")

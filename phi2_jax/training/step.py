@@ -126,6 +126,7 @@ def build_steps(model_config, mesh: Mesh, tx: optax.GradientTransformation, sche
         updates, opt_state = tx.update(grads, opt_state, trainable)
         params = combine(optax.apply_updates(trainable, updates), frozen)
         metrics = {"loss": nlls.mean(), "grad_norm": optax.global_norm(grads), "lr": schedule(step)}
+        metrics["finite"] = jnp.isfinite(metrics["loss"]) & jnp.isfinite(metrics["grad_norm"])  # no NaN checkpoint
         return params, opt_state, metrics
 
     train_step = jax.jit(train_step, in_shardings=(param_shardings, opt_shardings, batch_sharding, None),

@@ -6,8 +6,10 @@ source code (no download), with a sentencepiece tokenizer trained on first use.
     config -> mesh -> params + optimiser (sharded at init) -> Grain iterator
            -> jitted step -> progress / TensorBoard / checkpoints
 
-Resumes from the newest checkpoint in `run_dir`; SIGTERM saves at the current
-step and exits 0.
+Resumes from the newest checkpoint in `run_dir` (checkpoints that do not fit the
+config are refused, never overwritten); a SIGTERM to any process stops every
+process after the same step, saves it once and exits 0; a non-finite loss or
+gradient stops the run before it can be saved.
 """
 
 from __future__ import annotations
@@ -16,15 +18,16 @@ import argparse
 import json
 import logging
 import os
-import signal
 import sys
 import time
 from pathlib import Path
 
-from phi2_jax.errors import ConfigError, exit_on_user_error
+from phi2_jax.errors import ConfigError, UserInputError, exit_on_user_error
 from phi2_jax.util.host_memory import keep_freed_memory_on_cpu
 from phi2_jax.util.progress import log_info_to_stderr
+from phi2_jax.training.preemption import StopAgreement, StopRequest, install_sigterm_handler
 from phi2_jax.training.run_config import RunConfig, load_run_config, validate
+from phi2_jax.training.run_lock import RunLock
 
 log = logging.getLogger("phi2_jax.training.trainer")
 
@@ -36,6 +39,9 @@ def initialize_distributed(dist) -> None:
     import jax
 
     jax.config.update("jax_cpu_collectives_implementation", "gloo")  # CPU multi-process collectives
+    # JAX's preemption notifier would take SIGTERM over from our handler (in C++, silently); the trainer
+    # agrees on a stop step itself (training/preemption.py).
+    jax.config.update("jax_enable_preemption_service", False)
     if dist.coordinator:
         process_id = dist.process_id
         if process_id < 0 and "JOB_COMPLETION_INDEX" in os.environ:  # a Kubernetes Indexed Job's pod
@@ -48,10 +54,15 @@ def initialize_distributed(dist) -> None:
         jax.distributed.initialize()
 
 
+class TrainingDiverged(UserInputError):
+    """The loss or gradient became NaN or infinite (the config's learning rate, usually): the run stops unsaved."""
+
+
 class Trainer:
     """One training run: data, mesh, compiled steps and checkpoints for a validated `RunConfig`."""
 
-    def __init__(self, config: RunConfig, model_config):
+    def __init__(self, config: RunConfig, model_config, stop: StopRequest | None = None):
+        """`stop`: set by the command's SIGTERM handler; without one the run only ends at `train.steps`."""
         import jax
 
         from phi2_jax.data.pipeline import build_splits, train_dataset, validation_batches
@@ -77,7 +88,8 @@ class Trainer:
                                  self.schedule, t.seed, t.grad_accum, config.optim.z_loss)
         self.run_dir = Path(config.run_dir)
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        self.stop_requested = False
+        self.stop = stop or StopRequest()
+        self.agreement = StopAgreement()
 
     # ------------------------------------------------------------------ state
     def _initial_params(self):
@@ -123,51 +135,153 @@ class Trainer:
 
     # ------------------------------------------------------------------ loop
     def run(self) -> dict:
-        """Resumes or initialises, trains to `train.steps` (or SIGTERM), and returns a summary."""
+        """Resumes or initialises, trains to `train.steps` (or an agreed stop), and returns a summary.
+
+        Holds `run_dir/train.lock` (process 0) for its duration, so a second trainer on the folder is refused.
+        """
+        lock = RunLock(self.run_dir)
+        error = None
+        if self.is_main:
+            try:
+                lock.acquire()
+            except ConfigError as refused:
+                error = refused
+        # Every process learns process 0's outcome, so none goes on alone into the step's collectives.
+        if self.agreement.any(error is not None):
+            raise error or ConfigError(f"process 0 could not take the lock of {self.run_dir}; its log says why.")
+        try:
+            return self._run()
+        finally:
+            lock.release()
+
+    def _run(self) -> dict:
+        from phi2_jax.checkpoint.run_checkpoints import RunCheckpoints
+
+        cfg, t = self.config, self.config.train
+        if cfg.checkpoint.restart:
+            self._set_previous_run_aside()
+        checkpoints = RunCheckpoints(self.run_dir, cfg.checkpoint.keep, cfg.checkpoint.async_save)
+        try:
+            iterator = iter(self.dataset)
+            start, params, opt_state = self._resume_or_initialise(checkpoints, iterator)
+            result = {"step": start, "seconds": 0.0, "final_loss": None, "steps_run": 0}
+            if start >= t.steps:
+                self._say(f"{self.run_dir} is already at step {start} (train.steps {t.steps}): nothing to train; "
+                          f"config.json is left as it is.")
+                return result
+            if self.agreement.any(self.stop.requested):
+                self._say("SIGTERM before the first step: nothing to save; exiting.")
+                return result
+            return self._train(checkpoints, iterator, start, params, opt_state)
+        finally:
+            checkpoints.close()
+
+    def _set_previous_run_aside(self) -> None:
+        """checkpoint.restart: moves an earlier run's checkpoints and logs to run_dir/replaced-<time>/ (kept)."""
+        names = ("checkpoints", "checkpoints_damaged", "metrics.jsonl", "config.json", "events", "loss_curve.png")
+        present = [name for name in names if (self.run_dir / name).exists()]
+        if present:
+            aside = self.run_dir / time.strftime("replaced-%Y%m%d-%H%M%S", time.gmtime())
+            if self.is_main:
+                aside.mkdir()
+                for name in present:
+                    (self.run_dir / name).rename(aside / name)
+            if self.jax.process_count() > 1:
+                from jax.experimental import multihost_utils
+
+                multihost_utils.sync_global_devices("phi2_jax: previous run set aside")
+            self._say(f"checkpoint.restart=true: moved the previous run's {', '.join(present)} to {aside}; "
+                      f"starting at step 0")
+
+    def _resume_or_initialise(self, checkpoints, iterator):
+        """(start step, params, opt_state): restored from the run's checkpoints, or fresh if there are none.
+
+        Checkpoints that do not fit this config, or of which none can be read, are refused with a sentence and
+        left as they are: training afresh would push them out of `keep`.
+        """
+        from phi2_jax.training.resume import describe, fixed_differences, run_time_differences
+
+        cfg = self.config
+        steps = checkpoints.steps()
+        if not steps:
+            stale = self.run_dir / "metrics.jsonl"
+            if stale.exists() and self.is_main:  # an earlier start that saved no checkpoint: kept, out of the way
+                kept = stale.with_name(time.strftime("metrics-unsaved-%Y%m%d-%H%M%S.jsonl", time.gmtime()))
+                stale.rename(kept)
+                log.warning("%s: no checkpoint to resume from; the earlier start's metrics were moved to %s",
+                            self.run_dir, kept.name)
+            params = self._initial_params()
+            return 0, params, self.steps.init_opt(params)
+        remedy = ("resume with the run's settings, use another run_dir, or pass checkpoint.restart=true to start "
+                  f"afresh here (which moves the old checkpoints to {self.run_dir}/replaced-<time>/, deleting nothing)")
+        newest = checkpoints.newest_meta()
+        if newest is None:
+            raise ConfigError(f"none of the checkpoints in {checkpoints.directory} (steps "
+                              f"{', '.join(map(str, steps))}) can be read; nothing was changed; {remedy}.")
+        newest_step, meta = newest
+        saved_run, saved_model = meta.get("run_config", {}), meta.get("model_config", {})
+        where = checkpoints.directory / str(newest_step)
+        saved_workers = saved_run.get("data", {}).get("workers", cfg.data.workers)
+        if saved_workers != cfg.data.workers:  # Grain's iterator state differs with and without workers
+            raise ConfigError(f"{self.run_dir} was trained with data.workers={saved_workers}; resume it with the same "
+                              f"value (got {cfg.data.workers}) so the data iterator continues where it stopped.")
+        fixed = fixed_differences(saved_run, cfg.to_dict(), saved_model, self.model_config.to_dict())
+        if fixed:
+            raise ConfigError(f"this config differs from the run in {where}: {describe(fixed, 'there', 'here')}; "
+                              f"nothing was changed; {remedy}.")
+        restored = checkpoints.restore_latest(self.steps.abstract_params, self.steps.abstract_opt_state)
+        if restored is None:
+            raise ConfigError(f"none of the checkpoints in {checkpoints.directory} (steps "
+                              f"{', '.join(map(str, steps))}) could be restored (the warnings above say why); "
+                              f"nothing was changed; {remedy}.")
+        start, params, opt_state, data_state, _ = restored
+        try:
+            iterator.set_state(data_state)
+        except Exception as error:  # Grain raises several types for a state that is not its own
+            raise ConfigError(f"the data iterator state in {checkpoints.directory / str(start)} does not fit this "
+                              f"data pipeline ({type(error).__name__}: {str(error).splitlines()[0][:200] if str(error) else ''});"
+                              f" was data.sources or data.seq_len changed?") from None
+        self._say(f"resumed from step {start} in {checkpoints.directory}")
+        changed = run_time_differences(saved_run, cfg.to_dict())
+        if changed and start < cfg.train.steps:
+            self._say(f"applying settings that differ from the run's: {describe(changed)}")
+            if any(key in ("train.steps", "optim.warmup_steps") for key, _, _ in changed):
+                self._say(f"the learning-rate schedule now spans {cfg.train.steps} steps, "
+                          f"{cfg.optim.warmup_steps} of warmup (lr {float(self.schedule(start)):.3e} at step {start})")
+        elif changed:
+            self._say(f"not applied (nothing to train): {describe(changed)}")
+        return start, params, opt_state
+
+    def _train(self, checkpoints, iterator, start, params, opt_state) -> dict:
         import numpy as np
 
-        from phi2_jax.checkpoint.run_checkpoints import RunCheckpoints
         from phi2_jax.training.metrics import EventWriter, device_peak_flops, plot_loss_curve, progress_line, train_flops_per_token
 
         jax, cfg, t = self.jax, self.config, self.config.train
-        checkpoints = RunCheckpoints(self.run_dir, cfg.checkpoint.keep, cfg.checkpoint.async_save)
-        iterator = iter(self.dataset)
-        restored = checkpoints.restore_latest(self.steps.abstract_params, self.steps.abstract_opt_state)
-        if restored is not None:
-            start, params, opt_state, data_state, saved_meta = restored
-            saved_workers = saved_meta.get("run_config", {}).get("data", {}).get("workers", cfg.data.workers)
-            if saved_workers != cfg.data.workers:  # Grain's iterator state differs with and without workers
-                raise ConfigError(f"{self.run_dir} was trained with data.workers={saved_workers}; resume it with the same "
-                                  f"value (got {cfg.data.workers}) so the data iterator continues where it stopped.")
-            iterator.set_state(data_state)
-            self._say(f"resumed from step {start} in {checkpoints.directory}")
-        else:
-            start = 0
-            params = self._initial_params()
-            opt_state = self.steps.init_opt(params)
         if self.is_main:
             (self.run_dir / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
         meta = {"model_config": self.model_config.to_dict(), "run_config": cfg.to_dict(),
                 "tokenizer": self.splits.tokenizer.source}
         events = EventWriter(self.run_dir, self.is_main)
-        history = self._load_history()
+        history = self._load_history(start)
         peak, peak_source = device_peak_flops(self.model_config.compute_dtype)
         flops_per_step = train_flops_per_token(self.model_config, cfg.data.seq_len) * t.batch_size * cfg.data.seq_len
         self._say(f"model {self.model_config.num_params():,} params | mesh {dict(self.mesh.shape)} | "
                   f"{jax.device_count()} devices, {jax.process_count()} processes | peak {peak / 1e9:,.1f} GFLOP/s "
                   f"per device ({peak_source})")
 
-        previous_handler = signal.signal(signal.SIGTERM, self._on_sigterm)
         step, window_start, window_steps = start, time.perf_counter(), 0
         run_start = time.perf_counter()
+        stop_vote, stopping = None, False
         try:
-            while step < t.steps and not self.stop_requested:
+            while step < t.steps:
                 batch = self._global_batch(next(iterator))
                 params, opt_state, metrics = self.steps.train_step(params, opt_state, batch, step)
                 step += 1
                 window_steps += 1
                 if step % t.log_every == 0 or step == t.steps:
                     metrics = jax.device_get(metrics)
+                    self._refuse_non_finite(metrics, step, checkpoints)
                     elapsed = time.perf_counter() - window_start
                     tokens_per_s = window_steps * t.batch_size * cfg.data.seq_len / elapsed
                     mfu = window_steps * flops_per_step / elapsed / (peak * jax.device_count())
@@ -188,26 +302,58 @@ class Trainer:
                         events.scalars(step, {"val/loss": val, "val/perplexity": float(np.exp(val))})
                         history["validation"].append((step, val))
                         self._append_metrics({"step": step, "val/loss": val})
-                if step % cfg.checkpoint.every == 0 or step == t.steps or self.stop_requested:
+                # Every process reads the vote cast one step earlier, so all stop after the same step; reading
+                # last step's (not this step's) vote keeps the host a step ahead of the device.
+                stopping = self.stop.requested if not self.agreement.multi else (
+                    stop_vote is not None and self.agreement.read(stop_vote))
+                if self.agreement.multi and not stopping:
+                    stop_vote = self.agreement.cast(self.stop.requested)
+                if step % cfg.checkpoint.every == 0 or step == t.steps or stopping:
+                    self._refuse_non_finite(metrics, step, checkpoints)
                     checkpoints.save(step, params, opt_state, iterator.get_state(), {**meta, "step": step})
-            if self.stop_requested:
+                if stopping:
+                    break
+            if stopping:
                 self._say(f"SIGTERM: saved a checkpoint at step {step}; exiting")
             checkpoints.wait()
         finally:
-            signal.signal(signal.SIGTERM, previous_handler)
-            checkpoints.close()
             events.close()
-        result = {"step": step, "seconds": time.perf_counter() - run_start,
+        result = {"step": step, "seconds": time.perf_counter() - run_start, "steps_run": step - start,
                   "final_loss": history["train"][-1][1] if history["train"] else None}
-        if step >= t.steps and self.is_main:
-            plot_loss_curve(history, self.run_dir / "loss_curve.png")
-            self._say(f"loss curve: {self.run_dir / 'loss_curve.png'}")
+        if step >= t.steps:
+            if self.is_main:
+                plot_loss_curve(history, self.run_dir / "loss_curve.png")
+                self._say(f"loss curve: {self.run_dir / 'loss_curve.png'}")
             if t.samples:
-                self._print_samples(params)
+                host_params = self._fetch(params)  # every process takes part in gathering a global array
+                if self.is_main:
+                    self._print_samples(host_params)
         return result
 
-    def _on_sigterm(self, signum, frame):
-        self.stop_requested = True
+    def _refuse_non_finite(self, metrics: dict, step: int, checkpoints) -> None:
+        """Stops before a non-finite step can be logged or saved: the newest checkpoint stays the last finite one."""
+        if bool(self.jax.device_get(metrics["finite"])):
+            return
+        checkpoints.wait()
+        saved = checkpoints.steps()
+        values = self.jax.device_get(metrics)
+        raise TrainingDiverged(
+            f"training diverged at step {step}: loss {float(values['loss'])}, gradient norm "
+            f"{float(values['grad_norm'])} (lr {float(values['lr']):.3e}); stopped without saving it, so the newest "
+            f"checkpoint is {'step ' + str(saved[-1]) if saved else 'none'}; lower optim.lr (now "
+            f"{self.config.optim.lr}) or lengthen optim.warmup_steps, and resume.")
+
+    def _fetch(self, params):
+        """Host copies of the (possibly multi-process, sharded) parameters, one leaf replicated at a time."""
+        import numpy as np
+
+        jax = self.jax
+        if jax.process_count() == 1:
+            return jax.device_get(params)
+        from jax.sharding import NamedSharding, PartitionSpec
+
+        replicate = jax.jit(lambda x: x, out_shardings=NamedSharding(self.mesh, PartitionSpec()))
+        return jax.tree.map(lambda x: np.asarray(replicate(x)), params)
 
     def _say(self, line: str) -> None:
         if self.is_main:
@@ -215,20 +361,41 @@ class Trainer:
 
     def _append_metrics(self, record: dict) -> None:
         if self.is_main:
-            with open(self.run_dir / "metrics.jsonl", "a") as f:
-                f.write(json.dumps(record) + "\n")
+            path = self.run_dir / "metrics.jsonl"
+            with open(path, "ab+") as f:
+                f.seek(0, os.SEEK_END)
+                if f.tell():  # a line cut short by a crash must not swallow this record
+                    f.seek(-1, os.SEEK_END)
+                    if f.read(1) != b"\n":
+                        f.write(b"\n")
+                f.write((json.dumps(record) + "\n").encode())
 
-    def _load_history(self) -> dict:
-        """Loss history from metrics.jsonl, so a resumed run's plot covers the whole run."""
+    def _load_history(self, start: int) -> dict:
+        """Loss history up to `start` from metrics.jsonl, so a resumed run's plot covers the whole run.
+
+        Records after `start` (logged before a crash, trained again now) are left out, and so is a line that a
+        crash cut short.
+        """
         history = {"train": [], "validation": []}
         path = self.run_dir / "metrics.jsonl"
-        if path.is_file():
-            for line in path.read_text().splitlines():
+        if not path.is_file():
+            return history
+        unreadable = 0
+        for line in path.read_text(errors="replace").splitlines():
+            try:
                 record = json.loads(line)
-                if "train/loss" in record:
-                    history["train"].append((record["step"], record["train/loss"]))
-                if "val/loss" in record:
-                    history["validation"].append((record["step"], record["val/loss"]))
+                step = int(record["step"])
+            except (ValueError, KeyError, TypeError):
+                unreadable += 1
+                continue
+            if step > start:
+                continue
+            if "train/loss" in record:
+                history["train"].append((step, record["train/loss"]))
+            if "val/loss" in record:
+                history["validation"].append((step, record["val/loss"]))
+        if unreadable:
+            log.warning("%s: skipped %d line(s) that are not JSON records (cut short by a crash?)", path, unreadable)
         return history
 
     def _print_samples(self, params) -> None:
@@ -236,7 +403,7 @@ class Trainer:
 
         from phi2_jax.inference.greedy import greedy_complete
 
-        model = nnx.merge(self.steps.graphdef, self.jax.device_get(params))
+        model = nnx.merge(self.steps.graphdef, params)
         tok = self.splits.tokenizer
         print("samples (greedy):", flush=True)
         for prompt in SAMPLE_PROMPTS:
@@ -281,6 +448,32 @@ def parse_args(argv):
     return args
 
 
+def quiet_repeated_orbax_reports() -> None:
+    """Drops the echoes of a failed Orbax read or write (a command's process-wide change).
+
+    When one fails (a damaged checkpoint being set aside, a full disk), Orbax closes its event loop
+    while tensorstore still holds callbacks for it, and each prints `RuntimeError: Event loop is
+    closed`, dozens in all; Orbax's worker threads also log the error with a traceback each. The
+    failure itself reaches the main thread, which reports (or handles) it once.
+    """
+    from phi2_jax.checkpoint.run_checkpoints import is_disk_full
+
+    def first_report(record: logging.LogRecord) -> bool:
+        if "_SignalingThread.run() raised an exception" in record.getMessage():
+            return False  # re-raised where the caller waits for the thread
+        return not (record.exc_info and record.exc_info[1] is not None and is_disk_full(record.exc_info[1]))
+
+    logging.getLogger("absl").addFilter(first_report)  # Orbax logs through absl
+    previous = sys.unraisablehook  # tensorstore reports an exception in its callback as "unraisable"
+
+    def hook(report):
+        if isinstance(report.exc_value, RuntimeError) and str(report.exc_value) == "Event loop is closed":
+            return
+        previous(report)
+
+    sys.unraisablehook = hook
+
+
 @exit_on_user_error
 def main(argv=None) -> None:
     args = parse_args(sys.argv[1:] if argv is None else argv)
@@ -288,6 +481,7 @@ def main(argv=None) -> None:
     log_info_to_stderr(command_line)
     if command_line:
         keep_freed_memory_on_cpu("train")  # before JAX starts its threads
+        quiet_repeated_orbax_reports()
     from phi2_jax.data.pipeline import allow_grain_workers
 
     allow_grain_workers()  # a process-wide change (absl flags), which the command, not the library, makes
@@ -308,8 +502,13 @@ def main(argv=None) -> None:
     model_config = validate(config, jax.device_count(), source_model_config(config))
     if Path(config.run_dir).exists() and not Path(config.run_dir).is_dir():
         raise ConfigError(f"run_dir {config.run_dir} exists and is not a folder.")
-    result = Trainer(config, model_config).run()
-    if jax.process_index() == 0:
+    stop = StopRequest()
+    if command_line:
+        install_sigterm_handler(stop)  # from here on a SIGTERM stops at an agreed step (or before the first)
+        if jax.process_index() != 0:  # one process's INFO lines speak for the job
+            logging.getLogger("phi2_jax").setLevel(logging.WARNING)
+    result = Trainer(config, model_config, stop).run()
+    if jax.process_index() == 0 and result["steps_run"]:
         print(f"done: {result['step']} steps in {result['seconds']:.0f}s, final loss {result['final_loss']}")
 
 
