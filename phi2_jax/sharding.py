@@ -52,9 +52,9 @@ LOGICAL_RULES: dict[str, str | tuple[str, ...] | None] = {
 }
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass
 class MeshConfig:
-    """Mesh shape; one axis may be -1 to take all remaining devices."""
+    """Mesh shape; one axis may be -1 to take all remaining devices (also the run config's `mesh` section)."""
 
     data: int = 1
     fsdp: int = -1

@@ -211,7 +211,7 @@ def compile_train_step(config, model_config, target: Target, devices: int) -> di
     from phi2_jax.training.step import build_steps
 
     model_config = model_for_target(model_config, target)
-    mesh = make_mesh({"data": config.mesh.data, "fsdp": config.mesh.fsdp, "tensor": config.mesh.tensor},
+    mesh = make_mesh(config.mesh,
                      devices=target_devices(target, devices))
     t, seq = config.train, config.data.seq_len
     micro = t.batch_size // t.grad_accum

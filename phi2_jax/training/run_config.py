@@ -18,6 +18,7 @@ from typing import Any
 import yaml
 
 from phi2_jax.config import PRESETS, PhiConfig, preset
+from phi2_jax.sharding import MeshConfig
 from phi2_jax.errors import ConfigError, did_you_mean
 
 log = logging.getLogger(__name__)
@@ -81,13 +82,6 @@ class CheckpointSection:
 
 
 @dataclasses.dataclass
-class MeshSection:
-    data: int = 1
-    fsdp: int = -1
-    tensor: int = 1
-
-
-@dataclasses.dataclass
 class DistributedSection:
     coordinator: str = ""  # host:port; empty = auto-detect (SLURM, Open MPI, Kubernetes) or single process
     num_processes: int = 0
@@ -102,7 +96,7 @@ class RunConfig:
     optim: OptimSection = dataclasses.field(default_factory=OptimSection)
     train: TrainSection = dataclasses.field(default_factory=TrainSection)
     checkpoint: CheckpointSection = dataclasses.field(default_factory=CheckpointSection)
-    mesh: MeshSection = dataclasses.field(default_factory=MeshSection)
+    mesh: MeshConfig = dataclasses.field(default_factory=MeshConfig)
     distributed: DistributedSection = dataclasses.field(default_factory=DistributedSection)
 
     def model_config(self) -> PhiConfig:
@@ -212,9 +206,8 @@ def validate(config: RunConfig, num_devices: int, model: PhiConfig | None = None
         raise ConfigError(f"model.preset '{config.model.preset}' is unknown; expected one of {', '.join(PRESETS)}."
                           f"{did_you_mean(config.model.preset, PRESETS)}")
     model = model or config.model_config()
-    from phi2_jax.sharding import MeshConfig
 
-    data, fsdp, _ = MeshConfig(config.mesh.data, config.mesh.fsdp, config.mesh.tensor).resolve(num_devices)
+    data, fsdp, _ = config.mesh.resolve(num_devices)
     t, d, o = config.train, config.data, config.optim
     for name, value in (("train.steps", t.steps), ("train.batch_size", t.batch_size), ("train.grad_accum", t.grad_accum),
                         ("train.log_every", t.log_every), ("train.eval_every", t.eval_every),

@@ -73,7 +73,7 @@ class Trainer:
         self.config, self.jax = config, jax
         t = config.train
         self.is_main = jax.process_index() == 0
-        self.mesh = make_mesh({"data": config.mesh.data, "fsdp": config.mesh.fsdp, "tensor": config.mesh.tensor})
+        self.mesh = make_mesh(config.mesh)
         self.model_config = model_config
         d = config.data
         # Everything that can refuse the config runs before run_dir is created.
