@@ -13,6 +13,9 @@
 set -euo pipefail
 N="${1:?usage: launch/local.sh N [CONFIG.yaml] [section.key=value ...]}"
 shift
+# The repository's venv when there is one (what the README sets up), else the python on PATH.
+ROOT="$(cd "$(dirname "$0")/.." && pwd)"
+if [[ -z "${PYTHON:-}" && -x "$ROOT/.venv/bin/python" ]]; then PYTHON="$ROOT/.venv/bin/python"; fi
 PYTHON="${PYTHON:-python}"
 DEVICES_PER_PROCESS="${DEVICES_PER_PROCESS:-1}"
 RUN_LOGS="${RUN_LOGS:-$(mktemp -d)}"
