@@ -18,20 +18,11 @@ import time
 from pathlib import Path
 
 from phi2_jax.errors import ConfigError
+from phi2_jax.util.atomic_dir import process_alive
 
 log = logging.getLogger(__name__)
 
 LOCK_NAME = "train.lock"
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # another user's process: alive
-        return True
-    return True
 
 
 class RunLock:
@@ -69,7 +60,7 @@ class RunLock:
                 if holder is None:  # released between the two calls
                     continue
                 if holder.get("host") == self._me["host"] and isinstance(holder.get("pid"), int) \
-                        and not _alive(holder["pid"]):
+                        and not process_alive(holder["pid"]):
                     log.warning("%s: took over the lock of pid %d on %s (since %s), which is no longer running",
                                 self.path.parent, holder["pid"], holder["host"], holder.get("since", "?"))
                     self.path.unlink(missing_ok=True)

@@ -54,7 +54,8 @@ def _tag() -> str:
     return f"{os.getpid()}@{socket.gethostname()}"
 
 
-def _alive(pid: int) -> bool:
+def process_alive(pid: int) -> bool:
+    """Whether process `pid` of this host still runs (another user's counts as running)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -82,7 +83,7 @@ def reclaim_stale(dest: Path, report: Callable[[str], None] | None = None) -> li
         return handled
     for entry in sorted(dest.parent.iterdir()):
         match = pattern.fullmatch(entry.name)
-        if not match or (match[3] is not None and match[3] != host) or _alive(int(match[2])):
+        if not match or (match[3] is not None and match[3] != host) or process_alive(int(match[2])):
             continue
         if match[1] == "old" and not dest.exists():
             entry.rename(dest)
