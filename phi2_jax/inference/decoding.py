@@ -110,9 +110,15 @@ def _copied_layer_states(graphdef, state, fuse: bool) -> list:
 def layer_copies(model: Phi) -> tuple[nnx.GraphDef, list]:
     """(the per-layer graphdef, each layer's weights as arrays of their own), input projections fused where allowed."""
     fuse = can_fuse_input_projections(model)
-    abstract = nnx.eval_shape(lambda m: _unstacked_layers(m, fuse), model)
     graphdef, state = nnx.split(model)
-    return nnx.split(abstract[0])[0], _copied_layer_states(graphdef, state, fuse)
+    key = (graphdef, fuse)
+    if key not in _LAYER_GRAPHDEFS:  # tracing the unstacking costs more than the copy: once per model structure
+        abstract = nnx.eval_shape(lambda m: _unstacked_layers(m, fuse), model)
+        _LAYER_GRAPHDEFS[key] = nnx.split(abstract[0])[0]
+    return _LAYER_GRAPHDEFS[key], _copied_layer_states(graphdef, state, fuse)
+
+
+_LAYER_GRAPHDEFS: dict = {}
 
 
 def decode_forward(model: Phi, layers: tuple[nnx.GraphDef, list] | None, ids, kv_mask, positions, cache: KVCache,
