@@ -58,6 +58,7 @@ for attempt in 1 2 3; do
   port="${PORT:-$(free_port)}"
   pids=()
   for ((i = 0; i < N; i++)); do
+    : > "${RUN_LOGS}/process_${i}.log"  # made here, not by the background job's redirect, which tail could outrun
     XLA_FLAGS="--xla_force_host_platform_device_count=${DEVICES_PER_PROCESS} ${XLA_FLAGS:-}" \
     JAX_PLATFORMS="${JAX_PLATFORMS:-cpu}" \
       "${PYTHON}" -m phi2_jax.train "$@" \
