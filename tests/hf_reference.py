@@ -97,13 +97,6 @@ def reference_logits(model: PhiForCausalLM, input_ids: np.ndarray, attention_mas
 
 def train_bpe_tokenizer(texts: list[str], vocab_size: int, folder: Path) -> Path:
     """A byte-level BPE `tokenizer.json` (the kind Phi-2 ships) trained on `texts`, saved in `folder`."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from phi2_jax.data.tokenizer import train_byte_level_bpe
 
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    tok.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<|endoftext|>"],
-                                                       initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
-    folder.mkdir(parents=True, exist_ok=True)
-    tok.save(str(folder / "tokenizer.json"))
-    return folder
+    return train_byte_level_bpe(texts, vocab_size, folder)

@@ -234,8 +234,8 @@ def test_dpo_options_are_checked(dpo):
     with pytest.raises(ConfigError, match="train.objective dpo needs a reference: set model.lora_rank > 0"):
         objectives.dpo_loss_sums(graphdef, nnx.to_pure_dict(state), batch, beta=0.1)
 
-    for args, message in [(("sigmoids", 0.1, 0.0), "train.loss_type is 'sigmoids'"), (("sigmoid", 0.0, 0.0), "train.beta"),
-                          (("robust", 0.1, 0.5), "train.label_smoothing is 0.5"),
+    for args, message in [(("sigmoids", 0.1, 0.0), "dpo.loss_type is 'sigmoids'"), (("sigmoid", 0.0, 0.0), "dpo.beta"),
+                          (("robust", 0.1, 0.5), "dpo.label_smoothing is 0.5"),
                           (("sigmoid", 0.1, 0.1), "ignores it")]:
         with pytest.raises(ConfigError, match=message):
             objectives.check_dpo_options(*args)

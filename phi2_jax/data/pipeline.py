@@ -53,6 +53,16 @@ class PackedSequences:
     def __len__(self) -> int:
         return self._len
 
+    @property
+    def amount(self) -> str:
+        """What the split holds, for messages: '30 tokens'."""
+        return f"{len(self.tokens)} tokens"
+
+    @property
+    def unit(self) -> str:
+        """What one batch row is, for messages."""
+        return f"sequences of {self.seq_len} + 1 tokens"
+
     def __getitem__(self, index: int) -> dict[str, np.ndarray]:
         window = self.tokens[index * self.seq_len: index * self.seq_len + self.seq_len + 1]
         inputs, targets = window[:-1], window[1:]
@@ -65,7 +75,7 @@ class PackedSequences:
 
 @dataclass
 class Splits:
-    train: list[PackedSequences]  # one per source
+    train: list[PackedSequences]  # one per source (post-training: data/post_data.RowSource, the same interface)
     weights: list[float]
     validation: PackedSequences
     tokenizer: Tokenizer
@@ -254,13 +264,13 @@ def validation_batches(splits: Splits, batch_size: int, num_batches: int, proces
     needed = batch_size * process_count
     count = min(num_batches, len(val) // needed) if needed else 0
     if count < num_batches and process_index == 0:
-        tokens, shape = len(val.tokens), f"{needed} sequences of {val.seq_len} + 1 tokens"
+        tokens, shape = val.amount, f"{needed} {val.unit}"
         if count == 0:
-            log.warning("the validation split holds %d tokens, fewer than one batch of %s, so no validation loss will "
+            log.warning("the validation split holds %s, fewer than one batch of %s, so no validation loss will "
                         "be reported; raise data.val_fraction or add a validation token file (format: tokens, split: "
                         "validation).", tokens, shape)
         else:
-            log.warning("the validation split holds %d tokens, %d of the %d batches of %s asked for "
+            log.warning("the validation split holds %s, %d of the %d batches of %s asked for "
                         "(train.eval_batches); the validation loss is their mean.", tokens, count, num_batches, shape)
     batches = []
     for b in range(count):

@@ -111,6 +111,31 @@ def load_tokenizer(path: str | Path) -> Tokenizer:
     raise ConfigError(f"{path} is neither a tokenizer.json, a folder holding one, nor a sentencepiece .model file.")
 
 
+def train_byte_level_bpe(texts: Iterable[str], vocab_size: int, folder: str | Path) -> Path:
+    """A byte-level BPE tokenizer like Phi-2's (`<|endoftext|>` its one special token) trained on `texts`, written
+    to `folder` as tokenizer.json + tokenizer_config.json, the files transformers and `load_tokenizer` read.
+
+    For small experiments with post-training, whose chat templates write the end-of-text token as text:
+    a sentencepiece model's end-of-sequence piece has no text to write.
+    """
+    import json
+
+    from tokenizers import Tokenizer as Tokenizers, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizers(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<|endoftext|>"],
+                                                       initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    tok.save(str(folder / "tokenizer.json"))
+    (folder / "tokenizer_config.json").write_text(json.dumps(
+        {"tokenizer_class": "PreTrainedTokenizerFast", "eos_token": "<|endoftext|>", "bos_token": "<|endoftext|>",
+         "add_bos_token": False, "clean_up_tokenization_spaces": False}, indent=2))
+    return folder
+
+
 def cache_dir() -> Path:
     root = os.environ.get("PHI2_JAX_CACHE") or Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "phi2_jax"
     return Path(root)

@@ -312,10 +312,14 @@ def to_hf(source: Path, hf_dir: Path, dtype: str = "float16", max_shard_size: st
         ahead = ReadAhead(lambda path, layer: reader.read(leaf_keys(path, layer)), order)
         ours = _with_merged_adapters(ahead, config)
         result: list = []
+
+        def write(staging: Path) -> None:
+            result.extend(write_hf_folder(staging, config, ours, dtype, max_shard_size, chosen, f"to-hf {hf_dir.name}"))
+            if meta.get("chat_template"):  # a post-training run's: apply_chat_template renders what it trained on
+                (staging / "chat_template.jinja").write_text(meta["chat_template"], encoding="utf-8")
+
         try:
-            write_atomically(hf_dir, overwrite, lambda staging: result.extend(
-                write_hf_folder(staging, config, ours, dtype, max_shard_size, chosen, f"to-hf {hf_dir.name}")),
-                sources=[source, chosen])
+            write_atomically(hf_dir, overwrite, write, sources=[source, chosen])
         finally:
             ahead.close()
         names, note = result

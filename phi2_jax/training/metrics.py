@@ -136,21 +136,27 @@ class EventWriter:
             self._writer.close()
 
 
-def plot_loss_curve(history: dict[str, list[tuple[int, float]]], path: Path) -> None:
-    """Writes a PNG of training (and validation) loss against step."""
+def plot_loss_curve(history: dict[str, list[tuple[int, float]]], path: Path, objective: str = "lm") -> None:
+    """Writes a PNG of training (and validation) loss against step; any other series of `history`
+    (DPO's reward margins and accuracies) is drawn in a second panel beside it."""
     # The Figure API draws without pyplot, so the caller's backend (a notebook's inline one) is left alone.
     from matplotlib.figure import Figure
 
-    fig = Figure(figsize=(7, 4), dpi=110)
-    ax = fig.add_subplot()
-    for name, points in history.items():
-        if points:
-            steps, values = zip(*points)
-            ax.plot(steps, values, label=name, marker="o" if len(points) < 20 else None)
-    ax.set_xlabel("step")
-    ax.set_ylabel("cross-entropy (nats/token)")
-    ax.set_title("phi2_jax training loss")
-    ax.grid(alpha=0.3)
-    ax.legend()
+    losses = {k: v for k, v in history.items() if k in ("train", "validation")}
+    others = {k: v for k, v in history.items() if k not in losses and v}
+    fig = Figure(figsize=(12 if others else 7, 4), dpi=110)
+    axes = fig.subplots(1, 2) if others else [fig.add_subplot()]
+    for ax, series in zip(axes, (losses, others)):
+        for name, points in series.items():
+            if points:
+                steps, values = zip(*points)
+                ax.plot(steps, values, label=name, marker="o" if len(points) < 20 else None)
+        ax.set_xlabel("step")
+        ax.grid(alpha=0.3)
+        ax.legend()
+    axes[0].set_ylabel("DPO loss" if objective == "dpo" else "cross-entropy (nats/token)")
+    axes[0].set_title(f"phi2_jax training loss ({objective})")
+    if others:
+        axes[1].set_title("DPO rewards (beta * log-ratio to the reference)")
     fig.tight_layout()
     fig.savefig(path)

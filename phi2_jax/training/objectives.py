@@ -112,14 +112,14 @@ def reference_logps(graphdef, params: dict, batch: dict) -> tuple[jax.Array, jax
 def check_dpo_options(loss_type: str, beta: float, label_smoothing: float) -> None:
     """One sentence per bad option, naming the train.* key."""
     if loss_type not in LOSS_TYPES:
-        raise ConfigError(f"train.loss_type is {loss_type!r}; expected one of {', '.join(LOSS_TYPES)}.")
+        raise ConfigError(f"dpo.loss_type is {loss_type!r}; expected one of {', '.join(LOSS_TYPES)}.")
     if not beta > 0:
-        raise ConfigError(f"train.beta is {beta}; expected a positive number (0.1 is TRL's default).")
+        raise ConfigError(f"dpo.beta is {beta}; expected a positive number (0.1 is TRL's default).")
     if not 0 <= label_smoothing < 0.5:
-        raise ConfigError(f"train.label_smoothing is {label_smoothing}; expected a number in [0, 0.5).")
+        raise ConfigError(f"dpo.label_smoothing is {label_smoothing}; expected a number in [0, 0.5).")
     if label_smoothing and loss_type != "robust":
         # TRL (1.x) reads label_smoothing only for robust (and exo_pair): saying so beats ignoring it silently.
-        raise ConfigError(f"train.label_smoothing is {label_smoothing} but loss_type {loss_type!r} ignores it; "
+        raise ConfigError(f"dpo.label_smoothing is {label_smoothing} but loss_type {loss_type!r} ignores it; "
                           f"expected 0, or loss_type robust.")
 
 
@@ -143,7 +143,7 @@ def dpo_losses(policy_chosen, policy_rejected, ref_chosen, ref_rejected, *, beta
         delta = chosen_ratio / jnp.maximum(chosen_tokens, 1.0) - rejected_ratio / jnp.maximum(rejected_tokens, 1.0)
         losses = (delta - 1 / (2 * beta)) ** 2
     else:
-        raise ConfigError(f"train.loss_type is {loss_type!r}; expected one of {', '.join(LOSS_TYPES)}.")
+        raise ConfigError(f"dpo.loss_type is {loss_type!r}; expected one of {', '.join(LOSS_TYPES)}.")
     return losses, jax.lax.stop_gradient(beta * chosen_ratio), jax.lax.stop_gradient(beta * rejected_ratio)
 
 

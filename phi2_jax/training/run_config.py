@@ -42,6 +42,12 @@ class DataSection:
     shuffle_seed: int = 0
     workers: int = 0  # >0: Grain worker processes; 0: a prefetch thread
     max_documents: int = 0  # 0 = all; a cap for quick runs
+    # Post-training (train.objective sft | dpo): the record fields each TRL convention reads, renamed to match
+    # your files (text, prompt, completion, messages, chosen, rejected), and the chat template: "" = the
+    # tokenizer folder's (chat_template.jinja or tokenizer_config.json), else Phi-2's built-in QA template;
+    # or a .jinja file / a folder holding one.
+    fields: dict[str, str] = dataclasses.field(default_factory=dict)
+    chat_template: str = ""
 
 
 @dataclasses.dataclass
@@ -68,6 +74,22 @@ class TrainSection:
     eval_batches: int = 4
     seed: int = 0
     samples: bool = True  # print completions of a few Python prompts at the end
+    objective: str = "lm"  # lm (pre-training on text) | sft (instruction tuning) | dpo (preference pairs)
+
+
+@dataclasses.dataclass
+class SFTSection:
+    # TRL's completion_only_loss / assistant_only_loss: only completion (assistant) tokens count in the loss.
+    # true: every token of the example counts, the prompt's too.
+    count_prompt: bool = False
+
+
+@dataclasses.dataclass
+class DPOSection:
+    # As TRL's DPOConfig names them.
+    beta: float = 0.1
+    loss_type: str = "sigmoid"  # sigmoid | ipo | hinge | robust
+    label_smoothing: float = 0.0  # robust only
 
 
 @dataclasses.dataclass
@@ -95,6 +117,8 @@ class RunConfig:
     data: DataSection = dataclasses.field(default_factory=DataSection)
     optim: OptimSection = dataclasses.field(default_factory=OptimSection)
     train: TrainSection = dataclasses.field(default_factory=TrainSection)
+    sft: SFTSection = dataclasses.field(default_factory=SFTSection)
+    dpo: DPOSection = dataclasses.field(default_factory=DPOSection)
     checkpoint: CheckpointSection = dataclasses.field(default_factory=CheckpointSection)
     mesh: MeshConfig = dataclasses.field(default_factory=MeshConfig)
     distributed: DistributedSection = dataclasses.field(default_factory=DistributedSection)
@@ -251,7 +275,35 @@ def validate(config: RunConfig, num_devices: int, model: PhiConfig | None = None
         o.warmup_steps = clipped
     if not 0.0 <= d.val_fraction < 1.0:
         raise ConfigError(f"data.val_fraction must be in [0, 1), got {d.val_fraction}.")
+    _check_objective(config)
     return model
+
+
+OBJECTIVES = ("lm", "sft", "dpo")
+
+
+def _check_objective(config: RunConfig) -> None:
+    """train.objective and its section; post-training needs a model to start from and a real tokenizer."""
+    t = config.train
+    if t.objective not in OBJECTIVES:
+        raise ConfigError(f"train.objective '{t.objective}' is unknown; expected one of {', '.join(OBJECTIVES)}."
+                          f"{did_you_mean(t.objective, OBJECTIVES)}")
+    from phi2_jax.data.formats import FieldNames
+
+    names = {f.name for f in dataclasses.fields(FieldNames)}
+    for key, value in config.data.fields.items():
+        if key not in names:
+            raise ConfigError(f"data.fields has unknown key '{key}'; expected some of {', '.join(sorted(names))}."
+                              f"{did_you_mean(key, names)}")
+        if not isinstance(value, str) or not value:
+            raise ConfigError(f"data.fields.{key} is {value!r}; expected the name of a record field.")
+    if t.objective == "dpo":
+        from phi2_jax.training.objectives import check_dpo_options
+
+        check_dpo_options(config.dpo.loss_type, config.dpo.beta, config.dpo.label_smoothing)
+    if t.objective != "lm" and any(s.get("format") == "tokens" for s in config.data.sources):
+        raise ConfigError(f"train.objective {t.objective} reads records (JSONL or Parquet), not token files; "
+                          f"expected data.sources of .jsonl or .parquet files.")
 
 
 def _check_sources(sources: Any) -> None:

@@ -47,7 +47,7 @@ class StepFunctions:
     eval_sharding: NamedSharding   # [batch, T]
     init_opt: Callable
     train_step: Callable   # (params, opt_state, batch, step) -> (params, opt_state, metrics)
-    eval_loss: Callable    # (params, batch) -> mean cross-entropy
+    eval_loss: Callable    # lm: (params, batch) -> mean cross-entropy; sft/dpo: -> {loss, count, metric: sums}
 
 
 def partition(params: dict, lora: bool) -> tuple[dict, dict]:
@@ -89,9 +89,22 @@ def abstract_params(model_config, mesh: Mesh) -> tuple[Any, Any, Any]:
     return graphdef, nnx.to_pure_dict(state), shardings
 
 
+def batch_sharding(mesh: Mesh, ndim: int, accumulated: bool = True) -> NamedSharding:
+    """A batch leaf's sharding: rows over the data axes, time over the context axis; [grad_accum, ...] leading
+    when `accumulated`. Leaves of fewer dimensions (a per-row value such as a reference log-prob) drop time."""
+    names = ((None,) if accumulated else ()) + ("act_batch", "act_length")
+    return NamedSharding(mesh, logical_to_spec(names[:ndim], mesh=mesh))
+
+
 def build_steps(model_config, mesh: Mesh, tx: optax.GradientTransformation, schedule: optax.Schedule,
-                seed: int, grad_accum: int, z_loss: float) -> StepFunctions:
-    """Jits the train step (batch [grad_accum, micro, T] per key) and the eval loss with explicit shardings."""
+                seed: int, grad_accum: int, z_loss: float, objective: str = "lm",
+                objective_options: dict | None = None) -> StepFunctions:
+    """Jits the train step (batch [grad_accum, micro, T] per key) and the eval loss with explicit shardings.
+
+    objective 'sft' / 'dpo' (training/objectives.py, with `objective_options`: beta, loss_type, label_smoothing)
+    divides the summed loss once by the whole accumulated batch's count (training/post_step.py); their batches
+    carry leaves of different ranks, each placed by `batch_sharding` when it is made.
+    """
     graphdef, params_abstract, param_shardings = abstract_params(model_config, mesh)
     batch_sharding = NamedSharding(mesh, logical_to_spec((None, "act_batch", "act_length"), mesh=mesh))
     eval_sharding = NamedSharding(mesh, logical_to_spec(("act_batch", "act_length"), mesh=mesh))
@@ -109,6 +122,10 @@ def build_steps(model_config, mesh: Mesh, tx: optax.GradientTransformation, sche
         logits = model(batch["input_ids"], position_ids=batch["positions"],
                                segment_ids=batch["segment_ids"], dropout_rng=rng)
         return cross_entropy(logits, batch["targets"], z_loss)
+
+    if objective != "lm":
+        return _post_training_steps(objective, objective_options or {}, graphdef, params_abstract, param_shardings,
+                                    opt_shardings, init_opt, tx, schedule, seed, grad_accum, lora, mesh)
 
     def train_step(params, opt_state, batch, step):
         step_key = jax.random.fold_in(jax.random.key(seed), step)  # same dropout after a resume
@@ -137,3 +154,34 @@ def build_steps(model_config, mesh: Mesh, tx: optax.GradientTransformation, sche
     abstract_opt = with_shardings(jax.eval_shape(init_opt, abstract_in), opt_shardings)
     return StepFunctions(graphdef, param_shardings, opt_shardings, abstract_in, abstract_opt, batch_sharding,
                          eval_sharding, init_opt, train_step, eval_loss)
+
+
+def _post_training_steps(objective: str, options: dict, graphdef, params_abstract, param_shardings, opt_shardings,
+                         init_opt, tx, schedule, seed: int, grad_accum: int, lora: bool, mesh: Mesh) -> StepFunctions:
+    """The train step and the (sums-returning) eval for sft / dpo; batch shardings come with the arrays."""
+    from phi2_jax.training.post_step import accumulate, objective_loss_sums
+
+    loss_sums = objective_loss_sums(objective, graphdef, **options)
+
+    def train_step(params, opt_state, batch, step):
+        step_key = jax.random.fold_in(jax.random.key(seed), step)  # same dropout after a resume
+        trainable, frozen = partition(params, lora)
+        grads, loss, metrics = accumulate(loss_sums, trainable, frozen, batch, step_key, grad_accum)
+        updates, opt_state = tx.update(grads, opt_state, trainable)
+        params = combine(optax.apply_updates(trainable, updates), frozen)
+        metrics = {**metrics, "loss": loss, "grad_norm": optax.global_norm(grads), "lr": schedule(step)}
+        metrics["finite"] = jnp.isfinite(metrics["loss"]) & jnp.isfinite(metrics["grad_norm"])
+        return params, opt_state, metrics
+
+    def eval_sums(params, batch):
+        total, count, metrics = loss_sums(*partition(params, lora), batch, None)
+        return {"loss": total, "count": count, **metrics}
+
+    train_step = jax.jit(train_step, in_shardings=(param_shardings, opt_shardings, None, None),
+                         out_shardings=(param_shardings, opt_shardings, None), donate_argnums=(0, 1))
+    eval_loss = jax.jit(eval_sums, in_shardings=(param_shardings, None))
+    abstract_in = with_shardings(params_abstract, param_shardings)
+    abstract_opt = with_shardings(jax.eval_shape(init_opt, abstract_in), opt_shardings)
+    return StepFunctions(graphdef, param_shardings, opt_shardings, abstract_in, abstract_opt,
+                         batch_sharding(mesh, 3), batch_sharding(mesh, 2, accumulated=False), init_opt, train_step,
+                         eval_loss)

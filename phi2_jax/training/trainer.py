@@ -65,7 +65,7 @@ class Trainer:
         """`stop`: set by the command's SIGTERM handler; without one the run only ends at `train.steps`."""
         import jax
 
-        from phi2_jax.data.pipeline import build_splits, train_dataset, validation_batches
+        from phi2_jax.data.pipeline import build_splits, train_dataset
         from phi2_jax.training.optim import make_optimizer
         from phi2_jax.sharding import make_mesh
         from phi2_jax.training.step import build_steps, tuned_for_backend
@@ -76,23 +76,55 @@ class Trainer:
         self.mesh = make_mesh(config.mesh)
         self.model_config = model_config
         d = config.data
+        self.objective = t.objective
         # Everything that can refuse the config runs before run_dir is created.
-        self.splits = build_splits(d.sources, d.tokenizer, d.seq_len, d.val_fraction, self.model_config.vocab_size,
-                                   d.max_documents, jax.process_index(), jax.process_count())
+        if self.objective == "lm":
+            self.splits = build_splits(d.sources, d.tokenizer, d.seq_len, d.val_fraction, self.model_config.vocab_size,
+                                       d.max_documents, jax.process_index(), jax.process_count())
+        else:
+            self.splits = self._post_training_splits()
         pc = jax.process_count()
         self.local_batch = t.batch_size // pc
         self.dataset = train_dataset(self.splits, self.local_batch, d.shuffle_seed, jax.process_index(), pc, d.workers)
-        self.val_batches = validation_batches(self.splits, self.local_batch, t.eval_batches, jax.process_index(), pc)
+        self.val_batches = self._validation_batches()
         self.tx, self.schedule = make_optimizer(config.optim, t.steps)
+        options = ({"beta": config.dpo.beta, "loss_type": config.dpo.loss_type,
+                    "label_smoothing": config.dpo.label_smoothing} if self.objective == "dpo" else {})
         self.steps = build_steps(tuned_for_backend(self.model_config, jax.default_backend()), self.mesh, self.tx,
-                                 self.schedule, t.seed, t.grad_accum, config.optim.z_loss)
+                                 self.schedule, t.seed, t.grad_accum, config.optim.z_loss, self.objective, options)
+        self._starting_params = None  # the reference pass's parameters, reused as the first step's
         self.run_dir = Path(config.run_dir)
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.stop = stop or StopRequest()
         self.agreement = StopAgreement()
 
+    def _post_training_splits(self):
+        """SFT / DPO rows from records in TRL's conventions (data/post_data.py)."""
+        from phi2_jax.data.post_data import build_post_splits, chat_template, post_tokenizer
+
+        cfg, d = self.config, self.config.data
+        tokenizer = post_tokenizer(d.tokenizer, cfg.checkpoint.init_from)
+        if tokenizer.vocab_size > self.model_config.vocab_size:
+            raise ConfigError(f"tokenizer {tokenizer.source} has {tokenizer.vocab_size} tokens but the model's "
+                              f"vocab_size is {self.model_config.vocab_size}; expected the model's own tokenizer.")
+        return build_post_splits(d.sources, tokenizer, chat_template(d.chat_template, tokenizer), self.objective,
+                                 d.seq_len, d.val_fraction, d.fields, cfg.sft.count_prompt, d.max_documents)
+
+    def _validation_batches(self) -> list:
+        from phi2_jax.data.pipeline import validation_batches
+
+        jax = self.jax
+        return validation_batches(self.splits, self.local_batch, self.config.train.eval_batches, jax.process_index(),
+                                  jax.process_count())
+
+    def _needs_reference_pass(self) -> bool:
+        return self.objective == "dpo" and self.model_config.lora_rank == 0
+
     # ------------------------------------------------------------------ state
     def _initial_params(self):
+        if self._starting_params is not None:  # loaded for the reference pass; used once
+            params, self._starting_params = self._starting_params, None
+            return params
         from flax import nnx
 
         from phi2_jax.model.transformer import create_model
@@ -114,24 +146,34 @@ class Trainer:
 
     def _global_batch(self, local: dict) -> dict:
         """This process's rows -> one global array per key, split [grad_accum, micro, T] over the mesh."""
+        from phi2_jax.training.step import batch_sharding
+
         jax, t = self.jax, self.config.train
         out = {}
         for key, value in local.items():
             value = value.reshape(t.grad_accum, self.local_batch // t.grad_accum, *value.shape[1:])
             shape = (t.grad_accum, t.batch_size // t.grad_accum, *value.shape[2:])
-            out[key] = jax.make_array_from_process_local_data(self.steps.batch_sharding, value, shape)
+            out[key] = jax.make_array_from_process_local_data(batch_sharding(self.mesh, value.ndim), value, shape)
         return out
 
     def _eval_batch(self, local: dict) -> dict:
+        from phi2_jax.training.step import batch_sharding
+
         jax = self.jax
-        return {k: jax.make_array_from_process_local_data(self.steps.eval_sharding, v, (self.config.train.batch_size, *v.shape[1:]))
+        return {k: jax.make_array_from_process_local_data(batch_sharding(self.mesh, v.ndim, accumulated=False), v,
+                                                          (self.config.train.batch_size, *v.shape[1:]))
                 for k, v in local.items()}
 
-    def evaluate(self, params) -> float | None:
+    def evaluate(self, params) -> dict[str, float] | None:
+        """{'loss': ...} on the held-out batches (post-training adds its metrics, e.g. rewards/accuracies)."""
         if not self.val_batches:
             return None
-        losses = [float(self.steps.eval_loss(params, self._eval_batch(b))) for b in self.val_batches]
-        return sum(losses) / len(losses)
+        results = [self.jax.device_get(self.steps.eval_loss(params, self._eval_batch(b))) for b in self.val_batches]
+        if self.objective == "lm":
+            return {"loss": sum(float(r) for r in results) / len(results)}
+        # Sums over every held-out row divided once: completion tokens (SFT) or pairs (DPO).
+        count = max(sum(float(r["count"]) for r in results), 1.0)
+        return {k: sum(float(r[k]) for r in results) / count for k in results[0] if k != "count"}
 
     # ------------------------------------------------------------------ loop
     def run(self) -> dict:
@@ -162,6 +204,13 @@ class Trainer:
             self._set_previous_run_aside()
         checkpoints = RunCheckpoints(self.run_dir, cfg.checkpoint.keep, cfg.checkpoint.async_save)
         try:
+            if self._needs_reference_pass():  # before the iterator reads a row: the log-probs ride in the rows
+                from phi2_jax.training.reference import attach_reference_logps
+
+                self._starting_params = attach_reference_logps(
+                    self.splits, self.run_dir, self._initial_params, self.steps.graphdef, self.mesh, t.batch_size,
+                    self.is_main)
+                self.val_batches = self._validation_batches()
             iterator = iter(self.dataset)
             start, params, opt_state = self._resume_or_initialise(checkpoints, iterator)
             result = {"step": start, "seconds": 0.0, "final_loss": None, "steps_run": 0}
@@ -262,6 +311,13 @@ class Trainer:
             (self.run_dir / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
         meta = {"model_config": self.model_config.to_dict(), "run_config": cfg.to_dict(),
                 "tokenizer": self.splits.tokenizer.source}
+        template = getattr(self.splits, "template", None)
+        if template is not None:  # exports write it, so apply_chat_template gives the text trained on
+            meta["chat_template"] = template.template
+            if self.is_main:
+                from phi2_jax.data.chat import save_chat_template
+
+                save_chat_template(template, self.run_dir)
         events = EventWriter(self.run_dir, self.is_main)
         history = self._load_history(start)
         peak, peak_source = device_peak_flops(self.model_config.compute_dtype)
@@ -286,22 +342,34 @@ class Trainer:
                     tokens_per_s = window_steps * t.batch_size * cfg.data.seq_len / elapsed
                     mfu = window_steps * flops_per_step / elapsed / (peak * jax.device_count())
                     eta = (t.steps - step) * elapsed / window_steps
+                    # Post-training's own metrics, named as TRL logs them (rewards/margins, logps/chosen, ...).
+                    extra = {k: float(v) for k, v in metrics.items() if "/" in k}
                     self._say(progress_line(step, t.steps, float(metrics["loss"]), float(metrics["lr"]),
-                                            float(metrics["grad_norm"]), tokens_per_s, mfu, eta))
+                                            float(metrics["grad_norm"]), tokens_per_s, mfu, eta) + reward_summary(extra))
                     values = {"train/loss": float(metrics["loss"]), "train/lr": float(metrics["lr"]),
                               "train/grad_norm": float(metrics["grad_norm"]), "perf/tokens_per_s": tokens_per_s,
-                              "perf/mfu": mfu}
+                              "perf/mfu": mfu, **{f"train/{k}": v for k, v in extra.items()}}
                     events.scalars(step, values)
                     history["train"].append((step, float(metrics["loss"])))
+                    for key in PLOTTED_REWARDS:
+                        if key in extra:
+                            history.setdefault(key, []).append((step, extra[key]))
                     self._append_metrics({"step": step, **values})
                     window_start, window_steps = time.perf_counter(), 0
                 if step % t.eval_every == 0 or step == t.steps:
-                    val = self.evaluate(params)
-                    if val is not None:
-                        self._say(f"step {step}  val_loss {val:.4f}  val_ppl {np.exp(val):.2f}")
-                        events.scalars(step, {"val/loss": val, "val/perplexity": float(np.exp(val))})
+                    held_out = self.evaluate(params)
+                    if held_out is not None:
+                        val = held_out.pop("loss")
+                        # A perplexity of the DPO loss would mean nothing.
+                        ppl = f"  val_ppl {np.exp(val):.2f}" if self.objective != "dpo" else ""
+                        self._say(f"step {step}  val_loss {val:.4f}{ppl}" + reward_summary(held_out))
+                        values = {"val/loss": val, **{f"val/{k}": v for k, v in held_out.items()}}
+                        events.scalars(step, {**values, **({"val/perplexity": float(np.exp(val))} if ppl else {})})
                         history["validation"].append((step, val))
-                        self._append_metrics({"step": step, "val/loss": val})
+                        if "rewards/accuracies" in held_out:
+                            history.setdefault("validation rewards/accuracies", []).append(
+                                (step, held_out["rewards/accuracies"]))
+                        self._append_metrics({"step": step, **values})
                 # Every process reads the vote cast one step earlier, so all stop after the same step; reading
                 # last step's (not this step's) vote keeps the host a step ahead of the device.
                 stopping = self.stop.requested if not self.agreement.multi else (
@@ -322,7 +390,7 @@ class Trainer:
                   "final_loss": history["train"][-1][1] if history["train"] else None}
         if step >= t.steps:
             if self.is_main:
-                plot_loss_curve(history, self.run_dir / "loss_curve.png")
+                plot_loss_curve(history, self.run_dir / "loss_curve.png", self.objective)
                 self._say(f"loss curve: {self.run_dir / 'loss_curve.png'}")
             if t.samples:
                 host_params = self._fetch(params)  # every process takes part in gathering a global array
@@ -394,6 +462,11 @@ class Trainer:
                 history["train"].append((step, record["train/loss"]))
             if "val/loss" in record:
                 history["validation"].append((step, record["val/loss"]))
+            for key in PLOTTED_REWARDS:
+                if f"train/{key}" in record:
+                    history.setdefault(key, []).append((step, record[f"train/{key}"]))
+            if "val/rewards/accuracies" in record:
+                history.setdefault("validation rewards/accuracies", []).append((step, record["val/rewards/accuracies"]))
         if unreadable:
             log.warning("%s: skipped %d line(s) that are not JSON records (cut short by a crash?)", path, unreadable)
         return history
@@ -405,10 +478,23 @@ class Trainer:
 
         model = nnx.merge(self.steps.graphdef, params)
         tok = self.splits.tokenizer
+        # Post-training shows what it was taught: held-out prompts as the chat template renders them.
+        prompts = getattr(self.splits, "sample_prompts", None) or [tok.encode(p) for p in SAMPLE_PROMPTS]
         print("samples (greedy):", flush=True)
-        for prompt in SAMPLE_PROMPTS:
-            ids = greedy_complete(model, tok.encode(prompt), 48, tok.eos_id)
-            print("-" * 60 + "\n" + prompt + tok.decode(ids), flush=True)
+        for prompt in prompts:
+            ids = greedy_complete(model, prompt, 48, tok.eos_id)
+            print("-" * 60 + "\n" + tok.decode(prompt) + tok.decode(ids), flush=True)
+
+
+# DPO's reward curves drawn beside the loss (training/metrics.plot_loss_curve's second panel).
+PLOTTED_REWARDS = ("rewards/margins", "rewards/accuracies")
+
+
+def reward_summary(metrics: dict[str, float]) -> str:
+    """'  acc 0.75  margin 0.123' for DPO metrics, '' otherwise: the progress line's tail."""
+    if "rewards/accuracies" not in metrics:
+        return ""
+    return f"  acc {metrics['rewards/accuracies']:.2f}  margin {metrics['rewards/margins']:.3f}"
 
 
 def source_model_config(config: RunConfig):
