@@ -1,6 +1,7 @@
 """PhiConfig: presets, the three config.json dialects, and refusals (message text, not just type)."""
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -109,3 +110,15 @@ def test_hf_files_with_odd_rotary_or_bad_type_are_refused(tmp_path):
 def test_unknown_preset_suggests_the_close_one():
     with pytest.raises(ConfigError, match=r"unknown model preset 'phi2'.*Did you mean 'phi-2'\?"):
         preset("phi2")
+
+
+@pytest.mark.parametrize("path", sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml")),
+                         ids=lambda p: p.name)
+def test_every_shipped_config_loads_and_validates(path):
+    """What `python -m phi2_jax.train configs/X.yaml` checks before any compute, for each shipped file
+    (the architecture of its init_from is the preset's here: the model folder is the user's)."""
+    from phi2_jax.training.run_config import load_run_config, validate
+
+    config = load_run_config(path)
+    validate(config, 8)
+    assert config.train.objective in ("lm", "sft", "dpo")

@@ -198,6 +198,30 @@ def shard_bytes(tree, shardings) -> int:
     return sum(math.prod(s.shard_shape(x.shape)) * x.dtype.itemsize for x, s in zip(leaves, shards))
 
 
+def abstract_batch(objective: str, shape: tuple[int, int, int], mesh, with_reference: bool) -> dict:
+    """The train step's batch [grad_accum, micro, seq] per key as ShapeDtypeStructs, for `objective`: packed text
+    (lm), packed text with loss weights (sft), or chosen / rejected rows (dpo; with their reference log-probs
+    when the run fine-tunes every weight, training/reference.py)."""
+    import jax
+    import jax.numpy as jnp
+
+    from phi2_jax.training.step import batch_sharding
+
+    def leaf(dtype, dims=3):
+        return jax.ShapeDtypeStruct(shape[:dims], dtype, sharding=batch_sharding(mesh, dims))
+
+    if objective == "dpo":
+        batch = {f"{side}_{k}": leaf(jnp.float32 if k == "weights" else jnp.int32)
+                 for side in ("chosen", "rejected") for k in ("input_ids", "targets", "weights")}
+        if with_reference:
+            batch.update(ref_chosen_logps=leaf(jnp.float32, 2), ref_rejected_logps=leaf(jnp.float32, 2))
+        return batch
+    batch = {k: leaf(jnp.int32) for k in ("input_ids", "targets", "segment_ids", "positions")}
+    if objective == "sft":
+        batch["weights"] = leaf(jnp.float32)
+    return batch
+
+
 def compile_train_step(config, model_config, target: Target, devices: int) -> dict:
     """Compiles the train step for `devices` devices of `target` from shapes alone; returns the report
     (see `format_report`) with the compiled program's HLO text under "hlo"."""
@@ -220,9 +244,11 @@ def compile_train_step(config, model_config, target: Target, devices: int) -> di
         raise ConfigError(f"the micro-batch of {micro} sequences (train.batch_size / train.grad_accum) is not divisible "
                           f"by the {data_parallel}-way data parallelism of {devices} devices.")
     tx, schedule = make_optimizer(config.optim, t.steps)
-    steps = build_steps(model_config, mesh, tx, schedule, t.seed, t.grad_accum, config.optim.z_loss)
-    batch = {k: jax.ShapeDtypeStruct((t.grad_accum, micro, seq), jnp.int32, sharding=steps.batch_sharding)
-             for k in ("input_ids", "targets", "segment_ids", "positions")}
+    options = ({"beta": config.dpo.beta, "loss_type": config.dpo.loss_type,
+                "label_smoothing": config.dpo.label_smoothing} if t.objective == "dpo" else {})
+    steps = build_steps(model_config, mesh, tx, schedule, t.seed, t.grad_accum, config.optim.z_loss, t.objective,
+                        options)
+    batch = abstract_batch(t.objective, (t.grad_accum, micro, seq), mesh, with_reference=not model_config.lora_rank)
     step = jax.ShapeDtypeStruct((), jnp.int32, sharding=NamedSharding(mesh, PartitionSpec()))
     platform = "cuda" if target.is_gpu else "cpu"
     start = time.perf_counter()
@@ -255,7 +281,7 @@ def compile_train_step(config, model_config, target: Target, devices: int) -> di
         "sequences_per_device": micro // data_parallel,
         "param_bytes_per_device": shard_bytes(steps.abstract_params, steps.param_shardings),
         "optimizer_bytes_per_device": shard_bytes(steps.abstract_opt_state, steps.opt_shardings),
-        "batch_bytes_per_device": shard_bytes(batch, {k: steps.batch_sharding for k in batch}),
+        "batch_bytes_per_device": shard_bytes(batch, {k: v.sharding for k, v in batch.items()}),
         "memory": memory, "capacity_bytes": target.memory_bytes,
         "attention_kernels": program.attention_kernels(),
         "collectives": program.collectives(),
