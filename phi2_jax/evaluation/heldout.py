@@ -80,20 +80,23 @@ def _pair(formatter: Formatter, record: dict, where: str) -> HeldoutPair:
     prompt, completion = record["prompt"], record["completion"]
     if isinstance(prompt, str) and not prompt:
         raise UserInputError(f"{where}: 'prompt' is empty; expected the text the completion answers.")
+    answer = _answer(completion, formatter.eos_text, where)
     example = formatter.sft_example(record, where)  # training's checks, template and tokens
     assert example is not None  # no length limit: nothing is dropped
     start = int(np.argmax(example.weights > 0))
     assert example.weights[start:].all(), "a prompt-completion example counts its completion only"
-    return HeldoutPair(tuple(example.ids[:start].tolist()), tuple(example.ids[start:].tolist()),
-                       _answer(completion, formatter.eos_text, where))
+    return HeldoutPair(tuple(example.ids[:start].tolist()), tuple(example.ids[start:].tolist()), answer)
 
 
 def _answer(completion, eos_text: str, where: str) -> str:
-    """The text greedy generation should produce: the completion less its end-of-text, or its first turn's content."""
-    if isinstance(completion, str):
-        return completion.removesuffix(eos_text).strip()
-    turn = next((m for m in completion if m["role"] == "assistant"), None)
-    if turn is None or not isinstance(turn["content"], str):
+    """The text greedy generation should produce: the completion less its end-of-text, or its first turn's content.
+
+    Other types are left to `Formatter.sft_example`, which refuses them in training's words.
+    """
+    if not isinstance(completion, list):
+        return completion.removesuffix(eos_text).strip() if isinstance(completion, str) else ""
+    turn = next((m for m in completion if isinstance(m, dict) and m.get("role") == "assistant"), None)
+    if turn is None or not isinstance(turn.get("content"), str):
         raise UserInputError(f"{where}: 'completion' has no assistant turn with text content; expected one to "
                              f"compare generations with.")
     return turn["content"].strip()
