@@ -7,7 +7,10 @@ import pytest
 import torch
 from tokenizers import Tokenizer
 
+from phi2_jax.data.chat import load_chat_template
+from phi2_jax.data.tokenizer import HFTokenizer
 from phi2_jax.evaluation.harness import main
+from phi2_jax.evaluation.heldout import SAMPLE, read_pairs
 from tests.hf_reference import train_bpe_tokenizer
 
 CFG = dict(vocab_size=320, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
@@ -159,3 +162,14 @@ def test_the_same_heldout_file_twice_is_refused(tmp_path, capsys):
         main(["--model", str(tmp_path / "no-model"), "--heldout", str(file), "--heldout", str(file)])
     assert exit_info.value.code == 2
     assert capsys.readouterr().err == f"error: --heldout {file} is given twice; name each file once.\n"
+
+
+def test_the_shipped_sample_holds_one_pair_of_each_kind(setup):
+    _, _, tok_dir, tok = setup
+    pairs = read_pairs(SAMPLE, HFTokenizer(tok_dir), load_chat_template(None))
+    assert [p.answer for p in pairs] == ["Paris", "42", "Mercury"]
+    assert [p.prompt for p in pairs] == [tuple(encode(tok, t)) for t in (
+        "Question: What is the capital of France?\nAnswer:", "Instruct: What is 12 plus 30?\nOutput:",
+        "Answer with one word.\nInstruct: Which planet is closest to the Sun?\nOutput:")]
+    assert [p.completion for p in pairs] == [tuple(encode(tok, t)) for t in (
+        " Paris" + EOS, " 42" + EOS + "\n", " Mercury" + EOS + "\n")]

@@ -105,3 +105,12 @@ def test_cli_refuses_a_bad_safety_file_before_the_model_and_writes_nothing(tmp_p
     assert exit_info.value.code == 2
     assert capsys.readouterr().err == f"error: {message.format(file=file)}\n"
     assert not out.exists()
+
+
+def test_help_says_safety_without_a_file_scores_the_shipped_sample(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--help"])
+    assert exit_info.value.code == 0
+    help_text = " ".join(capsys.readouterr().out.split())
+    assert "(without FILE: the shipped sample, phi2_jax/evaluation/samples/toxigen.jsonl)" in help_text
+    assert SAMPLE.as_posix().endswith("phi2_jax/evaluation/samples/toxigen.jsonl")

@@ -279,7 +279,7 @@ def main(argv=None) -> None:
     parser.add_argument("--ppl", action="append", default=[], type=Path, help="text file for perplexity (repeatable)")
     parser.add_argument("--safety", nargs="?", const=SAFETY_SAMPLE, type=Path, metavar="FILE",
                         help="ToxiGen-style safety score per target group and overall, from a JSONL file of statements "
-                             "(without FILE: the shipped 12-statement sample, evaluation/samples/toxigen.jsonl)")
+                             "(without FILE: the shipped sample, phi2_jax/evaluation/samples/toxigen.jsonl)")
     parser.add_argument("--safety-fields", default="text,target_group", metavar="TEXT,GROUP",
                         help="the --safety file's statement and group fields (default: text,target_group)")
     parser.add_argument("--heldout", action="append", default=[], type=Path, metavar="FILE",

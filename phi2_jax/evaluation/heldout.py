@@ -35,6 +35,8 @@ from phi2_jax.inference.scoring import loglikelihood
 from phi2_jax.util.jsonl import jsonl_objects
 from phi2_jax.util.progress import Progress
 
+SAMPLE = Path(__file__).parent / "samples" / "heldout.jsonl"
+
 # Phi-2's built-in template starts the next turn with "Instruct:"; a model that does not stop at its
 # end-of-text token would go on to ask itself the next question.
 STOP = ("\nInstruct:",)
