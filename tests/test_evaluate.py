@@ -259,3 +259,11 @@ def test_generation_tasks_run_batched_and_equal_one_prompt_at_a_time(setup, monk
     _, humaneval = load_task("humaneval", None, None)
     alone = [real(model, tokenizer, [i.prompt], max_new_tokens=6, stop=i.stop)[0] for i in humaneval]
     assert [i["completions"][0] for i in results["humaneval"]["items"]] == alone
+
+
+def test_nothing_to_evaluate_names_every_kind_of_input(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--model", str(tmp_path)])
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err == ("error: nothing to evaluate; pass --task NAME[=FILE], --ppl FILE, --safety [FILE] "
+                                       "and/or --heldout FILE.\n")

@@ -200,9 +200,10 @@ def test_a_task_failing_mid_suite_exits_2_with_the_finished_tasks_kept(tiny, tmp
     (["--data", "{tmp}/none"], "--data {tmp}/none is not a folder; expected a folder of <task>.jsonl files."),
     (["--data", "{tmp}"], "--data {tmp} holds none of the suite's task files"),
     (["--suite", "phi3", "--data", "{tmp}"], "unknown suite 'phi3'; expected one of phi2."),
-    (["--task", "piqa", "--data", "{tmp}"], "--suite runs its own task list; leave out --task and --ppl."),
+    (["--task", "piqa", "--data", "{tmp}"], "--suite runs its own task list; leave out --task, --ppl, --safety and --heldout."),
+    (["--safety", "--data", "{tmp}"], "--suite runs its own task list; leave out --task, --ppl, --safety and --heldout."),
     ([], "--suite needs --data FOLDER (the task files) and --output FOLDER (results, cache, report)."),
-], ids=["no-data", "empty-data", "unknown-suite", "with-task", "no-data-flag"])
+], ids=["no-data", "empty-data", "unknown-suite", "with-task", "with-safety", "no-data-flag"])
 def test_bad_suite_arguments_get_one_sentence(tmp_path, capsys, extra, message):
     extra = [a.replace("{tmp}", str(tmp_path)) for a in extra]
     with pytest.raises(SystemExit) as exit_info:

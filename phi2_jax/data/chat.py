@@ -94,7 +94,7 @@ class ChatTemplate:
             return _compile(self.template).render(messages=messages, tools=None, documents=None,
                                                   add_generation_prompt=add_generation_prompt,
                                                   **{**self.special_tokens, **kwargs})
-        except jinja2.exceptions.TemplateError as error:
+        except (jinja2.exceptions.TemplateError, TypeError) as error:  # TypeError: e.g. a list where text was expected
             raise UserInputError(f"the chat template ({self.source}) failed to render a conversation: {error}.") from None
 
 

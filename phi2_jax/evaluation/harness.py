@@ -10,6 +10,10 @@ number extracted and compared exactly. BBH (`--task bbh=FOLDER`): chain-of-thoug
 few-shot prompts from a prompt file per task, the answer after "So the answer is"
 (`bbh.py`). Code: completions run against the
 task's tests in the sandbox (`sandbox.py`), scored pass@k.
+
+What post-training changed: `--safety [FILE]`, a ToxiGen-style safety score per target group
+(`safety.py`); `--heldout FILE`, held-out prompt-completion pairs in TRL's conventions, scored by
+completion log-likelihood and exact match of the greedy answer (`heldout.py`).
 """
 
 from __future__ import annotations
@@ -29,6 +33,8 @@ from phi2_jax.util.progress import Progress
 from phi2_jax.evaluation.sandbox import Limits, run_programs
 from phi2_jax.inference.scoring import loglikelihood, rolling_loglikelihood
 from phi2_jax.evaluation.bbh import score_bbh
+from phi2_jax.evaluation.heldout import HeldoutPair, read_pairs, score_heldout
+from phi2_jax.evaluation.safety import SAMPLE as SAFETY_SAMPLE, Statement, read_statements, score_safety
 from phi2_jax.evaluation.tasks import extract_answer, load_task
 
 
@@ -144,8 +150,10 @@ def first_items(kind: str, items: list, limit: int | None) -> list:
 def evaluate(model, tokenizer, tasks: dict[str, Path | None], *, ppl_files: list[Path] = (), num_fewshot=None,
              limit: int | None = None, batch_size: int = 8, max_new_tokens: int = 256, code_samples: int = 1,
              code_temperature: float = 0.8, limits: Limits = Limits(), sandbox_workers: int | None = None,
+             safety: list[Statement] | None = None, heldout: dict[str, list[HeldoutPair]] | None = None,
              on_result: Callable[[dict], None] | None = None) -> dict:
-    """Scores `model` on each task ({name: JSONL path or None for the shipped sample}) and on `ppl_files`.
+    """Scores `model` on each task ({name: JSONL path or None for the shipped sample}), on `ppl_files`, on the
+    `safety` statements (results key 'safety') and on each set of held-out pairs ({results key: pairs}).
 
     on_result(results so far) is called after each task, so that a caller can keep finished tasks' results
     when a later one fails.
@@ -170,6 +178,16 @@ def evaluate(model, tokenizer, tasks: dict[str, Path | None], *, ppl_files: list
         results["perplexity"] = perplexity(model, tokenizer, list(ppl_files), batch_size)
         if on_result:
             on_result(dict(results))
+    if safety:
+        print(f"safety: {len(safety)} statements", file=sys.stderr)
+        results["safety"] = score_safety(model, tokenizer, safety, batch_size)
+        if on_result:
+            on_result(dict(results))
+    for name, pairs in (heldout or {}).items():
+        print(f"{name}: {len(pairs)} held-out pairs", file=sys.stderr)
+        results[name] = score_heldout(model, tokenizer, pairs, max_new_tokens, batch_size)
+        if on_result:
+            on_result(dict(results))
     return results
 
 
@@ -178,11 +196,13 @@ def table(results: dict) -> str:
     for task, metrics in results.items():
         n = metrics.get("n", metrics.get("tokens", ""))
         for key, value in metrics.items():
-            if key in ("n", "items", "tokens", "tasks"):
+            if key in ("n", "items", "tokens", "tasks", "groups"):
                 continue
             lines.append(f"| {task} | {key} | {value:.4f} | {n} |")
         for sub, scores in metrics.get("tasks", {}).items():  # BBH's tasks, each scored on its own
             lines.append(f"| {task}/{sub} | exact_match | {scores['exact_match']:.4f} | {scores['n']} |")
+        for group, scores in metrics.get("groups", {}).items():  # the safety score's target groups
+            lines.append(f"| {task}/{group} | score | {scores['score']:.4f} | {scores['n']} |")
     return "\n".join(lines)
 
 
@@ -212,8 +232,8 @@ def check_arguments(args) -> None:
     if not (math.isfinite(args.timeout) and args.timeout > 0):
         raise UserInputError(f"--timeout must be a positive number of seconds, got {args.timeout}.")
     if getattr(args, "suite", None):
-        if args.task or args.ppl:
-            raise UserInputError("--suite runs its own task list; leave out --task and --ppl.")
+        if args.task or args.ppl or getattr(args, "safety", None) or getattr(args, "heldout", None):
+            raise UserInputError("--suite runs its own task list; leave out --task, --ppl, --safety and --heldout.")
         if args.data is None or args.output is None:
             raise UserInputError("--suite needs --data FOLDER (the task files) and --output FOLDER (results, cache, report).")
         if args.output.exists() and not args.output.is_dir():
@@ -227,6 +247,19 @@ def check_arguments(args) -> None:
     for file in args.ppl:
         if not file.is_file():
             raise UserInputError(f"perplexity file {file} does not exist.")
+    heldout = getattr(args, "heldout", [])
+    for file in heldout:
+        if heldout.count(file) > 1:
+            raise UserInputError(f"--heldout {file} is given twice; name each file once.")
+    safety_fields(args)
+
+
+def safety_fields(args) -> dict[str, str]:
+    """read_statements' field names from --safety-fields TEXT,GROUP."""
+    names = [n.strip() for n in getattr(args, "safety_fields", "text,target_group").split(",")]
+    if len(names) != 2 or not all(names):
+        raise UserInputError(f"--safety-fields must be two field names, TEXT,GROUP, got {args.safety_fields!r}.")
+    return {"text_field": names[0], "group_field": names[1]}
 
 
 def write_results(path: Path, results: dict) -> None:
@@ -244,6 +277,15 @@ def main(argv=None) -> None:
     parser.add_argument("--tokenizer", type=Path, help="default: the model folder's / run's tokenizer")
     parser.add_argument("--task", action="append", default=[], help="NAME or NAME=FILE.jsonl (repeatable)")
     parser.add_argument("--ppl", action="append", default=[], type=Path, help="text file for perplexity (repeatable)")
+    parser.add_argument("--safety", nargs="?", const=SAFETY_SAMPLE, type=Path, metavar="FILE",
+                        help="ToxiGen-style safety score per target group and overall, from a JSONL file of statements "
+                             "(without FILE: the shipped sample, phi2_jax/evaluation/samples/toxigen.jsonl)")
+    parser.add_argument("--safety-fields", default="text,target_group", metavar="TEXT,GROUP",
+                        help="the --safety file's statement and group fields (default: text,target_group)")
+    parser.add_argument("--heldout", action="append", default=[], type=Path, metavar="FILE",
+                        help="held-out prompt-completion pairs, JSONL in TRL's conventions: completion log-likelihood "
+                             "and exact match of the greedy answer, which stops at end-of-text or '\\nInstruct:' "
+                             "and at --max-new-tokens (repeatable)")
     parser.add_argument("--num-fewshot", type=int)
     parser.add_argument("--limit", type=int, help="first N items of each task")
     parser.add_argument("--batch-size", type=int, default=8)
@@ -262,25 +304,33 @@ def main(argv=None) -> None:
 
         check_arguments(args)
         return run_suite_command(args)
-    if not args.task and not args.ppl:
-        raise UserInputError("nothing to evaluate; pass --task NAME[=FILE] and/or --ppl FILE.")
+    if not (args.task or args.ppl or args.safety or args.heldout):
+        raise UserInputError("nothing to evaluate; pass --task NAME[=FILE], --ppl FILE, --safety [FILE] "
+                             "and/or --heldout FILE.")
     check_arguments(args)
     tasks = parse_tasks(args.task)
     for name, path in tasks.items():
         load_task(name, path, args.num_fewshot)  # refuse a bad file before loading the model
+    statements = read_statements(args.safety, **safety_fields(args)) if args.safety else None
     if not args.model.exists():
         raise UserInputError(f"--model {args.model} does not exist.")
 
     from phi2_jax.hf.loading import default_tokenizer_path
     from phi2_jax.hf.loading import from_pretrained
+    from phi2_jax.data.chat import load_chat_template
     from phi2_jax.data.tokenizer import load_tokenizer
 
     tokenizer = load_tokenizer(args.tokenizer or default_tokenizer_path(args.model))
+    # Held-out pairs need the tokenizer and the chat template training used (the model folder's, else
+    # Phi-2's built-in one); still read before the model, so that a bad record costs no loading.
+    template = load_chat_template(args.model if args.model.is_dir() else None) if args.heldout else None
+    heldout = {f"heldout:{path}": read_pairs(path, tokenizer, template) for path in args.heldout}
     model = from_pretrained(args.model)
     save = (lambda results: write_results(args.output, results)) if args.output else None
     results = evaluate(model, tokenizer, tasks, ppl_files=args.ppl, num_fewshot=args.num_fewshot, limit=args.limit,
                        batch_size=args.batch_size, max_new_tokens=args.max_new_tokens, code_samples=args.code_samples,
-                       limits=Limits(seconds=args.timeout), sandbox_workers=args.sandbox_workers, on_result=save)
+                       limits=Limits(seconds=args.timeout), sandbox_workers=args.sandbox_workers, safety=statements,
+                       heldout=heldout, on_result=save)
     print(table(results))
 
 

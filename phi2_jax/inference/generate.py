@@ -240,7 +240,13 @@ def generate(
 def generate_text(model: Phi, tokenizer, prompts: Sequence[str], *, max_new_tokens: int = 64,
                   stop: Sequence[str] = (), **sampling) -> list[str]:
     """Continuations of text prompts (the prompt itself not included), cut at EOS and at the first stop string."""
-    encoded = [tokenizer.encode(p) for p in prompts]
+    return generate_after_ids(model, tokenizer, [tokenizer.encode(p) for p in prompts], max_new_tokens=max_new_tokens,
+                              stop=stop, **sampling)
+
+
+def generate_after_ids(model: Phi, tokenizer, encoded: Sequence[Sequence[int]], *, max_new_tokens: int = 64,
+                       stop: Sequence[str] = (), **sampling) -> list[str]:
+    """`generate_text` for prompts given as token ids (e.g. a chat prompt tokenized as training tokenized it)."""
     if any(not e for e in encoded):
         raise UserInputError("a prompt is empty; expected at least one token of text.")
     ids, mask = left_pad(encoded)
