@@ -11,7 +11,6 @@ gradient is torch's backward through that loss, compared with ours for every wei
 import json
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx

@@ -17,6 +17,9 @@ Aggregation (TRL's loss_type), as SUMS that the train step divides once over all
 With one micro-batch each equals TRL's loss. Over several, grpo and dr_grpo still equal TRL's (its per-micro-
 batch values divided by the accumulation steps, micro-batches being of equal size); bnpo becomes the token
 mean over the whole accumulated batch (what TRL calls 'dapo') where TRL averages per-micro-batch token means.
+Not implemented (TRL options at their defaults here): importance_sampling_level 'sequence', delta,
+top_entropy_quantile, off_policy_mask_threshold, vLLM importance sampling, multi_objective_aggregation
+'normalize_then_sum', the entropy bonus, and loss types other than the three above.
 """
 
 from __future__ import annotations
@@ -34,7 +37,7 @@ from flax import nnx
 from phi2_jax.errors import ConfigError, UserInputError
 from phi2_jax.hf.layout import flatten
 from phi2_jax.inference.generate import generate, left_pad
-from phi2_jax.training.objectives import adapters_off
+from phi2_jax.training.objectives import adapters_off, token_logps
 
 LOSS_TYPES = ("grpo", "bnpo", "dr_grpo")
 SCALE_REWARDS = ("group", "batch", "none")
@@ -135,13 +138,14 @@ def check_grpo_options(*, num_generations: int = 8, beta: float = 0.0, epsilon: 
 
 # ----------------------------------------------------------------------------- the objective
 def completion_logps(model, batch: dict, dropout_rng=None, temperature: float = 1.0) -> tuple[jax.Array, jax.Array]:
-    """(log p(target) [B, T], entropy [B, T]) at `temperature`, float32, for a rollout batch."""
+    """(log p(target) [B, T], entropy [B, T], no gradient) at `temperature`, float32, for a rollout batch."""
     logits = model(batch["input_ids"], position_ids=batch["positions"], segment_ids=batch["segment_ids"],
                    dropout_rng=dropout_rng)
-    logps = jax.nn.log_softmax(logits.astype(jnp.float32) / temperature, axis=-1)
-    chosen = jnp.take_along_axis(logps, batch["targets"][..., None].astype(jnp.int32), axis=-1)[..., 0]
-    entropy = -(jnp.exp(logps) * logps).sum(-1)
-    return chosen, entropy
+    scaled = logits.astype(jnp.float32) / temperature  # TRL scores at the sampling temperature
+    logps = token_logps(scaled, batch["targets"].astype(jnp.int32))
+    scaled = jax.lax.stop_gradient(scaled)
+    entropy = jax.nn.logsumexp(scaled, axis=-1) - (jax.nn.softmax(scaled, axis=-1) * scaled).sum(-1)
+    return logps, entropy
 
 
 def reference_logps(graphdef, params: dict, batch: dict, temperature: float = 1.0) -> jax.Array:
@@ -151,8 +155,7 @@ def reference_logps(graphdef, params: dict, batch: dict, temperature: float = 1.
 
 def grpo_loss_sums(graphdef, params: dict, batch: dict, dropout_rng=None, *, beta: float = 0.0,
                    epsilon_low: float = 0.2, epsilon_high: float = 0.2, loss_type: str = "grpo",
-                   max_completion_length: int, temperature: float = 1.0, delta: float | None = None,
-                   bias_correction_kl: bool = True) -> tuple[jax.Array, jax.Array, dict[str, jax.Array]]:
+                   max_completion_length: int, temperature: float = 1.0, bias_correction_kl: bool = True) -> tuple[jax.Array, jax.Array, dict[str, jax.Array]]:
     """(loss sum, count, metric sums) of one micro-batch of rollout rows (see the module docstring).
 
     batch: input_ids, targets, positions, segment_ids [B, T] (`rollout_batch`), completion_mask [B, T]
@@ -178,8 +181,7 @@ def grpo_loss_sums(graphdef, params: dict, batch: dict, dropout_rng=None, *, bet
     old = jax.lax.stop_gradient(batch["old_logps"] if "old_logps" in batch else logps)
     ratio = jnp.exp(logps - old)
     clipped = jnp.clip(ratio, 1 - epsilon_low, 1 + epsilon_high)
-    unclipped = ratio if delta is None else jnp.minimum(ratio, delta)  # TRL's two-sided clipping (INTELLECT-2)
-    per_token = -jnp.minimum(unclipped * advantages, clipped * advantages)
+    per_token = -jnp.minimum(ratio * advantages, clipped * advantages)
     metrics = {}
     if beta > 0:
         ref = batch["ref_logps"] if "ref_logps" in batch else reference_logps(graphdef, params, batch, temperature)
@@ -200,7 +202,7 @@ def grpo_loss_sums(graphdef, params: dict, batch: dict, dropout_rng=None, *, bet
     low = ((ratio < 1 - epsilon_low) & (advantages < 0)).astype(jnp.float32)
     high = ((ratio > 1 + epsilon_high) & (advantages > 0)).astype(jnp.float32)
     metrics.update({
-        "entropy": jax.lax.stop_gradient((entropy * mask).sum()),
+        "entropy": (entropy * mask).sum(),
         "clip_ratio/low_mean": (low * mask).sum(),
         "clip_ratio/high_mean": (high * mask).sum(),
         "clip_ratio/region_mean": (jnp.maximum(low, high) * mask).sum(),
