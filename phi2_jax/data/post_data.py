@@ -101,15 +101,16 @@ def _parquet_records(file: str) -> Iterator[tuple[str, dict]]:
             n += 1
 
 
-def post_tokenizer(spec: str, init_from: str) -> Tokenizer:
+def post_tokenizer(spec: str, init_from: str, writes_eos_as_text: bool = True) -> Tokenizer:
     """The tokenizer of `data.tokenizer`, or with 'auto' the one of the model post-training starts from.
 
-    Chat templates and completions end with the end-of-text token written as text, so that text must encode
-    to the one token: a sentencepiece `.model` (whose end-of-sequence piece has no text) is refused.
+    Chat templates and completions end with the end-of-text token written as text, so (`writes_eos_as_text`)
+    that text must encode to the one token: a sentencepiece `.model` (whose end-of-sequence piece has no
+    text) is refused. GRPO samples its completions and never writes the token as text.
     """
     if spec == "auto":
         if not init_from:
-            raise ConfigError("post-training (train.objective sft or dpo) starts from a trained model; expected "
+            raise ConfigError("post-training (train.objective sft, dpo or grpo) starts from a trained model; expected "
                               "checkpoint.init_from (a Hugging Face folder, a converted checkpoint or a run folder) "
                               "or data.tokenizer.")
         from phi2_jax.hf.loading import default_tokenizer_path
@@ -117,7 +118,7 @@ def post_tokenizer(spec: str, init_from: str) -> Tokenizer:
         spec = str(default_tokenizer_path(Path(init_from)))
     tokenizer = load_tokenizer(spec)
     eos_text = tokenizer.decode([tokenizer.eos_id])
-    if not eos_text or tokenizer.encode(eos_text) != [tokenizer.eos_id]:
+    if writes_eos_as_text and not eos_text or tokenizer.encode(eos_text) != [tokenizer.eos_id]:
         raise ConfigError(f"tokenizer {tokenizer.source} does not encode its end-of-text token's text "
                           f"{eos_text!r} as that one token, which chat templates and completions end with; expected "
                           f"a Hugging Face tokenizer.json (phi2-convert to-hf writes one for a sentencepiece run).")

@@ -198,10 +198,12 @@ def shard_bytes(tree, shardings) -> int:
     return sum(math.prod(s.shard_shape(x.shape)) * x.dtype.itemsize for x, s in zip(leaves, shards))
 
 
-def abstract_batch(objective: str, shape: tuple[int, int, int], mesh, with_reference: bool) -> dict:
+def abstract_batch(objective: str, shape: tuple[int, int, int], mesh, with_reference: bool,
+                   with_old_logps: bool = False) -> dict:
     """The train step's batch [grad_accum, micro, seq] per key as ShapeDtypeStructs, for `objective`: packed text
-    (lm), packed text with loss weights (sft), or chosen / rejected rows (dpo; with their reference log-probs
-    when the run fine-tunes every weight, training/reference.py)."""
+    (lm), packed text with loss weights (sft), chosen / rejected rows (dpo; with their reference log-probs when
+    the run fine-tunes every weight, training/reference.py), or rollout rows (grpo; per-token reference and
+    sampling-policy log-probs when a frozen reference / several passes need them, training/rollouts.py)."""
     import jax
     import jax.numpy as jnp
 
@@ -217,6 +219,12 @@ def abstract_batch(objective: str, shape: tuple[int, int, int], mesh, with_refer
             batch.update(ref_chosen_logps=leaf(jnp.float32, 2), ref_rejected_logps=leaf(jnp.float32, 2))
         return batch
     batch = {k: leaf(jnp.int32) for k in ("input_ids", "targets", "segment_ids", "positions")}
+    if objective == "grpo":
+        batch.update(completion_mask=leaf(jnp.float32), advantages=leaf(jnp.float32, 2))
+        for key, wanted in (("ref_logps", with_reference), ("old_logps", with_old_logps)):
+            if wanted:
+                batch[key] = leaf(jnp.float32)
+        return batch
     if objective == "sft":
         batch["weights"] = leaf(jnp.float32)
     return batch
@@ -232,6 +240,7 @@ def compile_train_step(config, model_config, target: Target, devices: int) -> di
     from phi2_jax.sharding import make_mesh
     from phi2_jax.training.metrics import train_flops_per_token
     from phi2_jax.training.optim import make_optimizer
+    from phi2_jax.training.run_config import objective_options
     from phi2_jax.training.step import build_steps
 
     model_config = model_for_target(model_config, target)
@@ -244,11 +253,14 @@ def compile_train_step(config, model_config, target: Target, devices: int) -> di
         raise ConfigError(f"the micro-batch of {micro} sequences (train.batch_size / train.grad_accum) is not divisible "
                           f"by the {data_parallel}-way data parallelism of {devices} devices.")
     tx, schedule = make_optimizer(config.optim, t.steps)
-    options = ({"beta": config.dpo.beta, "loss_type": config.dpo.loss_type,
-                "label_smoothing": config.dpo.label_smoothing} if t.objective == "dpo" else {})
     steps = build_steps(model_config, mesh, tx, schedule, t.seed, t.grad_accum, config.optim.z_loss, t.objective,
-                        options)
-    batch = abstract_batch(t.objective, (t.grad_accum, micro, seq), mesh, with_reference=not model_config.lora_rank)
+                        objective_options(config))
+    g = config.grpo
+    if t.objective == "grpo":  # rollout rows: prompt and completion
+        seq = g.max_prompt_length + g.max_completion_length
+    batch = abstract_batch(t.objective, (t.grad_accum, micro, seq), mesh,
+                           with_reference=not model_config.lora_rank and (t.objective == "dpo" or g.beta > 0),
+                           with_old_logps=g.num_iterations > 1)
     step = jax.ShapeDtypeStruct((), jnp.int32, sharding=NamedSharding(mesh, PartitionSpec()))
     platform = "cuda" if target.is_gpu else "cpu"
     start = time.perf_counter()

@@ -24,11 +24,20 @@ LossSums = Callable[..., tuple[jax.Array, jax.Array, dict]]
 
 
 def objective_loss_sums(objective: str, graphdef, **options) -> LossSums:
-    """The per-micro-batch loss-sums function for train.objective 'sft' or 'dpo' (options: beta, loss_type,
-    label_smoothing for dpo), over (trainable, frozen) halves of the parameters."""
+    """The per-micro-batch loss-sums function for train.objective 'sft', 'dpo' (options: beta, loss_type,
+    label_smoothing) or 'grpo' (options: grpo.grpo_loss_sums' keywords), over (trainable, frozen) halves of the
+    parameters."""
     if objective == "dpo":
         check_dpo_options(options.get("loss_type", "sigmoid"), options.get("beta", 0.1),
                           options.get("label_smoothing", 0.0))
+
+    if objective == "grpo":  # training/grpo.py: the clipped-ratio objective over rollout rows
+        from phi2_jax.training.grpo import grpo_loss_sums
+
+        def loss_sums(trainable, frozen, micro_batch, rng):
+            return grpo_loss_sums(graphdef, combine(trainable, frozen), micro_batch, rng, **options)
+
+        return loss_sums
 
     def loss_sums(trainable, frozen, micro_batch, rng):
         return objective_sums(objective, graphdef, combine(trainable, frozen), micro_batch, rng, **options)

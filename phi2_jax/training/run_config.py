@@ -74,7 +74,8 @@ class TrainSection:
     eval_batches: int = 4
     seed: int = 0
     samples: bool = True  # print completions of a few Python prompts at the end
-    objective: str = "lm"  # lm (pre-training on text) | sft (instruction tuning) | dpo (preference pairs)
+    # lm (pre-training on text) | sft (instruction tuning) | dpo (preference pairs) | grpo (RL, verifiable rewards)
+    objective: str = "lm"
 
 
 @dataclasses.dataclass
@@ -90,6 +91,33 @@ class DPOSection:
     beta: float = 0.1
     loss_type: str = "sigmoid"  # sigmoid | ipo | hinge | robust
     label_smoothing: float = 0.0  # robust only
+
+
+@dataclasses.dataclass
+class GRPOSection:
+    # Prompts: data.sources' files read as `task` (gsm8k | mbpp | humaneval task files, or jsonl: a prompt-only
+    # file with prompt_field and answer_field). train.batch_size counts completions: batch_size / num_generations
+    # prompts per step. One step = one rollout batch and num_iterations optimiser updates on it.
+    task: str = "jsonl"
+    prompt_field: str = "prompt"
+    answer_field: str = "answer"
+    num_generations: int = 8
+    max_prompt_length: int = 256  # longer prompts are dropped (counted in the log)
+    max_completion_length: int = 128
+    temperature: float = 1.0
+    top_p: float = 1.0
+    # As TRL's GRPOConfig names them.
+    beta: float = 0.0  # KL penalty to the reference (LoRA: adapters off; else a frozen copy of the start)
+    epsilon: float = 0.2
+    epsilon_high: float = 0.0  # 0: epsilon (clip symmetric)
+    loss_type: str = "grpo"  # grpo | bnpo | dr_grpo
+    scale_rewards: str = "group"  # group | batch | none (Dr. GRPO: no std scaling)
+    num_iterations: int = 1
+    mask_truncated_completions: bool = False
+    bias_correction_kl: bool = True  # TRL 1.16's use_bias_correction_kl
+    # Built-ins math_answer, code_tests, {name: format_regex, pattern: ...}, or 'module:function'; weights.
+    rewards: list[Any] = dataclasses.field(default_factory=lambda: [{"name": "math_answer", "weight": 1.0}])
+    reward_timeout: float = 300.0  # seconds per reward function and batch; past it the function scores 0
 
 
 @dataclasses.dataclass
@@ -119,6 +147,7 @@ class RunConfig:
     train: TrainSection = dataclasses.field(default_factory=TrainSection)
     sft: SFTSection = dataclasses.field(default_factory=SFTSection)
     dpo: DPOSection = dataclasses.field(default_factory=DPOSection)
+    grpo: GRPOSection = dataclasses.field(default_factory=GRPOSection)
     checkpoint: CheckpointSection = dataclasses.field(default_factory=CheckpointSection)
     mesh: MeshConfig = dataclasses.field(default_factory=MeshConfig)
     distributed: DistributedSection = dataclasses.field(default_factory=DistributedSection)
@@ -276,10 +305,28 @@ def validate(config: RunConfig, num_devices: int, model: PhiConfig | None = None
     if not 0.0 <= d.val_fraction < 1.0:
         raise ConfigError(f"data.val_fraction must be in [0, 1), got {d.val_fraction}.")
     _check_objective(config)
+    g = config.grpo
+    if t.objective == "grpo" and g.max_prompt_length + g.max_completion_length > model.max_position_embeddings:
+        raise ConfigError(f"grpo.max_prompt_length {g.max_prompt_length} + grpo.max_completion_length "
+                          f"{g.max_completion_length} exceeds the model's max_position_embeddings "
+                          f"{model.max_position_embeddings}.")
     return model
 
 
-OBJECTIVES = ("lm", "sft", "dpo")
+def objective_options(config: RunConfig) -> dict:
+    """The train step's options for train.objective (training/objectives.py, training/grpo.py)."""
+    if config.train.objective == "dpo":
+        d = config.dpo
+        return {"beta": d.beta, "loss_type": d.loss_type, "label_smoothing": d.label_smoothing}
+    if config.train.objective == "grpo":
+        g = config.grpo
+        return {"beta": g.beta, "epsilon_low": g.epsilon, "epsilon_high": g.epsilon_high or g.epsilon,
+                "loss_type": g.loss_type, "max_completion_length": g.max_completion_length,
+                "temperature": g.temperature, "bias_correction_kl": g.bias_correction_kl}
+    return {}
+
+
+OBJECTIVES = ("lm", "sft", "dpo", "grpo")
 
 
 def _check_objective(config: RunConfig) -> None:
@@ -301,6 +348,19 @@ def _check_objective(config: RunConfig) -> None:
         from phi2_jax.training.objectives import check_dpo_options
 
         check_dpo_options(config.dpo.loss_type, config.dpo.beta, config.dpo.label_smoothing)
+    if t.objective == "grpo":
+        from phi2_jax.training.grpo import check_grpo_options
+
+        g = config.grpo
+        check_grpo_options(num_generations=g.num_generations, beta=g.beta, epsilon=g.epsilon,
+                           epsilon_high=g.epsilon_high or None, loss_type=g.loss_type, scale_rewards=g.scale_rewards,
+                           max_completion_length=g.max_completion_length, temperature=g.temperature, top_p=g.top_p,
+                           batch_size=t.batch_size)
+        if g.num_iterations < 1:
+            raise ConfigError(f"grpo.num_iterations is {g.num_iterations}; expected 1 or more optimiser passes "
+                              f"per rollout batch.")
+        if g.max_prompt_length < 1:
+            raise ConfigError(f"grpo.max_prompt_length is {g.max_prompt_length}; expected a positive number of tokens.")
     if t.objective != "lm" and any(s.get("format") == "tokens" for s in config.data.sources):
         raise ConfigError(f"train.objective {t.objective} reads records (JSONL or Parquet), not token files; "
                           f"expected data.sources of .jsonl or .parquet files.")

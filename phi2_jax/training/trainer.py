@@ -26,7 +26,7 @@ from phi2_jax.errors import ConfigError, UserInputError, exit_on_user_error
 from phi2_jax.util.host_memory import keep_freed_memory_on_cpu
 from phi2_jax.util.progress import log_info_to_stderr
 from phi2_jax.training.preemption import StopAgreement, StopRequest, install_sigterm_handler
-from phi2_jax.training.run_config import RunConfig, load_run_config, validate
+from phi2_jax.training.run_config import RunConfig, load_run_config, objective_options, validate
 from phi2_jax.training.run_lock import RunLock
 
 log = logging.getLogger("phi2_jax.training.trainer")
@@ -81,15 +81,24 @@ class Trainer:
         if self.objective == "lm":
             self.splits = build_splits(d.sources, d.tokenizer, d.seq_len, d.val_fraction, self.model_config.vocab_size,
                                        d.max_documents, jax.process_index(), jax.process_count())
+        elif self.objective == "grpo":
+            from phi2_jax.training.rollouts import grpo_splits
+
+            self.splits, self._prompt_records, self._prompt_ids = grpo_splits(config, self._tokenizer(False))
         else:
             self.splits = self._post_training_splits()
         pc = jax.process_count()
         self.local_batch = t.batch_size // pc
-        self.dataset = train_dataset(self.splits, self.local_batch, d.shuffle_seed, jax.process_index(), pc, d.workers)
-        self.val_batches = self._validation_batches()
+        # GRPO's rows are prompts, each sampled grpo.num_generations times: the batch counts completions.
+        per_row = config.grpo.num_generations if self.objective == "grpo" else 1
+        if self.local_batch % per_row:
+            raise ConfigError(f"train.batch_size {t.batch_size} completions over {pc} processes is not a whole number "
+                              f"of prompts of grpo.num_generations {per_row} completions per process.")
+        self.dataset = train_dataset(self.splits, self.local_batch // per_row, d.shuffle_seed, jax.process_index(), pc,
+                                     d.workers)
+        self.val_batches = self._validation_batches() if self.objective != "grpo" else []
         self.tx, self.schedule = make_optimizer(config.optim, t.steps)
-        options = ({"beta": config.dpo.beta, "loss_type": config.dpo.loss_type,
-                    "label_smoothing": config.dpo.label_smoothing} if self.objective == "dpo" else {})
+        options = objective_options(config)
         self.steps = build_steps(tuned_for_backend(self.model_config, jax.default_backend()), self.mesh, self.tx,
                                  self.schedule, t.seed, t.grad_accum, config.optim.z_loss, self.objective, options)
         self._starting_params = None  # the reference pass's parameters, reused as the first step's
@@ -98,17 +107,32 @@ class Trainer:
         self.stop = stop or StopRequest()
         self.agreement = StopAgreement()
 
-    def _post_training_splits(self):
-        """SFT / DPO rows from records in TRL's conventions (data/post_data.py)."""
-        from phi2_jax.data.post_data import build_post_splits, chat_template, post_tokenizer
+    def _tokenizer(self, writes_eos_as_text: bool):
+        from phi2_jax.data.post_data import post_tokenizer
 
-        cfg, d = self.config, self.config.data
-        tokenizer = post_tokenizer(d.tokenizer, cfg.checkpoint.init_from)
+        tokenizer = post_tokenizer(self.config.data.tokenizer, self.config.checkpoint.init_from, writes_eos_as_text)
         if tokenizer.vocab_size > self.model_config.vocab_size:
             raise ConfigError(f"tokenizer {tokenizer.source} has {tokenizer.vocab_size} tokens but the model's "
                               f"vocab_size is {self.model_config.vocab_size}; expected the model's own tokenizer.")
+        return tokenizer
+
+    def _post_training_splits(self):
+        """SFT / DPO rows from records in TRL's conventions (data/post_data.py)."""
+        from phi2_jax.data.post_data import build_post_splits, chat_template
+
+        cfg, d = self.config, self.config.data
+        tokenizer = self._tokenizer(True)
         return build_post_splits(d.sources, tokenizer, chat_template(d.chat_template, tokenizer), self.objective,
                                  d.seq_len, d.val_fraction, d.fields, cfg.sft.count_prompt, d.max_documents)
+
+    def _grpo_rollouts(self):
+        from phi2_jax.training.rollouts import GRPORollouts
+
+        g = self.config.grpo
+        # Full fine-tuning keeps the start as the KL reference: a frozen copy (with LoRA: the adapters off).
+        reference = self._initial_params() if g.beta > 0 and not self.model_config.lora_rank else None
+        return GRPORollouts(self.config, self._prompt_records, self._prompt_ids, self.splits.tokenizer,
+                            self.steps.graphdef, self.mesh, reference)
 
     def _validation_batches(self) -> list:
         from phi2_jax.data.pipeline import validation_batches
@@ -165,7 +189,12 @@ class Trainer:
                 for k, v in local.items()}
 
     def evaluate(self, params) -> dict[str, float] | None:
-        """{'loss': ...} on the held-out batches (post-training adds its metrics, e.g. rewards/accuracies)."""
+        """{'loss': ...} on the held-out batches (post-training adds its metrics, e.g. rewards/accuracies;
+        GRPO: {'reward': ...} of greedy completions of held-out prompts)."""
+        if self.objective == "grpo":
+            t = self.config.train
+            count = t.eval_batches * t.batch_size // self.config.grpo.num_generations
+            return self.rollouts.held_out(params, self.splits.validation.rows["index"][:count].tolist()) or None
         if not self.val_batches:
             return None
         results = [self.jax.device_get(self.steps.eval_loss(params, self._eval_batch(b))) for b in self.val_batches]
@@ -213,6 +242,8 @@ class Trainer:
                 self.val_batches = self._validation_batches()
             iterator = iter(self.dataset)
             start, params, opt_state = self._resume_or_initialise(checkpoints, iterator)
+            if self.objective == "grpo":
+                self.rollouts = self._grpo_rollouts()
             result = {"step": start, "seconds": 0.0, "final_loss": None, "steps_run": 0}
             if start >= t.steps:
                 self._say(f"{self.run_dir} is already at step {start} (train.steps {t.steps}): nothing to train; "
@@ -321,29 +352,42 @@ class Trainer:
         events = EventWriter(self.run_dir, self.is_main)
         history = self._load_history(start)
         peak, peak_source = device_peak_flops(self.model_config.compute_dtype)
-        flops_per_step = train_flops_per_token(self.model_config, cfg.data.seq_len) * t.batch_size * cfg.data.seq_len
+        # A row is data.seq_len tokens, or for GRPO a rollout row (prompt + completion; sampling's own work uncounted).
+        row = (cfg.grpo.max_prompt_length + cfg.grpo.max_completion_length if self.objective == "grpo"
+               else cfg.data.seq_len)
+        flops_per_step = train_flops_per_token(self.model_config, row) * t.batch_size * row
         self._say(f"model {self.model_config.num_params():,} params | mesh {dict(self.mesh.shape)} | "
                   f"{jax.device_count()} devices, {jax.process_count()} processes | peak {peak / 1e9:,.1f} GFLOP/s "
                   f"per device ({peak_source})")
 
+        if self.objective == "grpo" and start == 0:  # the reward curve's starting point
+            self._log_held_out(0, self.evaluate(params) or {}, events, history)
         step, window_start, window_steps = start, time.perf_counter(), 0
         run_start = time.perf_counter()
         stop_vote, stopping = None, False
         try:
             while step < t.steps:
-                batch = self._global_batch(next(iterator))
-                params, opt_state, metrics = self.steps.train_step(params, opt_state, batch, step)
+                if self.objective == "grpo":
+                    params, opt_state, metrics, rollout = self._grpo_step(params, opt_state, next(iterator), step)
+                else:
+                    batch = self._global_batch(next(iterator))
+                    params, opt_state, metrics = self.steps.train_step(params, opt_state, batch, step)
+                    rollout = {}
                 step += 1
                 window_steps += 1
                 if step % t.log_every == 0 or step == t.steps:
                     metrics = jax.device_get(metrics)
                     self._refuse_non_finite(metrics, step, checkpoints)
                     elapsed = time.perf_counter() - window_start
-                    tokens_per_s = window_steps * t.batch_size * cfg.data.seq_len / elapsed
+                    tokens_per_s = window_steps * t.batch_size * row / elapsed
                     mfu = window_steps * flops_per_step / elapsed / (peak * jax.device_count())
                     eta = (t.steps - step) * elapsed / window_steps
                     # Post-training's own metrics, named as TRL logs them (rewards/margins, logps/chosen, ...).
                     extra = {k: float(v) for k, v in metrics.items() if "/" in k}
+                    if self.objective == "grpo":
+                        from phi2_jax.training.grpo import grpo_metrics
+
+                        extra = {**grpo_metrics(self.jax.device_get(metrics)), **rollout}
                     self._say(progress_line(step, t.steps, float(metrics["loss"]), float(metrics["lr"]),
                                             float(metrics["grad_norm"]), tokens_per_s, mfu, eta) + reward_summary(extra))
                     values = {"train/loss": float(metrics["loss"]), "train/lr": float(metrics["lr"]),
@@ -359,17 +403,7 @@ class Trainer:
                 if step % t.eval_every == 0 or step == t.steps:
                     held_out = self.evaluate(params)
                     if held_out is not None:
-                        val = held_out.pop("loss")
-                        # A perplexity of the DPO loss would mean nothing.
-                        ppl = f"  val_ppl {np.exp(val):.2f}" if self.objective != "dpo" else ""
-                        self._say(f"step {step}  val_loss {val:.4f}{ppl}" + reward_summary(held_out))
-                        values = {"val/loss": val, **{f"val/{k}": v for k, v in held_out.items()}}
-                        events.scalars(step, {**values, **({"val/perplexity": float(np.exp(val))} if ppl else {})})
-                        history["validation"].append((step, val))
-                        if "rewards/accuracies" in held_out:
-                            history.setdefault("validation rewards/accuracies", []).append(
-                                (step, held_out["rewards/accuracies"]))
-                        self._append_metrics({"step": step, **values})
+                        self._log_held_out(step, held_out, events, history)
                 # Every process reads the vote cast one step earlier, so all stop after the same step; reading
                 # last step's (not this step's) vote keeps the host a step ahead of the device.
                 stopping = self.stop.requested if not self.agreement.multi else (
@@ -397,6 +431,44 @@ class Trainer:
                 if self.is_main:
                     self._print_samples(host_params)
         return result
+
+    def _grpo_step(self, params, opt_state, prompts: dict, step: int):
+        """One rollout batch and grpo.num_iterations updates on it: (params, opt_state, metrics, rollout info)."""
+        batch, rollout = self.rollouts.batch(params, prompts["index"], step, self._global_batch)
+        passes = []
+        for _ in range(self.config.grpo.num_iterations):
+            params, opt_state, metrics = self.steps.train_step(params, opt_state, batch, step)
+            passes.append(metrics)
+        if len(passes) > 1:  # the mean over the passes, as TRL's logs average its steps; finite only if all were
+            finite = passes[0]["finite"]
+            for m in passes[1:]:
+                finite = finite & m["finite"]
+            metrics = self.jax.tree.map(lambda *values: sum(values) / len(values),
+                                        *[{k: v for k, v in m.items() if k != "finite"} for m in passes])
+            metrics["finite"] = finite
+        return params, opt_state, metrics, rollout
+
+    def _log_held_out(self, step: int, held_out: dict, events, history: dict) -> None:
+        """The held-out line, TensorBoard scalars, metrics.jsonl record and plot points of one evaluation."""
+        import numpy as np
+
+        if not held_out:
+            return
+        values = {f"val/{k}": v for k, v in held_out.items()}
+        if "loss" in held_out:
+            val = held_out["loss"]
+            # A perplexity of the DPO loss would mean nothing.
+            ppl = f"  val_ppl {np.exp(val):.2f}" if self.objective != "dpo" else ""
+            self._say(f"step {step}  val_loss {val:.4f}{ppl}" + reward_summary(held_out))
+            events.scalars(step, {**values, **({"val/perplexity": float(np.exp(val))} if ppl else {})})
+            history["validation"].append((step, val))
+        else:
+            self._say(f"step {step}  held-out" + reward_summary(held_out))
+            events.scalars(step, values)
+        for key in ("rewards/accuracies", "reward"):
+            if key in held_out:
+                history.setdefault(f"validation {key}", []).append((step, held_out[key]))
+        self._append_metrics({"step": step, **values})
 
     def _refuse_non_finite(self, metrics: dict, step: int, checkpoints) -> None:
         """Stops before a non-finite step can be logged or saved: the newest checkpoint stays the last finite one."""
@@ -465,8 +537,9 @@ class Trainer:
             for key in PLOTTED_REWARDS:
                 if f"train/{key}" in record:
                     history.setdefault(key, []).append((step, record[f"train/{key}"]))
-            if "val/rewards/accuracies" in record:
-                history.setdefault("validation rewards/accuracies", []).append((step, record["val/rewards/accuracies"]))
+            for key in ("rewards/accuracies", "reward"):
+                if f"val/{key}" in record:
+                    history.setdefault(f"validation {key}", []).append((step, record[f"val/{key}"]))
         if unreadable:
             log.warning("%s: skipped %d line(s) that are not JSON records (cut short by a crash?)", path, unreadable)
         return history
@@ -486,15 +559,21 @@ class Trainer:
             print("-" * 60 + "\n" + tok.decode(prompt) + tok.decode(ids), flush=True)
 
 
-# DPO's reward curves drawn beside the loss (training/metrics.plot_loss_curve's second panel).
-PLOTTED_REWARDS = ("rewards/margins", "rewards/accuracies")
+# Reward curves drawn beside the loss (training/metrics.plot_loss_curve's second panel): DPO's, GRPO's.
+PLOTTED_REWARDS = ("rewards/margins", "rewards/accuracies", "reward")
 
 
 def reward_summary(metrics: dict[str, float]) -> str:
-    """'  acc 0.75  margin 0.123' for DPO metrics, '' otherwise: the progress line's tail."""
-    if "rewards/accuracies" not in metrics:
-        return ""
-    return f"  acc {metrics['rewards/accuracies']:.2f}  margin {metrics['rewards/margins']:.3f}"
+    """The progress line's tail: '  acc 0.75  margin 0.123' (DPO), '  reward 0.42  kl 0.001' (GRPO), or ''."""
+    if "rewards/accuracies" in metrics:
+        return f"  acc {metrics['rewards/accuracies']:.2f}  margin {metrics['rewards/margins']:.3f}"
+    if "reward" in metrics:
+        kl = f"  kl {metrics['kl']:.4f}" if "kl" in metrics else ""
+        length = (f"  length {metrics['completions/mean_length']:.1f}" if "completions/mean_length" in metrics else "")
+        return f"  reward {metrics['reward']:.3f}{kl}{length}"
+    return ""
+
+
 
 
 def source_model_config(config: RunConfig):
