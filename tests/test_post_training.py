@@ -185,28 +185,48 @@ BAD_RECORDS = [
 ]
 
 
+def refused(argv, capsys) -> str:
+    """The one line `python -m phi2_jax.train` prints before exiting 2 (run in this process: no start-up cost)."""
+    from phi2_jax.train import main
+
+    with pytest.raises(SystemExit) as exit_code:
+        main([*COMMON, *argv])
+    assert exit_code.value.code == 2
+    (line,) = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+    return line
+
+
 @pytest.mark.parametrize("record,message", BAD_RECORDS)
-def test_bad_records_are_one_sentence_and_write_nothing(task, tmp_path, record, message):
+def test_bad_records_are_one_sentence_and_write_nothing(task, tmp_path, record, message, capsys):
     _, base = task
     data = tmp_path / "bad.jsonl"
     data.write_text(json.dumps({"prompt": "a", "completion": "b"}) + "\n" + json.dumps(record) + "\n")
     run_dir = tmp_path / "run"
-    proc = train(run_dir, "train.objective=sft", f"checkpoint.init_from={base}", f"data.sources=[{{path: {data}}}]",
-                 "train.steps=2", check=False)
-    assert proc.returncode == 2, proc.stderr[-2000:]
-    (line,) = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    line = refused([f"run_dir={run_dir}", "train.objective=sft", f"checkpoint.init_from={base}",
+                    f"data.sources=[{{path: {data}}}]", "train.steps=2"], capsys)
     assert f"{data} line 2" in line and line.endswith(message)
     assert not run_dir.exists()
 
 
-def test_a_template_that_fails_to_render_is_one_sentence(task, tmp_path):
+def test_a_template_that_fails_to_render_is_one_sentence(task, tmp_path, capsys):
     root, base = task
     template = tmp_path / "strict.jinja"
     template.write_text("{% for m in messages %}{% if m['role'] == 'user' %}{{ raise_exception('no users here') }}"
                         "{% endif %}{{ m['content'] }}{% endfor %}")
-    proc = train(tmp_path / "run", "train.objective=sft", f"checkpoint.init_from={base}",
-                 f"data.sources=[{{path: {root / 'sft.jsonl'}}}]", f"data.chat_template={template}", check=False)
-    assert proc.returncode == 2
-    assert f"error: {root / 'sft.jsonl'} line 2: the chat template ({template}) failed to render a conversation: " \
-           "no users here." in proc.stderr
+    line = refused([f"run_dir={tmp_path / 'run'}", "train.objective=sft", f"checkpoint.init_from={base}",
+                    f"data.sources=[{{path: {root / 'sft.jsonl'}}}]", f"data.chat_template={template}"], capsys)
+    assert line == (f"error: {root / 'sft.jsonl'} line 2: the chat template ({template}) failed to render a "
+                    f"conversation: no users here.")
     assert not (tmp_path / "run").exists()
+
+
+def test_a_sentencepiece_tokenizer_is_refused_for_chat_templates(task, tmp_path, capsys, monkeypatch):
+    """Its end-of-sequence piece has no text, which templates and completions would write."""
+    from phi2_jax.data.tokenizer import train_sentencepiece
+
+    root, base = task
+    monkeypatch.setenv("PHI2_JAX_CACHE", str(tmp_path / "cache"))
+    model = train_sentencepiece(lambda: ["What color is the sky? Answer: blue."] * 50, 300, "post-training-test")
+    line = refused([f"run_dir={tmp_path / 'run'}", "train.objective=sft", f"checkpoint.init_from={base}",
+                    f"data.tokenizer={model}", f"data.sources=[{{path: {root / 'sft.jsonl'}}}]"], capsys)
+    assert "does not encode its end-of-text token's text" in line and "phi2-convert to-hf writes one" in line

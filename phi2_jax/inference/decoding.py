@@ -51,7 +51,7 @@ def layer_copy_fits(model: Phi) -> bool:
 
 def free_device_memory() -> float:
     """Bytes free on the first device: its allocator's limit less what is in use, or the host's free RAM on the CPU."""
-    stats = jax.devices()[0].memory_stats() or {}
+    stats = jax.local_devices()[0].memory_stats() or {}  # addressable here
     if "bytes_limit" in stats:
         return stats["bytes_limit"] - stats.get("bytes_in_use", 0)
     try:

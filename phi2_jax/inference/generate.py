@@ -229,6 +229,10 @@ def generate(
             graphdef, state, jnp.asarray(padded_ids), jnp.asarray(padded_mask), max_new_tokens, sampling,
             jax.random.key(seed), on_token is not None, eos, jnp.asarray(stops), layer_graphdef, layer_states,
             cache_layout(backend))
+        if not new.is_fully_addressable:  # a model sharded over several processes: each gets every row
+            from jax.experimental import multihost_utils
+
+            new = multihost_utils.process_allgather(new, tiled=True)
         new = np.asarray(new)
     finally:
         if on_token is not None:

@@ -45,8 +45,8 @@ def sampling_seed(seed: int, step: int) -> int:
 class GRPORollouts:
     """Makes each step's rollout batch and scores held-out prompts for one run (see the module docstring)."""
 
-    def __init__(self, config, records: list[PromptRecord], prompt_ids: list[list[int]], tokenizer, graphdef, mesh,
-                 reference_params: dict | None = None):
+    def __init__(self, config, records: list[PromptRecord], prompt_ids: list[list[int]], tokenizer, rewards: RewardSet,
+                 graphdef, mesh, reference_params: dict | None = None):
         import jax
 
         from phi2_jax.training.grpo import completion_logps
@@ -55,7 +55,7 @@ class GRPORollouts:
         self.g, self.seed = config.grpo, config.train.seed
         self.records, self.prompt_ids, self.tokenizer = records, prompt_ids, tokenizer
         self.graphdef, self.reference = graphdef, reference_params
-        self.rewards = RewardSet.from_specs(self.g.rewards, timeout_s=self.g.reward_timeout)
+        self.rewards = rewards
         self.length = self.g.max_prompt_length + self.g.max_completion_length
         temperature = self.g.temperature
 

@@ -84,7 +84,10 @@ class Trainer:
         elif self.objective == "grpo":
             from phi2_jax.training.rollouts import grpo_splits
 
+            from phi2_jax.training.rewards import RewardSet
+
             self.splits, self._prompt_records, self._prompt_ids = grpo_splits(config, self._tokenizer(False))
+            self._rewards = RewardSet.from_specs(config.grpo.rewards, timeout_s=config.grpo.reward_timeout)
         else:
             self.splits = self._post_training_splits()
         pc = jax.process_count()
@@ -131,7 +134,7 @@ class Trainer:
         g = self.config.grpo
         # Full fine-tuning keeps the start as the KL reference: a frozen copy (with LoRA: the adapters off).
         reference = self._initial_params() if g.beta > 0 and not self.model_config.lora_rank else None
-        return GRPORollouts(self.config, self._prompt_records, self._prompt_ids, self.splits.tokenizer,
+        return GRPORollouts(self.config, self._prompt_records, self._prompt_ids, self.splits.tokenizer, self._rewards,
                             self.steps.graphdef, self.mesh, reference)
 
     def _validation_batches(self) -> list:
