@@ -121,4 +121,4 @@ def test_every_shipped_config_loads_and_validates(path):
 
     config = load_run_config(path)
     validate(config, 8)
-    assert config.train.objective in ("lm", "sft", "dpo")
+    assert config.train.objective in ("lm", "sft", "dpo", "grpo")
