@@ -75,12 +75,14 @@ def test_post_training_suites_run_both_sides_on_the_same_work(tmp_path, capsys, 
     # sft and dpo against TRL at a tiny size: both sides time a step, and their first steps agree numerically.
     # The CPU's peak (3 s a measurement, twice a run) is the smoke test's above; a fixed one keeps this short.
     monkeypatch.setattr("phi2_jax.bench.suites.device_peak_flops", lambda dtype: (1e11, "fixed for the test"))
-    for suite, checked in (("sft", {"loss", "grad_norm"}), ("dpo", {"loss", "grad_norm", "logps/chosen", "logps/rejected"})):
+    dpo_checked = {"loss", "grad_norm", "logps/chosen", "logps/rejected"}
+    for suite, checked in (("sft", {"loss", "grad_norm"}), ("dpo", dpo_checked)):
         rows = main([suite, "--config", "nano", "--seq", "16", "--batch", "2", "--repeats", "1", "--compare", "trl",
                      "--work-dir", str(tmp_path), "--output", str(tmp_path / f"{suite}.json")])
         assert [(r["suite"], r["impl"]) for r in rows] == [(suite, "phi2_jax"), (suite, "trl")]
         for row in rows:
-            assert {"case", "median_s", "tokens_per_s", "repeats", "peak_rss_mb", "mfu", "first_step_loss"} <= set(row)
+            expected = {"case", "median_s", "tokens_per_s", "repeats", "peak_rss_mb", "mfu", "first_step_loss"}
+            assert expected <= row.keys()
             assert row["median_s"] > 0 and row["tokens_per_s"] > 0 and row["repeats"] == 1
         ours, theirs = rows
         assert ours["speedup_vs_trl"] == theirs["median_s"] / ours["median_s"]
@@ -98,6 +100,7 @@ def test_compare_must_match_the_suite(tmp_path, capsys):
         with pytest.raises(SystemExit) as exit_:
             main([*argv, "--config", "nano", "--work-dir", str(tmp_path), "--output", str(tmp_path / "b.json")])
         assert exit_.value.code == 2
-    assert ("--compare trl does not apply to suite train; expected --compare transformers (or none): sft and dpo "
-            "compare with TRL's trainers, the other suites with transformers' PhiForCausalLM.") in capsys.readouterr().err
+    assert ("--compare trl does not apply to suite train; expected --compare transformers (or none): sft and "
+            "dpo compare with TRL's trainers, the other suites with transformers' PhiForCausalLM."
+            ) in capsys.readouterr().err
     assert not (tmp_path / "b.json").exists()

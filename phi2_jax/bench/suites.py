@@ -106,7 +106,8 @@ class TorchWorker:
     def _answer(self) -> dict:
         answer = self.process.stdout.readline()
         if not answer:
-            raise RuntimeError(f"the {self.process.args[1]} worker exited (code {self.process.wait()}); its error is above.")
+            script = Path(self.process.args[1]).name
+            raise RuntimeError(f"the {script} worker exited (code {self.process.wait()}); its error is above.")
         return json.loads(answer)
 
     def ask(self, **request) -> dict:
@@ -332,8 +333,7 @@ def main(argv=None) -> list[dict]:
     compare = args.compare != "none"
     needs = ("torch", "transformers", "trl") if args.compare == "trl" else ("torch", "transformers")
     if compare and not all(importlib.util.find_spec(p) for p in needs):
-        print(f"--compare {args.compare} needs {', '.join(needs)} (pip install 'phi2_jax[bench]'"
-              f"{' trl' if args.compare == 'trl' else ''})", file=sys.stderr)
+        print(f"--compare {args.compare} needs {', '.join(needs)} (pip install 'phi2_jax[bench]')", file=sys.stderr)
         raise SystemExit(2)
     if compare and set(suites) - {"convert"} and not torch_follows_to_the_gpu():  # convert's side is CPU work
         print(f"--compare {args.compare} on a GPU needs a CUDA build of torch (torch.cuda.is_available() is False "

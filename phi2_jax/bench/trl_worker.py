@@ -79,8 +79,8 @@ def make_trainer(model, suite: str, examples: list[dict], batch: int, work_dir: 
                              processing_class=tokenizer, train_dataset=data)
     rows = [trainer.train_dataset[i] for i in range(batch)]
     for row, e in zip(rows, examples):
-        assert (row["prompt_ids"], row["chosen_ids"], row["rejected_ids"]) == (e["prompt"], e["chosen"], e["rejected"]), \
-            "TRL's tokens differ from the bench's"
+        tokens = (row["prompt_ids"], row["chosen_ids"], row["rejected_ids"])
+        assert tokens == (e["prompt"], e["chosen"], e["rejected"]), "TRL's tokens differ from the bench's"
     return trainer, trainer.data_collator(rows)
 
 
