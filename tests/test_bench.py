@@ -69,3 +69,38 @@ def test_markdown_rows_have_as_many_cells_as_the_header():
         lines = markdown(rows).splitlines()
         assert len({line.count("|") for line in lines}) == 1, lines
     assert "peak device MB" in lines[0] and "1,234" in lines[2] and "| - |" in lines[3]
+
+
+def test_post_training_suites_run_both_sides_on_the_same_work(tmp_path, capsys, monkeypatch):
+    # sft and dpo against TRL at a tiny size: both sides time a step, and their first steps agree numerically.
+    # The CPU's peak (3 s a measurement, twice a run) is the smoke test's above; a fixed one keeps this short.
+    monkeypatch.setattr("phi2_jax.bench.suites.device_peak_flops", lambda dtype: (1e11, "fixed for the test"))
+    dpo_checked = {"loss", "grad_norm", "logps/chosen", "logps/rejected"}
+    for suite, checked in (("sft", {"loss", "grad_norm"}), ("dpo", dpo_checked)):
+        rows = main([suite, "--config", "nano", "--seq", "16", "--batch", "2", "--repeats", "1", "--compare", "trl",
+                     "--work-dir", str(tmp_path), "--output", str(tmp_path / f"{suite}.json")])
+        assert [(r["suite"], r["impl"]) for r in rows] == [(suite, "phi2_jax"), (suite, "trl")]
+        for row in rows:
+            expected = {"case", "median_s", "tokens_per_s", "repeats", "peak_rss_mb", "mfu", "first_step_loss"}
+            assert expected <= row.keys()
+            assert row["median_s"] > 0 and row["tokens_per_s"] > 0 and row["repeats"] == 1
+        ours, theirs = rows
+        assert ours["speedup_vs_trl"] == theirs["median_s"] / ours["median_s"]
+        check = ours["first_step_check"]
+        assert check["agree"] and set(check) == checked | {"rtol", "agree"}, check
+        assert ours["first_step_loss"] == check["loss"][0] and theirs["first_step_loss"] == check["loss"][1]
+        assert f"{suite} first step: loss ours" in capsys.readouterr().out
+    assert "| ours / trl |" in markdown(rows).splitlines()[0]
+
+
+def test_compare_must_match_the_suite(tmp_path, capsys):
+    import pytest
+
+    for argv in (["sft", "--compare", "transformers"], ["train", "--compare", "trl"]):
+        with pytest.raises(SystemExit) as exit_:
+            main([*argv, "--config", "nano", "--work-dir", str(tmp_path), "--output", str(tmp_path / "b.json")])
+        assert exit_.value.code == 2
+    assert ("--compare trl does not apply to suite train; expected --compare transformers (or none): sft and "
+            "dpo compare with TRL's trainers, the other suites with transformers' PhiForCausalLM."
+            ) in capsys.readouterr().err
+    assert not (tmp_path / "b.json").exists()

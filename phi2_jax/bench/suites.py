@@ -1,4 +1,4 @@
-"""`python -m phi2_jax.bench [train|prefill|decode|convert|all] [--compare transformers]`
+"""`python -m phi2_jax.bench [train|prefill|decode|convert|all] [--compare transformers]`, `... sft|dpo [--compare trl]`
 
 Measures our implementation and, with `--compare transformers` (needs torch and
 transformers), `PhiForCausalLM` on the same config, dtype and weights on the
@@ -11,6 +11,8 @@ runs as a user runs it and has its own peak memory.
     prefill  tokens/s of a forward pass over batch x seq
     decode   greedy tokens/s and MBU at batch 1 and 8, 128 new tokens, KV cache
     convert  a random full-size phi-2 folder to Orbax and back (bench_convert.py)
+    sft, dpo one post-training optimizer step against TRL's SFTTrainer / DPOTrainer (post_training.py);
+             run by name (`all` is the four above)
 
 MFU is the FLOPs' share of the device's peak; MBU (memory-bandwidth
 utilisation, decoding's counterpart) is the share of its memory bandwidth that
@@ -50,6 +52,7 @@ from phi2_jax.model.transformer import create_model
 from phi2_jax.training.step import cross_entropy, tuned_for_backend
 
 SUITES = ("train", "prefill", "decode", "convert")
+POST_SUITES = ("sft", "dpo")  # post_training.py; compared with TRL, not transformers' bare model
 
 
 class PeakRSS:
@@ -81,29 +84,42 @@ def device_peak_memory_mb() -> float | None:
 
 
 class TorchWorker:
-    """transformers' PhiForCausalLM holding exactly our weights, in a process of its own (torch_worker.py).
+    """The other framework's side of a case, in a process of its own: `script` is torch_worker.py
+    (transformers' PhiForCausalLM) or trl_worker.py (TRL's trainers), each holding exactly our weights.
 
     One worker per case, so its peak RSS is that case's. The weights come from
     `export_twin_weights`, our own Hugging Face export, which the converter tests hold exact.
     """
 
-    def __init__(self, twin_dir: Path, compute_dtype: str, suite: str, ids: np.ndarray, new_tokens: int = 0):
-        np.save(twin_dir / "ids.npy", np.asarray(ids))
-        script = Path(__file__).with_name("torch_worker.py")
-        self.process = subprocess.Popen([sys.executable, str(script), str(twin_dir / "weights"), compute_dtype],
+    def __init__(self, weights_dir: Path, compute_dtype: str, setup: dict, script: str = "torch_worker.py"):
+        script_path = Path(__file__).with_name(script)
+        self.process = subprocess.Popen([sys.executable, str(script_path), str(weights_dir), compute_dtype],
                                         stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
-        self.device = self.ask(op="setup", suite=suite, ids=str(twin_dir / "ids.npy"), new_tokens=new_tokens)["device"]
+        # Its answer is read with the first request's: the worker imports and loads (seconds) while ours compiles.
+        self._send(op="setup", **setup)
+        self._setup_pending = True
 
-    def ask(self, **request) -> dict:
+    def _send(self, **request) -> None:
         self.process.stdin.write(json.dumps(request) + "\n")
         self.process.stdin.flush()
+
+    def _answer(self) -> dict:
         answer = self.process.stdout.readline()
         if not answer:
-            raise RuntimeError(f"the transformers worker exited (code {self.process.wait()}); its error is above.")
+            script = Path(self.process.args[1]).name
+            raise RuntimeError(f"the {script} worker exited (code {self.process.wait()}); its error is above.")
         return json.loads(answer)
 
-    def run(self) -> None:
-        self.ask(op="run")
+    def ask(self, **request) -> dict:
+        if self._setup_pending:
+            self._setup_pending = False
+            self._answer()
+        self._send(**request)
+        return self._answer()
+
+    def run(self) -> dict:
+        """One repetition; the worker's answer (the post-training workers report the step's loss in it)."""
+        return self.ask(op="run")
 
     def close(self) -> dict:
         """Stops the worker; returns its peak memory in MB, {'peak_rss_mb', 'peak_device_mb' (None off a GPU)}."""
@@ -130,7 +146,11 @@ def export_twin_weights(model, twin_dir: Path) -> None:
 
 
 def _compare(model, twin_dir: Path | None, suite: str, ids, new_tokens: int = 0) -> TorchWorker | None:
-    return TorchWorker(twin_dir, model.config.compute_dtype, suite, ids, new_tokens) if twin_dir is not None else None
+    if twin_dir is None:
+        return None
+    np.save(twin_dir / "ids.npy", np.asarray(ids))
+    setup = {"suite": suite, "ids": str(twin_dir / "ids.npy"), "new_tokens": new_tokens}
+    return TorchWorker(twin_dir / "weights", model.config.compute_dtype, setup)
 
 
 def _measure(ours, twin: TorchWorker | None, repeats: int) -> tuple[list[float], list[float], dict, dict | None]:
@@ -222,10 +242,11 @@ def bench_decode(model, batch: int, new_tokens: int, repeats: int, twin_dir: Pat
 
 
 def _rows(suite, case, tokens, ours_times, their_times, our_peak, their_peak, *, mfu_s: float | None = None,
-          mbu_s: float | None = None) -> list[dict]:
-    """One row per implementation. mfu_s / mbu_s: the case's seconds at the device's peak FLOP/s / bandwidth."""
+          mbu_s: float | None = None, theirs: str = "transformers") -> list[dict]:
+    """One row per implementation. mfu_s / mbu_s: the case's seconds at the device's peak FLOP/s / bandwidth;
+    theirs: the implementation compared against ('transformers', or 'trl' for the post-training suites)."""
     rows = []
-    for impl, times, peak in (("phi2_jax", ours_times, our_peak), ("transformers", their_times, their_peak)):
+    for impl, times, peak in (("phi2_jax", ours_times, our_peak), (theirs, their_times, their_peak)):
         if not times:
             continue
         median = statistics.median(times)
@@ -238,18 +259,19 @@ def _rows(suite, case, tokens, ours_times, their_times, our_peak, their_peak, *,
                 row[key] = bound_s / median
         rows.append(row)
     if len(rows) == 2:
-        rows[0]["speedup_vs_transformers"] = rows[1]["median_s"] / rows[0]["median_s"]
+        rows[0][f"speedup_vs_{theirs}"] = rows[1]["median_s"] / rows[0]["median_s"]
     return rows
 
 
 def markdown(rows: list[dict]) -> str:
     device = any("peak_device_mb" in r for r in rows)  # a column of its own only where there is a device
+    references = sorted({key[len("speedup_vs_"):] for r in rows for key in r if key.startswith("speedup_vs_")})
     lines = ["| suite | case | impl | median s | tokens/s | MFU | MBU | peak RSS MB |"
-             + (" peak device MB |" if device else "") + " ours / transformers |",
+             + (" peak device MB |" if device else "") + f" ours / {' or '.join(references) or 'transformers'} |",
              "|---|---|---|---|---|---|---|---|" + ("---|" if device else "") + "---|"]
     for r in rows:
         mfu, mbu = (f"{100 * r[key]:.1f}%" if key in r else "-" for key in ("mfu", "mbu"))
-        speed = f"{r['speedup_vs_transformers']:.2f}x" if "speedup_vs_transformers" in r else ""
+        speed = next((f"{value:.2f}x" for key, value in r.items() if key.startswith("speedup_vs_")), "")
         tokens = f"{r['tokens_per_s']:,.0f}" if "tokens_per_s" in r else "-"
         median = r.get("median_s", r.get("seconds"))
         memory = f"{r['peak_rss_mb']:,.0f} |"
@@ -266,7 +288,7 @@ def environment() -> dict:
     env = {"date": time.strftime("%Y-%m-%d"), "device": str(jax.devices()[0].device_kind),
            "devices": jax.device_count(), "platform": platform.platform(), "python": platform.python_version(),
            "jax": jax.__version__, "flax": flax.__version__, "command": " ".join(["python -m phi2_jax.bench", *sys.argv[1:]])}
-    for package in ("torch", "transformers"):  # versions without importing them into the measuring process
+    for package in ("torch", "transformers", "trl"):  # versions without importing them into the measuring process
         try:
             env[package] = importlib.metadata.version(package)
         except importlib.metadata.PackageNotFoundError:
@@ -276,9 +298,10 @@ def environment() -> dict:
 
 def main(argv=None) -> list[dict]:
     parser = argparse.ArgumentParser(prog="python -m phi2_jax.bench", description=__doc__.split("\n\n")[0])
-    parser.add_argument("suite", nargs="?", default="all", choices=[*SUITES, "all"])
+    parser.add_argument("suite", nargs="?", default="all", choices=[*SUITES, *POST_SUITES, "all"])
     parser.add_argument("--config", default="phi-small", help="model preset (default phi-small: 512 x 8 layers)")
-    parser.add_argument("--compare", choices=["transformers", "none"], default="none")
+    parser.add_argument("--compare", choices=["transformers", "trl", "none"], default="none",
+                        help="transformers for train/prefill/decode/convert, trl for sft/dpo")
     parser.add_argument("--dtype", default=None, help="compute dtype (default float32 on CPU, bfloat16 on GPU)")
     parser.add_argument("--remat", choices=REMAT_POLICIES, default="none",
                         help="rematerialisation policy of the train suite (configs/phi2.yaml trains with save_dots)")
@@ -290,30 +313,46 @@ def main(argv=None) -> list[dict]:
     parser.add_argument("--work-dir", type=Path, default=Path("/tmp/phi2_jax_bench"))
     parser.add_argument("--output", type=Path, default=Path("bench.json"))
     args = parser.parse_args(sys.argv[1:] if argv is None else argv)
-    if args.compare == "transformers":
-        # transformers' worker shares the GPU: JAX must not take 75% of it up front. Read when JAX first
+    post = args.suite in POST_SUITES
+    if args.compare != "none" and post != (args.compare == "trl"):
+        print(f"--compare {args.compare} does not apply to suite {args.suite}; expected --compare "
+              f"{'trl' if post else 'transformers'} (or none): sft and dpo compare with TRL's trainers, the other "
+              f"suites with transformers' PhiForCausalLM.", file=sys.stderr)
+        raise SystemExit(2)
+    if args.compare != "none":
+        # The other framework's worker shares the GPU: JAX must not take 75% of it up front. Read when JAX first
         # touches the GPU, which is below (nothing in phi2_jax does at import).
         os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
-    if argv is None and args.suite == "train":
-        keep_freed_memory_on_cpu("bench train")  # what `python -m phi2_jax.train` runs with (host_memory.py)
+    if argv is None and args.suite in ("train", *POST_SUITES):
+        keep_freed_memory_on_cpu(f"bench {args.suite}")  # what `python -m phi2_jax.train` runs with (host_memory.py)
     dtype = args.dtype or ("float32" if jax.default_backend() == "cpu" else "bfloat16")
     suites = SUITES if args.suite == "all" else (args.suite,)
     peak, peak_source = device_peak_flops(dtype)
     # Only decoding's MBU needs it; on the CPU it is a 256 MB measurement.
     bandwidth, bandwidth_source = device_memory_bandwidth() if "decode" in suites else (None, None)
-    compare = args.compare == "transformers"
-    if compare and not all(importlib.util.find_spec(p) for p in ("torch", "transformers")):
-        print("--compare transformers needs torch and transformers (pip install 'phi2_jax[bench]')", file=sys.stderr)
+    compare = args.compare != "none"
+    needs = ("torch", "transformers", "trl") if args.compare == "trl" else ("torch", "transformers")
+    if compare and not all(importlib.util.find_spec(p) for p in needs):
+        print(f"--compare {args.compare} needs {', '.join(needs)} (pip install 'phi2_jax[bench]')", file=sys.stderr)
         raise SystemExit(2)
     if compare and set(suites) - {"convert"} and not torch_follows_to_the_gpu():  # convert's side is CPU work
-        print("--compare transformers on a GPU needs a CUDA build of torch (torch.cuda.is_available() is False "
-              "here), or transformers would run on the CPU; install one, or use --compare none.", file=sys.stderr)
+        print(f"--compare {args.compare} on a GPU needs a CUDA build of torch (torch.cuda.is_available() is False "
+              "here), or it would run on the CPU; install one, or use --compare none.", file=sys.stderr)
         raise SystemExit(2)
     twin_dir = args.work_dir / "twin" if compare else None
     if twin_dir is not None:
         twin_dir.mkdir(parents=True, exist_ok=True)
     rows = []
-    if set(suites) - {"convert"}:
+    if post:
+        from phi2_jax.bench.post_training import bench_post
+
+        # Dropout off: both sides' first steps must be deterministic to be compared (post_training.py).
+        config = preset(args.config, compute_dtype=dtype, remat=args.remat).replace(resid_pdrop=0.0, embd_pdrop=0.0)
+        model = create_model(tuned_for_backend(config, jax.default_backend()), seed=0)
+        if twin_dir is not None:
+            export_twin_weights(model, twin_dir)
+        rows += bench_post(args.suite, model, args.batch, args.seq, args.repeats, twin_dir, peak)
+    elif set(suites) - {"convert"}:
         # The model config the trainer runs on this backend (its weight-gradient form is chosen per backend).
         config = tuned_for_backend(preset(args.config, compute_dtype=dtype, remat=args.remat), jax.default_backend())
         model = create_model(config, seed=0)
