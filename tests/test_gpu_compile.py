@@ -174,3 +174,16 @@ def test_cuda_phi2_global_batch_on_one_node_is_refused():
                      r"[\d.]+ GiB per device of 79\.10 GiB \(XLA's memory analysis\) at 72 sequences of 2048 tokens "
                      r"per device per micro-step; raise train\.grad_accum, lower train\.batch_size, or plan more "
                      r"devices\.\n$", proc.stderr), proc.stderr[-2000:]
+
+
+@needs_cuda_plugin
+@pytest.mark.parametrize("config,fused_forwards", [("dpo", 384), ("grpo", 256)])
+def test_cuda_post_training_steps_compile_for_8_h100s_with_cudnn_attention(config, fused_forwards):
+    """The shipped DPO (LoRA: the reference is a second forward with the adapters off, so three fused forwards
+    per layer and micro-step against two) and GRPO recipes compile for the GPU, fit and keep cuDNN attention."""
+    proc = _train(f"configs/{config}.yaml", "checkpoint.init_from=", "--dry-run", "--target", "h100", "--devices", "8")
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    out = proc.stdout
+    peak = re.search(r"peak +([\d.]+) GiB of 79\.10 GiB", out)
+    assert peak and float(peak.group(1)) < 79.10, out
+    assert f"__cudnn$fmhaSoftmax x{fused_forwards}, __cudnn$fmhaSoftmaxBackward x128 per step" in out, out
