@@ -7,8 +7,6 @@ PhiForCausalLM saved by transformers with a byte-level BPE tokenizer, the files 
 
 import json
 import random
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -63,17 +61,10 @@ COMMON = ["data.seq_len=48", "train.batch_size=8", "train.log_every=5", "train.e
 
 
 def train(run_dir, *overrides, devices=1, check=True):
-    proc = subprocess.run([sys.executable, "-m", "phi2_jax.train", f"run_dir={run_dir}", *COMMON, *overrides],
-                          cwd=train_runs.ROOT, env=train_runs.train_env(devices), capture_output=True, text=True,
-                          timeout=600)
-    if check and proc.returncode:
-        raise AssertionError(f"train exited {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
-    return proc
+    return train_runs.run_in(train_runs.ROOT, run_dir, *COMMON, *overrides, devices=devices, check=check)
 
 
-def metrics(run_dir, key):
-    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    return {r["step"]: r[key] for r in records if key in r}
+metrics = train_runs.logged
 
 
 @pytest.fixture(scope="module")

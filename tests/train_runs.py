@@ -66,3 +66,18 @@ def final_params(run_dir: Path, step: int) -> dict[str, np.ndarray]:
     per_layer = [flatten(layers[str(i)]) for i in range(len(layers))]
     flat.update({f"layers/{k}": np.stack([layer[k] for layer in per_layer]) for k in per_layer[0]})
     return flat
+
+
+def run_in(folder: Path, run_dir, *overrides: str, devices: int = 1, check: bool = True) -> subprocess.CompletedProcess:
+    """`python -m phi2_jax.train run_dir=... OVERRIDES` run from `folder` (relative paths and imports resolve there)."""
+    proc = subprocess.run([sys.executable, "-m", "phi2_jax.train", f"run_dir={run_dir}", *overrides], cwd=folder,
+                          env=train_env(devices), capture_output=True, text=True, timeout=600)
+    if check and proc.returncode:
+        raise AssertionError(f"train exited {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+    return proc
+
+
+def logged(run_dir: Path, key: str) -> dict[int, float]:
+    """{step: value} of one metrics.jsonl key."""
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: r[key] for r in records if key in r}

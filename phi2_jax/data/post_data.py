@@ -27,7 +27,7 @@ from phi2_jax.data.chat import ChatTemplate, load_chat_template
 from phi2_jax.data.formats import FieldNames, Formatter, FormatStats, PreferencePair
 from phi2_jax.data.pipeline import Splits
 from phi2_jax.data.post_batches import pack_examples, preference_rows
-from phi2_jax.data.sources import Document, is_validation, source_files
+from phi2_jax.data.sources import Document, is_validation, open_parquet, source_files
 from phi2_jax.data.tokenizer import Tokenizer, load_tokenizer
 from phi2_jax.errors import ConfigError
 from phi2_jax.util.jsonl import jsonl_objects
@@ -85,17 +85,8 @@ def read_records(source: dict) -> Iterator[tuple[str, dict]]:
 
 
 def _parquet_records(file: str) -> Iterator[tuple[str, dict]]:
-    try:
-        import pyarrow as pa
-        import pyarrow.parquet as pq
-    except ImportError:
-        raise ConfigError(f"{file} is Parquet; install pyarrow (pip install 'phi2_jax[parquet]').") from None
-    try:
-        parquet = pq.ParquetFile(file)
-    except (pa.ArrowException, OSError) as error:
-        raise ConfigError(f"{file} could not be read as Parquet ({error}).") from None
     n = 0
-    for batch in parquet.iter_batches():
+    for batch in open_parquet(file).iter_batches():  # one record batch in memory at a time
         for record in batch.to_pylist():
             yield f"{file} row {n}", record
             n += 1

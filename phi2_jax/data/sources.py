@@ -125,17 +125,24 @@ def _file_documents(files: list[str], fmt: str, field: str) -> Iterator[Document
             yield from _parquet_documents(file, field)
 
 
-def _parquet_documents(file: str, field: str) -> Iterator[Document]:
-    """One record batch at a time; rows with an empty or null text are skipped but keep their row numbers."""
+def open_parquet(file: str):
+    """A `pyarrow.parquet.ParquetFile`, or one sentence: pyarrow missing, or the file not Parquet."""
     try:
         import pyarrow as pa
         import pyarrow.parquet as pq
     except ImportError:
         raise ConfigError(f"{file} is Parquet; install pyarrow (pip install 'phi2_jax[parquet]').") from None
     try:
-        parquet = pq.ParquetFile(file)
+        return pq.ParquetFile(file)
     except (pa.ArrowException, OSError) as error:
         raise ConfigError(f"{file} could not be read as Parquet ({error}).") from None
+
+
+def _parquet_documents(file: str, field: str) -> Iterator[Document]:
+    """One record batch at a time; rows with an empty or null text are skipped but keep their row numbers."""
+    import pyarrow as pa
+
+    parquet = open_parquet(file)
     schema = parquet.schema_arrow
     if field not in schema.names:
         raise ConfigError(f"{file} has no column '{field}'; its columns are {', '.join(schema.names)} "
