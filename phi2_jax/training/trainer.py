@@ -1,57 +1,32 @@
-"""`python -m phi2_jax.train [CONFIG.yaml] [section.key=value ...] [--dry-run [--target T] [--devices N]]`
-
-With no arguments: trains the `tiny` Phi on the Python standard library's
-source code (no download), with a sentencepiece tokenizer trained on first use.
+"""One training run: the `Trainer` behind `python -m phi2_jax.train` (training/train_command.py).
 
     config -> mesh -> params + optimiser (sharded at init) -> Grain iterator
            -> jitted step -> progress / TensorBoard / checkpoints
 
-Resumes from the newest checkpoint in `run_dir` (checkpoints that do not fit the
-config are refused, never overwritten); a SIGTERM to any process stops every
-process after the same step, saves it once and exits 0; a non-finite loss or
-gradient stops the run before it can be saved.
+train.objective picks what a batch holds and what the step computes: packed text (lm), packed SFT
+examples with loss weights, DPO preference pairs, or GRPO rollouts sampled at every step
+(training/rollouts.py). Resumes from the newest checkpoint in `run_dir` (checkpoints that do not fit the
+config are refused, never overwritten); a SIGTERM to any process stops every process after the same
+step, saves it once and exits 0; a non-finite loss or gradient stops the run before it can be saved.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
-import os
-import sys
 import time
 from pathlib import Path
 
-from phi2_jax.errors import ConfigError, UserInputError, exit_on_user_error
-from phi2_jax.util.host_memory import keep_freed_memory_on_cpu
-from phi2_jax.util.progress import log_info_to_stderr
-from phi2_jax.training.preemption import StopAgreement, StopRequest, install_sigterm_handler
-from phi2_jax.training.run_config import RunConfig, load_run_config, objective_options, validate
+from phi2_jax.config import RUNTIME_FIELDS
+from phi2_jax.errors import ConfigError, UserInputError
+from phi2_jax.training.preemption import StopAgreement, StopRequest
+from phi2_jax.training.run_config import RunConfig, objective_options
 from phi2_jax.training.run_lock import RunLock
+from phi2_jax.training.run_log import PLOTTED_REWARDS, RunLog, reward_summary
 
 log = logging.getLogger("phi2_jax.training.trainer")
 
 SAMPLE_PROMPTS = ("def fibonacci(n):\n", "import os\n\n\ndef list_files(path):\n", "class Stack:\n    def __init__(self):\n")
-
-
-def initialize_distributed(dist) -> None:
-    """`jax.distributed.initialize` from the config, or auto-detected on SLURM / Open MPI / Kubernetes."""
-    import jax
-
-    jax.config.update("jax_cpu_collectives_implementation", "gloo")  # CPU multi-process collectives
-    # JAX's preemption notifier would take SIGTERM over from our handler (in C++, silently); the trainer
-    # agrees on a stop step itself (training/preemption.py).
-    jax.config.update("jax_enable_preemption_service", False)
-    if dist.coordinator:
-        process_id = dist.process_id
-        if process_id < 0 and "JOB_COMPLETION_INDEX" in os.environ:  # a Kubernetes Indexed Job's pod
-            process_id = int(os.environ["JOB_COMPLETION_INDEX"])
-        jax.distributed.initialize(dist.coordinator, dist.num_processes or None, process_id if process_id >= 0 else None)
-        return
-    multi = (int(os.environ.get("SLURM_NTASKS", "1")) > 1 or int(os.environ.get("OMPI_COMM_WORLD_SIZE", "1")) > 1
-             or "JOB_COMPLETION_INDEX" in os.environ and "JAX_COORDINATOR_ADDRESS" in os.environ)
-    if multi:
-        jax.distributed.initialize()
 
 
 class TrainingDiverged(UserInputError):
@@ -106,6 +81,7 @@ class Trainer:
                                  self.schedule, t.seed, t.grad_accum, config.optim.z_loss, self.objective, options)
         self._starting_params = None  # the reference pass's parameters, reused as the first step's
         self.run_dir = Path(config.run_dir)
+        self.run_log = RunLog(self.run_dir, self.is_main, self.objective)
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.stop = stop or StopRequest()
         self.agreement = StopAgreement()
@@ -249,11 +225,11 @@ class Trainer:
                 self.rollouts = self._grpo_rollouts()
             result = {"step": start, "seconds": 0.0, "final_loss": None, "steps_run": 0}
             if start >= t.steps:
-                self._say(f"{self.run_dir} is already at step {start} (train.steps {t.steps}): nothing to train; "
+                self.run_log.say(f"{self.run_dir} is already at step {start} (train.steps {t.steps}): nothing to train; "
                           f"config.json is left as it is.")
                 return result
             if self.agreement.any(self.stop.requested):
-                self._say("SIGTERM before the first step: nothing to save; exiting.")
+                self.run_log.say("SIGTERM before the first step: nothing to save; exiting.")
                 return result
             return self._train(checkpoints, iterator, start, params, opt_state)
         finally:
@@ -273,7 +249,7 @@ class Trainer:
                 from jax.experimental import multihost_utils
 
                 multihost_utils.sync_global_devices("phi2_jax: previous run set aside")
-            self._say(f"checkpoint.restart=true: moved the previous run's {', '.join(present)} to {aside}; "
+            self.run_log.say(f"checkpoint.restart=true: moved the previous run's {', '.join(present)} to {aside}; "
                       f"starting at step 0")
 
     def _resume_or_initialise(self, checkpoints, iterator):
@@ -324,15 +300,15 @@ class Trainer:
             raise ConfigError(f"the data iterator state in {checkpoints.directory / str(start)} does not fit this "
                               f"data pipeline ({type(error).__name__}: {str(error).splitlines()[0][:200] if str(error) else ''});"
                               f" was data.sources or data.seq_len changed?") from None
-        self._say(f"resumed from step {start} in {checkpoints.directory}")
+        self.run_log.say(f"resumed from step {start} in {checkpoints.directory}")
         changed = run_time_differences(saved_run, cfg.to_dict())
         if changed and start < cfg.train.steps:
-            self._say(f"applying settings that differ from the run's: {describe(changed)}")
+            self.run_log.say(f"applying settings that differ from the run's: {describe(changed)}")
             if any(key in ("train.steps", "optim.warmup_steps") for key, _, _ in changed):
-                self._say(f"the learning-rate schedule now spans {cfg.train.steps} steps, "
+                self.run_log.say(f"the learning-rate schedule now spans {cfg.train.steps} steps, "
                           f"{cfg.optim.warmup_steps} of warmup (lr {float(self.schedule(start)):.3e} at step {start})")
         elif changed:
-            self._say(f"not applied (nothing to train): {describe(changed)}")
+            self.run_log.say(f"not applied (nothing to train): {describe(changed)}")
         return start, params, opt_state
 
     def _train(self, checkpoints, iterator, start, params, opt_state) -> dict:
@@ -353,18 +329,18 @@ class Trainer:
 
                 save_chat_template(template, self.run_dir)
         events = EventWriter(self.run_dir, self.is_main)
-        history = self._load_history(start)
+        history = self.run_log.history(start)
         peak, peak_source = device_peak_flops(self.model_config.compute_dtype)
         # A row is data.seq_len tokens, or for GRPO a rollout row (prompt + completion; sampling's own work uncounted).
         row = (cfg.grpo.max_prompt_length + cfg.grpo.max_completion_length if self.objective == "grpo"
                else cfg.data.seq_len)
         flops_per_step = train_flops_per_token(self.model_config, row) * t.batch_size * row
-        self._say(f"model {self.model_config.num_params():,} params | mesh {dict(self.mesh.shape)} | "
+        self.run_log.say(f"model {self.model_config.num_params():,} params | mesh {dict(self.mesh.shape)} | "
                   f"{jax.device_count()} devices, {jax.process_count()} processes | peak {peak / 1e9:,.1f} GFLOP/s "
                   f"per device ({peak_source})")
 
         if self.objective == "grpo" and start == 0:  # the reward curve's starting point
-            self._log_held_out(0, self.evaluate(params) or {}, events, history)
+            self.run_log.held_out(0, self.evaluate(params) or {}, events, history)
         step, window_start, window_steps = start, time.perf_counter(), 0
         run_start = time.perf_counter()
         stop_vote, stopping = None, False
@@ -391,7 +367,7 @@ class Trainer:
                         from phi2_jax.training.grpo import grpo_metrics
 
                         extra = {**grpo_metrics(self.jax.device_get(metrics)), **rollout}
-                    self._say(progress_line(step, t.steps, float(metrics["loss"]), float(metrics["lr"]),
+                    self.run_log.say(progress_line(step, t.steps, float(metrics["loss"]), float(metrics["lr"]),
                                             float(metrics["grad_norm"]), tokens_per_s, mfu, eta) + reward_summary(extra))
                     values = {"train/loss": float(metrics["loss"]), "train/lr": float(metrics["lr"]),
                               "train/grad_norm": float(metrics["grad_norm"]), "perf/tokens_per_s": tokens_per_s,
@@ -401,12 +377,12 @@ class Trainer:
                     for key in PLOTTED_REWARDS:
                         if key in extra:
                             history.setdefault(key, []).append((step, extra[key]))
-                    self._append_metrics({"step": step, **values})
+                    self.run_log.append({"step": step, **values})
                     window_start, window_steps = time.perf_counter(), 0
                 if step % t.eval_every == 0 or step == t.steps:
                     held_out = self.evaluate(params)
                     if held_out is not None:
-                        self._log_held_out(step, held_out, events, history)
+                        self.run_log.held_out(step, held_out, events, history)
                 # Every process reads the vote cast one step earlier, so all stop after the same step; reading
                 # last step's (not this step's) vote keeps the host a step ahead of the device.
                 stopping = self.stop.requested if not self.agreement.multi else (
@@ -419,7 +395,7 @@ class Trainer:
                 if stopping:
                     break
             if stopping:
-                self._say(f"SIGTERM: saved a checkpoint at step {step}; exiting")
+                self.run_log.say(f"SIGTERM: saved a checkpoint at step {step}; exiting")
             checkpoints.wait()
         finally:
             events.close()
@@ -428,7 +404,7 @@ class Trainer:
         if step >= t.steps:
             if self.is_main:
                 plot_loss_curve(history, self.run_dir / "loss_curve.png", self.objective)
-                self._say(f"loss curve: {self.run_dir / 'loss_curve.png'}")
+                self.run_log.say(f"loss curve: {self.run_dir / 'loss_curve.png'}")
             if t.samples:
                 host_params = self._fetch(params)  # every process takes part in gathering a global array
                 if self.is_main:
@@ -450,28 +426,6 @@ class Trainer:
                                         *[{k: v for k, v in m.items() if k != "finite"} for m in passes])
             metrics["finite"] = finite
         return params, opt_state, metrics, rollout
-
-    def _log_held_out(self, step: int, held_out: dict, events, history: dict) -> None:
-        """The held-out line, TensorBoard scalars, metrics.jsonl record and plot points of one evaluation."""
-        import numpy as np
-
-        if not held_out:
-            return
-        values = {f"val/{k}": v for k, v in held_out.items()}
-        if "loss" in held_out:
-            val = held_out["loss"]
-            # A perplexity of the DPO loss would mean nothing.
-            ppl = f"  val_ppl {np.exp(val):.2f}" if self.objective != "dpo" else ""
-            self._say(f"step {step}  val_loss {val:.4f}{ppl}" + reward_summary(held_out))
-            events.scalars(step, {**values, **({"val/perplexity": float(np.exp(val))} if ppl else {})})
-            history["validation"].append((step, val))
-        else:
-            self._say(f"step {step}  held-out" + reward_summary(held_out))
-            events.scalars(step, values)
-        for key in ("rewards/accuracies", "reward"):
-            if key in held_out:
-                history.setdefault(f"validation {key}", []).append((step, held_out[key]))
-        self._append_metrics({"step": step, **values})
 
     def _refuse_non_finite(self, metrics: dict, step: int, checkpoints) -> None:
         """Stops before a non-finite step can be logged or saved: the newest checkpoint stays the last finite one."""
@@ -498,55 +452,6 @@ class Trainer:
         replicate = jax.jit(lambda x: x, out_shardings=NamedSharding(self.mesh, PartitionSpec()))
         return jax.tree.map(lambda x: np.asarray(replicate(x)), params)
 
-    def _say(self, line: str) -> None:
-        if self.is_main:
-            print(line, flush=True)
-
-    def _append_metrics(self, record: dict) -> None:
-        if self.is_main:
-            path = self.run_dir / "metrics.jsonl"
-            with open(path, "ab+") as f:
-                f.seek(0, os.SEEK_END)
-                if f.tell():  # a line cut short by a crash must not swallow this record
-                    f.seek(-1, os.SEEK_END)
-                    if f.read(1) != b"\n":
-                        f.write(b"\n")
-                f.write((json.dumps(record) + "\n").encode())
-
-    def _load_history(self, start: int) -> dict:
-        """Loss history up to `start` from metrics.jsonl, so a resumed run's plot covers the whole run.
-
-        Records after `start` (logged before a crash, trained again now) are left out, and so is a line that a
-        crash cut short.
-        """
-        history = {"train": [], "validation": []}
-        path = self.run_dir / "metrics.jsonl"
-        if not path.is_file():
-            return history
-        unreadable = 0
-        for line in path.read_text(errors="replace").splitlines():
-            try:
-                record = json.loads(line)
-                step = int(record["step"])
-            except (ValueError, KeyError, TypeError):
-                unreadable += 1
-                continue
-            if step > start:
-                continue
-            if "train/loss" in record:
-                history["train"].append((step, record["train/loss"]))
-            if "val/loss" in record:
-                history["validation"].append((step, record["val/loss"]))
-            for key in PLOTTED_REWARDS:
-                if f"train/{key}" in record:
-                    history.setdefault(key, []).append((step, record[f"train/{key}"]))
-            for key in ("rewards/accuracies", "reward"):
-                if f"val/{key}" in record:
-                    history.setdefault(f"validation {key}", []).append((step, record[f"val/{key}"]))
-        if unreadable:
-            log.warning("%s: skipped %d line(s) that are not JSON records (cut short by a crash?)", path, unreadable)
-        return history
-
     def _print_samples(self, params) -> None:
         from flax import nnx
 
@@ -560,125 +465,3 @@ class Trainer:
         for prompt in prompts:
             ids = greedy_complete(model, prompt, 48, tok.eos_id)
             print("-" * 60 + "\n" + tok.decode(prompt) + tok.decode(ids), flush=True)
-
-
-# Reward curves drawn beside the loss (training/metrics.plot_loss_curve's second panel): DPO's, GRPO's.
-PLOTTED_REWARDS = ("rewards/margins", "rewards/accuracies", "reward")
-
-
-def reward_summary(metrics: dict[str, float]) -> str:
-    """The progress line's tail: '  acc 0.75  margin 0.123' (DPO), '  reward 0.42  kl 0.001' (GRPO), or ''."""
-    if "rewards/accuracies" in metrics:
-        return f"  acc {metrics['rewards/accuracies']:.2f}  margin {metrics['rewards/margins']:.3f}"
-    if "reward" in metrics:
-        kl = f"  kl {metrics['kl']:.4f}" if "kl" in metrics else ""
-        length = (f"  length {metrics['completions/mean_length']:.1f}" if "completions/mean_length" in metrics else "")
-        return f"  reward {metrics['reward']:.3f}{kl}{length}"
-    return ""
-
-
-
-
-def source_model_config(config: RunConfig):
-    """With `checkpoint.init_from`, the architecture comes from that model and the YAML sets run-time fields only."""
-    if not config.checkpoint.init_from:
-        return None
-    from phi2_jax.hf.loading import load_config
-
-    runtime = {k: v for k, v in config.model.overrides.items() if k in RUNTIME_FIELDS}
-    return load_config(config.checkpoint.init_from).replace(**runtime)
-
-
-# Fields of the model config a fine-tune may set on top of the architecture it starts from.
-RUNTIME_FIELDS = ("param_dtype", "compute_dtype", "remat", "attention_backend", "resid_pdrop", "embd_pdrop",
-                  "attention_dropout", "lora_rank", "lora_alpha", "lora_targets")
-
-
-def parse_args(argv):
-    parser = argparse.ArgumentParser(prog="python -m phi2_jax.train", description=__doc__.split("\n\n")[0])
-    parser.add_argument("config", nargs="?", help="YAML run config (default: the tiny run on the standard library)")
-    parser.add_argument("overrides", nargs="*", help="section.key=value overrides, e.g. train.steps=50")
-    parser.add_argument("--dry-run", action="store_true",
-                        help="compile the train step from shapes only, report per-device memory, kernels and "
-                             "collectives, run nothing (docs/gpu_compile.md)")
-    parser.add_argument("--target", default="cpu", metavar="{cpu,a100-80g,h100-80g,h200}",
-                        help="with --dry-run: compile for this device (GPU targets need jax[cuda12], no GPU; "
-                             "aliases a100, h100)")
-    parser.add_argument("--devices", type=int, default=0,
-                        help="with --dry-run: the device count of the planned run (default: the mesh's product, "
-                             "else 8)")
-    parser.add_argument("--dump-hlo", default="", metavar="FILE",
-                        help="with --dry-run: write the compiled program's HLO text here")
-    args = parser.parse_intermixed_args(argv)  # overrides may follow the options
-    if args.config and "=" in args.config:  # only overrides were given
-        args.overrides.insert(0, args.config)
-        args.config = None
-    return args
-
-
-def quiet_repeated_orbax_reports() -> None:
-    """Drops the echoes of a failed Orbax read or write (a command's process-wide change).
-
-    When one fails (a damaged checkpoint being set aside, a full disk), Orbax closes its event loop
-    while tensorstore still holds callbacks for it, and each prints `RuntimeError: Event loop is
-    closed`, dozens in all; Orbax's worker threads also log the error with a traceback each. The
-    failure itself reaches the main thread, which reports (or handles) it once.
-    """
-    from phi2_jax.checkpoint.run_checkpoints import is_disk_full
-
-    def first_report(record: logging.LogRecord) -> bool:
-        if "_SignalingThread.run() raised an exception" in record.getMessage():
-            return False  # re-raised where the caller waits for the thread
-        return not (record.exc_info and record.exc_info[1] is not None and is_disk_full(record.exc_info[1]))
-
-    logging.getLogger("absl").addFilter(first_report)  # Orbax logs through absl
-    previous = sys.unraisablehook  # tensorstore reports an exception in its callback as "unraisable"
-
-    def hook(report):
-        if isinstance(report.exc_value, RuntimeError) and str(report.exc_value) == "Event loop is closed":
-            return
-        previous(report)
-
-    sys.unraisablehook = hook
-
-
-@exit_on_user_error
-def main(argv=None) -> None:
-    args = parse_args(sys.argv[1:] if argv is None else argv)
-    command_line = argv is None  # a command owns its process; a call from Python leaves the process as it is
-    log_info_to_stderr(command_line)
-    if command_line:
-        keep_freed_memory_on_cpu("train")  # before JAX starts its threads
-        quiet_repeated_orbax_reports()
-    from phi2_jax.data.pipeline import allow_grain_workers
-
-    allow_grain_workers()  # a process-wide change (absl flags), which the command, not the library, makes
-    config = load_run_config(args.config, args.overrides)
-    if args.dry_run:  # compiles for the planned devices; starts no distributed runtime, writes no run folder
-        from phi2_jax.training import dry_run
-
-        target = dry_run.resolve_target(args.target)
-        devices = args.devices or dry_run.default_device_count(config)
-        dry_run.prepare_command(target, devices)
-        model_config = validate(config, devices, source_model_config(config))
-        dry_run.dry_run(config, model_config, target, devices, label=args.config or "the default config",
-                        hlo_path=args.dump_hlo or None)
-        return
-    initialize_distributed(config.distributed)
-    import jax
-
-    model_config = validate(config, jax.device_count(), source_model_config(config))
-    if Path(config.run_dir).exists() and not Path(config.run_dir).is_dir():
-        raise ConfigError(f"run_dir {config.run_dir} exists and is not a folder.")
-    stop = StopRequest()
-    if command_line:
-        install_sigterm_handler(stop)  # from here on a SIGTERM stops at an agreed step (or before the first)
-        if jax.process_index() != 0:  # one process's INFO lines speak for the job
-            logging.getLogger("phi2_jax").setLevel(logging.WARNING)
-    result = Trainer(config, model_config, stop).run()
-    if jax.process_index() == 0 and result["steps_run"]:
-        print(f"done: {result['step']} steps in {result['seconds']:.0f}s, final loss {result['final_loss']}")
-
-
-if __name__ == "__main__":
-    main()
