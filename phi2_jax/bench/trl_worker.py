@@ -33,9 +33,10 @@ collator, from the trainer's own dataset.
          advantages that are not all zero.
 
 Protocol: one JSON object per line on stdin, one answer per line on stdout.
-    {"op": "setup", "suite": "sft"|"dpo", "examples": "file.json", "batch": B, "work_dir": DIR,
+    {"op": "setup", "suite": "sft"|"dpo"|"grpo", "examples": "file.json", "batch": B, "work_dir": DIR,
      "checkpointing": bool (gradient checkpointing, on where ours rematerialises)}
                             -> {"device": "cuda"|"cpu"}
+                            (grpo's examples: {"prompts": [[ids]], "generations": G, "new_tokens": T})
     {"op": "run"}           one optimizer step -> {"loss": float, "grad_norm": float, ...metrics}
     grpo only:
     {"op": "rollout"}       G completions of each prompt, as GRPOTrainer._generate_single_turn samples them
