@@ -100,7 +100,28 @@ def test_compare_must_match_the_suite(tmp_path, capsys):
         with pytest.raises(SystemExit) as exit_:
             main([*argv, "--config", "nano", "--work-dir", str(tmp_path), "--output", str(tmp_path / "b.json")])
         assert exit_.value.code == 2
-    assert ("--compare trl does not apply to suite train; expected --compare transformers (or none): sft and "
-            "dpo compare with TRL's trainers, the other suites with transformers' PhiForCausalLM."
+    assert ("--compare trl does not apply to suite train; expected --compare transformers (or none): sft, dpo "
+            "and grpo compare with TRL's trainers, the other suites with transformers' PhiForCausalLM."
             ) in capsys.readouterr().err
     assert not (tmp_path / "b.json").exists()
+
+
+def test_grpo_suite_times_both_sides_rollouts_and_steps(tmp_path, capsys):
+    # grpo against TRL's GRPOTrainer at a tiny size: both sides sample and step, fixed-length completions (TRL's
+    # worker asserts its count of new tokens), and both sides' loss on the same rollouts agrees.
+    rows = main(["grpo", "--config", "nano", "--batch", "2", "--generations", "2", "--prompt-tokens", "8",
+                 "--new-tokens", "4", "--repeats", "1", "--compare", "trl", "--work-dir", str(tmp_path),
+                 "--output", str(tmp_path / "grpo.json")])
+    case = "2 prompts x G 2, prompt 8 + 4 new"
+    assert [(r["case"], r["impl"]) for r in rows] == [(f"{kind}: {case}", impl) for kind in ("rollout", "step")
+                                                      for impl in ("phi2_jax", "trl")]
+    for row in rows:
+        assert {"suite", "median_s", "tokens_per_s", "repeats", "peak_rss_mb"} <= row.keys()
+        assert row["suite"] == "grpo" and row["repeats"] == 1 and row["median_s"] > 0
+        assert row["tokens_per_s"] == 2 * 2 * 4 / row["median_s"]  # new tokens only
+    for ours, theirs in (rows[:2], rows[2:]):
+        assert ours["speedup_vs_trl"] == theirs["median_s"] / ours["median_s"]
+    check = rows[0]["rollout_check"]
+    assert check["agree"] and set(check) == {"loss", "grad_norm", "entropy", "rtol", "agree"}, check
+    assert check["grad_norm"][0] > 0  # the group-index reward gives advantages that are not all zero
+    assert "grpo on the same rollouts: loss ours" in capsys.readouterr().out

@@ -27,10 +27,9 @@ The dropout is off on both sides (config resid_pdrop 0) so that the first
 step is deterministic: each run checks that both sides' first-step loss and
 gradient norm (and for dpo the policy's log-probs) agree, and prints it.
 
-Adding a suite (e.g. grpo: rollout tokens/s and the full step against TRL's
-GRPOTrainer): a builder returning a `PostCase` (or rows of its own where the
-work is not one step on a fixed batch), registered in POST_SUITES, and its
-trainer in trl_worker.make_trainer.
+Adding a suite: a builder returning a `PostCase`, registered in POST_SUITES,
+and its trainer in trl_worker.make_trainer. grpo, whose work is not one step on
+a fixed batch, has rows of its own (grpo_suite.py).
 """
 
 from __future__ import annotations
@@ -112,28 +111,34 @@ def dpo_case(model, batch: int, seq: int) -> PostCase:
                     ("loss", "grad_norm", "logps/chosen", "logps/rejected"))
 
 
-# grpo: a builder here (its rollouts and step timed against TRL's GRPOTrainer), and its trainer in trl_worker.py.
 POST_SUITES: dict[str, Callable[..., PostCase]] = {"sft": sft_case, "dpo": dpo_case}
 
 
-def our_step(model, case: PostCase) -> Callable[[], dict]:
-    """One optimizer step per call on `case.batch`, updating the parameters in place; returns its loss and metrics."""
+def optimizer_steps(model, loss_sums: Callable) -> tuple[Callable[[dict], dict], dict]:
+    """(step(batch): one optimizer step on a batch, updating the parameters in place, returning its loss and
+    metrics; the state {"p": parameters, "o": optimizer state} it updates)."""
     tx = optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(1e-4, weight_decay=0.1, mask=decay_mask))
     params = jax.tree.map(jnp.copy, nnx.to_pure_dict(nnx.state(model)))  # donated; the model keeps its own
     state = {"p": params, "o": tx.init(params)}
 
     @functools.partial(jax.jit, donate_argnums=(0, 1))
     def step(params, opt_state, batch):
-        grads, loss, metrics = accumulate(case.loss_sums, params, {}, batch, None, 1)
+        grads, loss, metrics = accumulate(loss_sums, params, {}, batch, None, 1)
         updates, opt_state = tx.update(grads, opt_state, params)
         return optax.apply_updates(params, updates), opt_state, {**metrics, "loss": loss,
                                                                  "grad_norm": optax.global_norm(grads)}
 
-    def run() -> dict:
-        state["p"], state["o"], metrics = step(state["p"], state["o"], case.batch)
+    def run(batch: dict) -> dict:
+        state["p"], state["o"], metrics = step(state["p"], state["o"], batch)
         return {k: float(v) for k, v in metrics.items()}  # float() waits for the step
 
-    return run
+    return run, state
+
+
+def our_step(model, case: PostCase) -> Callable[[], dict]:
+    """One optimizer step per call on `case.batch`, updating the parameters in place; returns its loss and metrics."""
+    run, _ = optimizer_steps(model, case.loss_sums)
+    return lambda: run(case.batch)
 
 
 def first_steps_agree(case: PostCase, ours: dict, theirs: dict, rtol: float) -> dict:

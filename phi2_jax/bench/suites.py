@@ -1,4 +1,4 @@
-"""`python -m phi2_jax.bench [train|prefill|decode|convert|all] [--compare transformers]`, `... sft|dpo [--compare trl]`
+"""`python -m phi2_jax.bench [train|prefill|decode|convert|all] [--compare transformers]`, `... sft|dpo|grpo [--compare trl]`
 
 Measures our implementation and, with `--compare transformers` (needs torch and
 transformers), `PhiForCausalLM` on the same config, dtype and weights on the
@@ -13,6 +13,8 @@ runs as a user runs it and has its own peak memory.
     convert  a random full-size phi-2 folder to Orbax and back (bench_convert.py)
     sft, dpo one post-training optimizer step against TRL's SFTTrainer / DPOTrainer (post_training.py);
              run by name (`all` is the four above)
+    grpo     rollout tokens/s and the full GRPO step (sampling, reward, advantages, update) against
+             TRL's GRPOTrainer (grpo_suite.py); run by name
 
 MFU is the FLOPs' share of the device's peak; MBU (memory-bandwidth
 utilisation, decoding's counterpart) is the share of its memory bandwidth that
@@ -52,7 +54,7 @@ from phi2_jax.model.transformer import create_model
 from phi2_jax.training.step import cross_entropy, tuned_for_backend
 
 SUITES = ("train", "prefill", "decode", "convert")
-POST_SUITES = ("sft", "dpo")  # post_training.py; compared with TRL, not transformers' bare model
+POST_SUITES = ("sft", "dpo", "grpo")  # post_training.py, grpo_suite.py; compared with TRL, not transformers' model
 
 
 class PeakRSS:
@@ -301,13 +303,15 @@ def main(argv=None) -> list[dict]:
     parser.add_argument("suite", nargs="?", default="all", choices=[*SUITES, *POST_SUITES, "all"])
     parser.add_argument("--config", default="phi-small", help="model preset (default phi-small: 512 x 8 layers)")
     parser.add_argument("--compare", choices=["transformers", "trl", "none"], default="none",
-                        help="transformers for train/prefill/decode/convert, trl for sft/dpo")
+                        help="transformers for train/prefill/decode/convert, trl for sft/dpo/grpo")
     parser.add_argument("--dtype", default=None, help="compute dtype (default float32 on CPU, bfloat16 on GPU)")
     parser.add_argument("--remat", choices=REMAT_POLICIES, default="none",
                         help="rematerialisation policy of the train suite (configs/phi2.yaml trains with save_dots)")
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--seq", type=int, default=256)
-    parser.add_argument("--new-tokens", type=int, default=128)
+    parser.add_argument("--new-tokens", type=int, default=128, help="decode's new tokens; grpo's completion length")
+    parser.add_argument("--prompt-tokens", type=int, default=64, help="grpo: each prompt's length in tokens")
+    parser.add_argument("--generations", type=int, default=8, help="grpo: completions per prompt (G)")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--convert-preset", default="phi-2", help="model size for the convert suite")
     parser.add_argument("--work-dir", type=Path, default=Path("/tmp/phi2_jax_bench"))
@@ -316,7 +320,7 @@ def main(argv=None) -> list[dict]:
     post = args.suite in POST_SUITES
     if args.compare != "none" and post != (args.compare == "trl"):
         print(f"--compare {args.compare} does not apply to suite {args.suite}; expected --compare "
-              f"{'trl' if post else 'transformers'} (or none): sft and dpo compare with TRL's trainers, the other "
+              f"{'trl' if post else 'transformers'} (or none): sft, dpo and grpo compare with TRL's trainers, the other "
               f"suites with transformers' PhiForCausalLM.", file=sys.stderr)
         raise SystemExit(2)
     if args.compare != "none":
@@ -351,7 +355,13 @@ def main(argv=None) -> list[dict]:
         model = create_model(tuned_for_backend(config, jax.default_backend()), seed=0)
         if twin_dir is not None:
             export_twin_weights(model, twin_dir)
-        rows += bench_post(args.suite, model, args.batch, args.seq, args.repeats, twin_dir, peak)
+        if args.suite == "grpo":
+            from phi2_jax.bench.grpo_suite import bench_grpo
+
+            rows += bench_grpo(model, args.batch, args.prompt_tokens, args.generations, args.new_tokens,
+                               args.repeats, twin_dir)
+        else:
+            rows += bench_post(args.suite, model, args.batch, args.seq, args.repeats, twin_dir, peak)
     elif set(suites) - {"convert"}:
         # The model config the trainer runs on this backend (its weight-gradient form is chosen per backend).
         config = tuned_for_backend(preset(args.config, compute_dtype=dtype, remat=args.remat), jax.default_backend())
