@@ -20,7 +20,7 @@ UNSET = object()  # a key one of the two configs does not have
 # shortened to a tenth of it), so they change with it.
 RUN_TIME_KEYS = ("run_dir", "train.steps", "optim.warmup_steps", "train.log_every", "train.eval_every", "train.eval_batches",
                  "train.samples", "checkpoint.every", "checkpoint.keep", "checkpoint.async_save",
-                 "checkpoint.init_from", "checkpoint.restart", "data.workers")
+                 "checkpoint.init_from", "checkpoint.restart", "data.workers", "grpo.reward_timeout")
 RUN_TIME_SECTIONS = ("mesh", "distributed", "model")  # the model is compared through its PhiConfig instead
 # PhiConfig fields that change how the step computes, not what the parameters are.
 MODEL_RUN_TIME_FIELDS = ("compute_dtype", "remat", "attention_backend", "resid_pdrop", "embd_pdrop",
