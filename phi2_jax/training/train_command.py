@@ -40,11 +40,29 @@ def initialize_distributed(dist) -> None:
         if process_id < 0 and "JOB_COMPLETION_INDEX" in os.environ:  # a Kubernetes Indexed Job's pod
             process_id = int(os.environ["JOB_COMPLETION_INDEX"])
         jax.distributed.initialize(dist.coordinator, dist.num_processes or None, process_id if process_id >= 0 else None)
-        return
-    multi = (int(os.environ.get("SLURM_NTASKS", "1")) > 1 or int(os.environ.get("OMPI_COMM_WORLD_SIZE", "1")) > 1
-             or "JOB_COMPLETION_INDEX" in os.environ and "JAX_COORDINATOR_ADDRESS" in os.environ)
-    if multi:
-        jax.distributed.initialize()
+    else:
+        multi = (int(os.environ.get("SLURM_NTASKS", "1")) > 1 or int(os.environ.get("OMPI_COMM_WORLD_SIZE", "1")) > 1
+                 or "JOB_COMPLETION_INDEX" in os.environ and "JAX_COORDINATOR_ADDRESS" in os.environ)
+        if multi:
+            jax.distributed.initialize()
+    if jax.process_count() > 1:
+        use_barriers_for_async_checkpoints()
+
+
+def use_barriers_for_async_checkpoints() -> None:
+    """Orbax's barriers through the coordination service, not device collectives (an absl flag: process-wide).
+
+    By default Orbax syncs processes with `multihost_utils.sync_global_devices`, an all-device collective,
+    and an async save runs it from its background thread while the main thread's train step and stop vote
+    run theirs: two programs' collectives in flight at once, which processes can order differently. On
+    gloo (CPU) a two-process run aborted so ("Received data size doesn't match expected size"), and
+    NCCL has the same ordering rule. The coordination service's barrier uses no device.
+    """
+    from absl import flags
+    from orbax.checkpoint._src.multihost import multihost  # defines the flag
+
+    del multihost
+    flags.FLAGS.experimental_orbax_use_distributed_barrier = True
 
 
 def source_model_config(config: RunConfig):
