@@ -231,7 +231,10 @@ class Formatter:
                     raise UserInputError(f"{where}: '{f.completion}' is empty; expected a response to learn from.")
                 pieces = [(prompt, False), (self._with_eos(completion), True)]
         example = self._encode_pieces(pieces)
-        prompt_length = int(np.argmax(example.weights > 0)) if example.weights.any() else len(example.ids)
+        if not example.weights.any():  # e.g. a template that leaves the assistant's content out
+            raise UserInputError(f"{where}: the chat template ({self.template.source}) renders no text for the "
+                                 f"response; expected the assistant's content in the rendered conversation.")
+        prompt_length = int(np.argmax(example.weights > 0))
         if self.count_prompt:
             example.weights[:] = 1.0
         return self._fit(example, prompt_length, where)
@@ -261,6 +264,9 @@ class Formatter:
                 raise UserInputError(f"{where} has no '{f.prompt}' field; a plain-text preference pair needs one.")
             prompt_text = self._text(prompt, where, f.prompt)
             responses = [self._with_eos(self._text(r, where, n)) for r, n in ((chosen, f.chosen), (rejected, f.rejected))]
+        if not responses[0] or not responses[1]:
+            raise UserInputError(f"{where}: the chat template ({self.template.source}) renders no text for the "
+                                 f"response; expected the assistant's content in the rendered conversation.")
         if responses[0] == responses[1]:
             self.stats.chosen_equals_rejected += 1
             log.warning("%s: '%s' equals '%s'; the pair teaches nothing (its DPO loss gradient is zero).",
