@@ -67,6 +67,8 @@ class PostSplits(Splits):
     stats: FormatStats = None
     sample_prompts: list = None  # a few prompts' ids, held-out ones first, for the trainer's closing samples
 
+    more_validation = "raise data.val_fraction (post-training holds out that share of its records)"
+
 
 def read_records(source: dict) -> Iterator[tuple[str, dict]]:
     """(name, record) for every record of a JSONL or Parquet source, one file at a time."""

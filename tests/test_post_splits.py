@@ -1,4 +1,4 @@
-"""training/reference.py's file of DPO reference log-probs: read back when it fits, computed again when not."""
+"""Post-training splits: the DPO reference log-probs file (training/reference.py), read back when it fits and computed again when not; the validation-split warning.
 
 import logging
 
@@ -64,3 +64,16 @@ def test_a_damaged_file_is_computed_again_not_a_traceback(tmp_path, passes, capl
     if damage != "missing arrays":  # that one carries another fingerprint: recomputed as other rows
         assert f"{path} cannot be read (damaged or not written by phi2_jax)" in caplog.text
     assert path.read_bytes() == data  # rewritten whole
+
+
+def test_a_too_small_post_training_validation_split_advises_what_applies(caplog):
+    """Post-training sources refuse `split:`, so the pre-training advice (a validation token file) cannot be taken."""
+    from phi2_jax.data.pipeline import validation_batches
+
+    splits = _splits()
+    splits.validation = RowSource({k: v[:2] for k, v in splits.train[0].rows.items()}, "preference pairs")
+    with caplog.at_level(logging.WARNING, logger="phi2_jax.data.pipeline"):
+        assert validation_batches(splits, 8, 1) == []
+    assert caplog.records[0].getMessage() == (
+        "the validation split holds 2 preference pairs, fewer than one batch of 8 preference pairs, so no validation "
+        "loss will be reported; raise data.val_fraction (post-training holds out that share of its records).")
