@@ -1,4 +1,5 @@
-"""Post-training splits: the DPO reference log-probs file (training/reference.py), read back when it fits and computed again when not; the validation-split warning.
+"""Post-training splits: the DPO reference log-probs file (training/reference.py), read back when it fits and
+computed again when not; the too-small validation split's warning."""
 
 import logging
 
