@@ -110,6 +110,22 @@ def test_grpo_resume_repeats_the_uninterrupted_run(toy):
         np.testing.assert_array_equal(ours[name], reference[name], err_msg=name)
 
 
+def test_grpo_export_keeps_the_chat_template_of_the_sft_run_it_started_from(toy, tmp_path):
+    """GRPO renders no template, but exporting SFT -> GRPO used to drop the SFT run's, so transformers'
+    apply_chat_template on the export raised (no template) instead of rendering the format SFT taught."""
+    transformers = pytest.importorskip("transformers")
+    from phi2_jax.hf.convert import to_hf
+
+    train(toy, "from_sft", *GRPO, "checkpoint.init_from=sft", "data.sources=[{path: prompts.jsonl}]",
+          "grpo.rewards=[math_answer]", "train.eval_every=100", "train.steps=1", "checkpoint.every=1",
+          "train.batch_size=16")
+    to_hf(toy / "from_sft", tmp_path / "exported", dtype="float32")
+    tokenizer = transformers.AutoTokenizer.from_pretrained(tmp_path / "exported")
+    rendered = tokenizer.apply_chat_template([{"role": "user", "content": "1+2="}], tokenize=False,
+                                             add_generation_prompt=True)
+    assert rendered == "Instruct: 1+2=\nOutput:"  # the built-in template the SFT run trained with
+
+
 @pytest.mark.parametrize("overrides,message", [
     (['grpo.rewards=["toy_rewards:missing"]'], "grpo.rewards[0] 'toy_rewards:missing': module toy_rewards has no "
                                                "attribute 'missing'."),

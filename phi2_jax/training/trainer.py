@@ -144,6 +144,16 @@ class Trainer:
         return validation_batches(self.splits, self.local_batch, self.config.train.eval_batches, jax.process_index(),
                                   jax.process_count())
 
+    def _carried_chat_template(self):
+        """GRPO renders no template, but a run it starts from may have trained one (SFT): it is kept with this run
+        so exports still render conversations as the model learned them. None when there is none to carry."""
+        source = self.config.checkpoint.init_from
+        if self.objective != "grpo" or not source or not (Path(source) / "chat_template.jinja").is_file():
+            return None
+        from phi2_jax.data.chat import load_chat_template
+
+        return load_chat_template(source)
+
     def _needs_reference_pass(self) -> bool:
         return self.objective == "dpo" and self.model_config.lora_rank == 0
 
@@ -358,7 +368,7 @@ class Trainer:
             (self.run_dir / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
         meta = {"model_config": self.model_config.to_dict(), "run_config": cfg.to_dict(),
                 "tokenizer": self.splits.tokenizer.source}
-        template = getattr(self.splits, "template", None)
+        template = getattr(self.splits, "template", None) or self._carried_chat_template()
         if template is not None:  # exports write it, so apply_chat_template gives the text trained on
             meta["chat_template"] = template.template
             if self.is_main:
