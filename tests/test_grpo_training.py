@@ -143,3 +143,27 @@ def test_bad_grpo_settings_are_one_sentence(toy, overrides, message, monkeypatch
     assert exit_code.value.code == 2
     assert message in capsys.readouterr().err
     assert not (toy / "refused").exists()
+
+
+def test_grpo_refuses_what_it_would_misread(toy, tmp_path, capsys, monkeypatch):
+    """data.fields (SFT and DPO's renaming) was silently ignored by GRPO, and a Parquet file was read as JSONL
+    ('line 1 is not UTF-8 text')."""
+    pq = pytest.importorskip("pyarrow.parquet")
+    import pyarrow as pa
+
+    from phi2_jax.train import main
+
+    monkeypatch.chdir(toy)
+    pq.write_table(pa.table({"prompt": ["1+1="], "answer": ["2"]}), tmp_path / "prompts.parquet")
+    cases = [(["data.sources=[{path: prompts.jsonl}]", "data.fields={prompt: question}"],
+              "error: data.fields {'prompt': 'question'} renames SFT and DPO record fields; GRPO prompt files name "
+              "theirs with grpo.prompt_field and grpo.answer_field (grpo.task jsonl)."),
+             ([f"data.sources=[{{path: {tmp_path / 'prompts.parquet'}}}]"],
+              f"error: data source file {tmp_path / 'prompts.parquet'} is Parquet; GRPO reads its prompts from JSONL "
+              f"files (grpo.task jsonl); expected .jsonl files.")]
+    for overrides, message in cases:
+        with pytest.raises(SystemExit) as exit_code:
+            main(["run_dir=refused", *COMMON, *GRPO, "checkpoint.init_from=sft", "grpo.task=jsonl", *overrides])
+        assert exit_code.value.code == 2
+        assert message in capsys.readouterr().err.splitlines()
+        assert not (toy / "refused").exists()
