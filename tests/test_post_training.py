@@ -173,6 +173,8 @@ BAD_RECORDS = [
     ({"prompt": "What color is the sky?", "completion": ""}, "'completion' is empty; expected a response to learn from."),
     ({"messages": [{"role": "robot", "content": "hi"}, {"role": "assistant", "content": "x"}]},
      "has unknown role 'robot'; expected one of system, user, assistant, tool."),
+    ({"prompt": [], "completion": [{"role": "assistant", "content": "x"}]},
+     "'prompt' is an empty list; expected a non-empty list of messages."),  # was "'prompt' is list; expected ..."
 ]
 
 
@@ -286,3 +288,16 @@ def test_a_refused_dpo_resume_leaves_the_reference_log_probs_alone(task, tmp_pat
     (aside,) = run_dir.glob("replaced-*")
     assert (aside / "reference_logps.npz").read_bytes() == saved
     assert (run_dir / "reference_logps.npz").read_bytes() != saved
+
+
+def test_a_conversational_pair_with_nothing_shared_and_no_prompt_is_named(task, tmp_path, capsys):
+    """The implicit prompt (the messages chosen and rejected share) is empty: said so, not "'prompt' is list"."""
+    _, base = task
+    data = tmp_path / "pairs.jsonl"
+    data.write_text(json.dumps({"chosen": [{"role": "assistant", "content": "Yes."}],
+                                "rejected": [{"role": "assistant", "content": "No."}]}) + "\n")
+    line = refused([f"run_dir={tmp_path / 'run'}", "train.objective=dpo", f"checkpoint.init_from={base}",
+                    f"data.sources=[{{path: {data}}}]"], capsys)
+    assert line == (f"error: {data} line 1 has no 'prompt' and its 'chosen' and 'rejected' share no first messages "
+                    f"to take as one; expected a 'prompt' field.")
+    assert not (tmp_path / "run").exists()

@@ -116,7 +116,8 @@ def _require(record: dict, names: tuple[str, ...], where: str) -> None:
 
 def _check_messages(messages, where: str, field: str) -> list[dict]:
     if not isinstance(messages, list) or not messages:
-        raise UserInputError(f"{where}: '{field}' is {type(messages).__name__}; expected a non-empty list of messages.")
+        what = "an empty list" if isinstance(messages, list) else type(messages).__name__
+        raise UserInputError(f"{where}: '{field}' is {what}; expected a non-empty list of messages.")
     for index, message in enumerate(messages):
         if not isinstance(message, dict) or "role" not in message or "content" not in message:
             raise UserInputError(f"{where}: '{field}'[{index}] is not a {{'role', 'content'}} message.")
@@ -255,6 +256,9 @@ class Formatter:
                 shared = 0
                 while shared < min(len(chosen), len(rejected)) - 1 and chosen[shared] == rejected[shared]:
                     shared += 1
+                if not shared:
+                    raise UserInputError(f"{where} has no '{f.prompt}' and its '{f.chosen}' and '{f.rejected}' share no "
+                                         f"first messages to take as one; expected a '{f.prompt}' field.")
                 prompt, chosen, rejected = chosen[:shared], chosen[shared:], rejected[shared:]
             prompt = _check_messages(prompt, where, f.prompt)
             prompt_text, chosen_text = self._prompt_and_response(prompt, chosen, where)
