@@ -29,8 +29,8 @@ def passes(monkeypatch):
     return count
 
 
-def attach(run_dir, start="model A"):
-    splits = _splits()
+def attach(run_dir, start="model A", n=3):
+    splits = _splits(n)
     reference.attach_reference_logps(splits, run_dir, lambda: "params", None, None, 2, True, start=start)
     return splits.train[0].rows["ref_chosen_logps"]
 
@@ -50,20 +50,28 @@ def test_another_starting_model_computes_them_again(tmp_path, passes, caplog):
     assert len(passes) == 2 and "another starting model" in caplog.text
 
 
+def test_other_rows_compute_them_again_and_say_why(tmp_path, passes, caplog):
+    """Fewer records under the same path: said to be other rows (was: 'cannot be read (damaged ...)')."""
+    attach(tmp_path)
+    with caplog.at_level(logging.WARNING):
+        np.testing.assert_array_equal(attach(tmp_path, n=2), [-1, -2])
+    assert len(passes) == 2 and "was computed for other rows" in caplog.text and "damaged" not in caplog.text
+
+
 @pytest.mark.parametrize("damage", ["truncated", "empty", "not npz", "missing arrays"])
 def test_a_damaged_file_is_computed_again_not_a_traceback(tmp_path, passes, caplog, damage):
     attach(tmp_path)
     path = tmp_path / reference.FILE
     data = path.read_bytes()
-    if damage == "missing arrays":
-        np.savez(path, fingerprint=np.asarray("x"))
+    if damage == "missing arrays":  # the right fingerprint, no log-probs
+        with np.load(path) as saved:
+            np.savez(path, fingerprint=saved["fingerprint"])
     else:
         path.write_bytes({"truncated": data[:len(data) // 2], "empty": b"", "not npz": b"hello"}[damage])
     with caplog.at_level(logging.WARNING):
         np.testing.assert_array_equal(attach(tmp_path), [-1, -2, -3])
     assert len(passes) == 2
-    if damage != "missing arrays":  # that one carries another fingerprint: recomputed as other rows
-        assert f"{path} cannot be read (damaged or not written by phi2_jax)" in caplog.text
+    assert f"{path} cannot be read (damaged or not written by phi2_jax)" in caplog.text
     assert path.read_bytes() == data  # rewritten whole
 
 

@@ -48,20 +48,20 @@ def attach_reference_logps(splits, run_dir: Path, initial_params: Callable[[], d
     fingerprint = _fingerprint(sources, start)
     path = Path(run_dir) / FILE
     if path.is_file():
-        saved = _read(path, sources)
-        if saved is None:
+        saved = _read(path)
+        if saved is not None and saved.get("fingerprint") != fingerprint:
+            log.warning("%s was computed for other rows or another starting model (the data, data.seq_len, "
+                        "checkpoint.init_from or the model settings changed); computing them again", path)
+        elif saved is None or not _fits(saved, sources):
             log.warning("%s cannot be read (damaged or not written by phi2_jax); computing the reference log-probs "
                         "again with the starting weights", path)
-        elif saved["fingerprint"] == fingerprint:
+        else:
             for i, source in enumerate(sources):
                 if len(source):
                     source.rows["ref_chosen_logps"] = saved[f"chosen_{i}"]
                     source.rows["ref_rejected_logps"] = saved[f"rejected_{i}"]
             log.info("DPO reference log-probs read from %s", path)
             return None
-        else:
-            log.warning("%s was computed for other rows or another starting model (the data, data.seq_len, "
-                        "checkpoint.init_from or the model settings changed); computing them again", path)
     params = initial_params()
     logps = pair_logps_of_rows(graphdef, params, mesh, sources, batch_size)
     arrays = {"fingerprint": np.asarray(fingerprint)}
@@ -79,20 +79,22 @@ def attach_reference_logps(splits, run_dir: Path, initial_params: Callable[[], d
     return params
 
 
-def _read(path: Path, sources) -> dict | None:
-    """The saved arrays, or None when the file is damaged (truncated, not an .npz, missing or misshapen arrays)."""
+def _read(path: Path) -> dict | None:
+    """The saved arrays ({'fingerprint': str, 'chosen_<i>': ..., ...}), or None when the file is not a readable
+    .npz with a fingerprint (truncated, empty, something else)."""
     try:
         with np.load(path, allow_pickle=False) as saved:
-            out = {"fingerprint": str(saved["fingerprint"])}
-            for i, source in enumerate(sources):
-                if len(source):
-                    for side in ("chosen", "rejected"):
-                        out[f"{side}_{i}"] = np.asarray(saved[f"{side}_{i}"], np.float32)
-                        if out[f"{side}_{i}"].shape != (len(source),):
-                            return None
-            return out
+            out = {name: saved[name] for name in saved.files}
+        out["fingerprint"] = str(out["fingerprint"])
+        return out
     except (OSError, EOFError, ValueError, KeyError, zipfile.BadZipFile):
         return None
+
+
+def _fits(saved: dict, sources) -> bool:
+    """Whether the saved file holds [N] float log-probs for both sides of every non-empty source."""
+    return all(np.shape(saved.get(f"{side}_{i}")) == (len(source),)
+               for i, source in enumerate(sources) if len(source) for side in ("chosen", "rejected"))
 
 
 def pair_logps_of_rows(graphdef, params: dict, mesh, sources, batch_size: int) -> list[tuple[np.ndarray, np.ndarray]]:
