@@ -110,6 +110,22 @@ def test_grpo_resume_repeats_the_uninterrupted_run(toy):
         np.testing.assert_array_equal(ours[name], reference[name], err_msg=name)
 
 
+def test_grpo_export_keeps_the_chat_template_of_the_sft_run_it_started_from(toy, tmp_path):
+    """GRPO renders no template, but exporting SFT -> GRPO used to drop the SFT run's, so transformers'
+    apply_chat_template on the export raised (no template) instead of rendering the format SFT taught."""
+    transformers = pytest.importorskip("transformers")
+    from phi2_jax.hf.convert import to_hf
+
+    train(toy, "from_sft", *GRPO, "checkpoint.init_from=sft", "data.sources=[{path: prompts.jsonl}]",
+          "grpo.rewards=[math_answer]", "train.eval_every=100", "train.steps=1", "checkpoint.every=1",
+          "train.batch_size=16")
+    to_hf(toy / "from_sft", tmp_path / "exported", dtype="float32")
+    tokenizer = transformers.AutoTokenizer.from_pretrained(tmp_path / "exported")
+    rendered = tokenizer.apply_chat_template([{"role": "user", "content": "1+2="}], tokenize=False,
+                                             add_generation_prompt=True)
+    assert rendered == "Instruct: 1+2=\nOutput:"  # the built-in template the SFT run trained with
+
+
 @pytest.mark.parametrize("overrides,message", [
     (['grpo.rewards=["toy_rewards:missing"]'], "grpo.rewards[0] 'toy_rewards:missing': module toy_rewards has no "
                                                "attribute 'missing'."),
@@ -127,3 +143,27 @@ def test_bad_grpo_settings_are_one_sentence(toy, overrides, message, monkeypatch
     assert exit_code.value.code == 2
     assert message in capsys.readouterr().err
     assert not (toy / "refused").exists()
+
+
+def test_grpo_refuses_what_it_would_misread(toy, tmp_path, capsys, monkeypatch):
+    """data.fields (SFT and DPO's renaming) was silently ignored by GRPO, and a Parquet file was read as JSONL
+    ('line 1 is not UTF-8 text')."""
+    pq = pytest.importorskip("pyarrow.parquet")
+    import pyarrow as pa
+
+    from phi2_jax.train import main
+
+    monkeypatch.chdir(toy)
+    pq.write_table(pa.table({"prompt": ["1+1="], "answer": ["2"]}), tmp_path / "prompts.parquet")
+    cases = [(["data.sources=[{path: prompts.jsonl}]", "data.fields={prompt: question}"],
+              "error: data.fields {'prompt': 'question'} renames SFT and DPO record fields; GRPO prompt files name "
+              "theirs with grpo.prompt_field and grpo.answer_field (grpo.task jsonl)."),
+             ([f"data.sources=[{{path: {tmp_path / 'prompts.parquet'}}}]"],
+              f"error: data source file {tmp_path / 'prompts.parquet'} is Parquet; GRPO reads its prompts from JSONL "
+              f"files (grpo.task jsonl); expected .jsonl files.")]
+    for overrides, message in cases:
+        with pytest.raises(SystemExit) as exit_code:
+            main(["run_dir=refused", *COMMON, *GRPO, "checkpoint.init_from=sft", "grpo.task=jsonl", *overrides])
+        assert exit_code.value.code == 2
+        assert message in capsys.readouterr().err.splitlines()
+        assert not (toy / "refused").exists()

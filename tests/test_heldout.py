@@ -173,3 +173,15 @@ def test_the_shipped_sample_holds_one_pair_of_each_kind(setup):
         "Answer with one word.\nInstruct: Which planet is closest to the Sun?\nOutput:")]
     assert [p.completion for p in pairs] == [tuple(encode(tok, t)) for t in (
         " Paris" + EOS, " 42" + EOS + "\n", " Mercury" + EOS + "\n")]
+
+
+def test_limit_takes_the_first_heldout_pairs(setup, tmp_path):
+    """--limit ('first N items of each task') was ignored by --heldout: a quick check scored every pair."""
+    folder, reference, tok_dir, tok = setup
+    file = write_jsonl(tmp_path / "pairs.jsonl", [{"prompt": f"Say {n}.", "completion": f" {n}"} for n in range(5)])
+    out = tmp_path / "results.json"
+    main(["--model", str(folder), "--tokenizer", str(tok_dir), "--heldout", str(file),
+          "--max-new-tokens", "2", "--limit", "2", "--output", str(out)])
+    results = json.loads(out.read_text())
+    assert results[f"heldout:{file}"]["n"] == 2
+    assert len(results[f"heldout:{file}"]["items"]) == 2

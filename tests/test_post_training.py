@@ -173,6 +173,8 @@ BAD_RECORDS = [
     ({"prompt": "What color is the sky?", "completion": ""}, "'completion' is empty; expected a response to learn from."),
     ({"messages": [{"role": "robot", "content": "hi"}, {"role": "assistant", "content": "x"}]},
      "has unknown role 'robot'; expected one of system, user, assistant, tool."),
+    ({"prompt": [], "completion": [{"role": "assistant", "content": "x"}]},
+     "'prompt' is an empty list; expected a non-empty list of messages."),  # was "'prompt' is list; expected ..."
 ]
 
 
@@ -221,3 +223,81 @@ def test_a_sentencepiece_tokenizer_is_refused_for_chat_templates(task, tmp_path,
     line = refused([f"run_dir={tmp_path / 'run'}", "train.objective=sft", f"checkpoint.init_from={base}",
                     f"data.tokenizer={model}", f"data.sources=[{{path: {root / 'sft.jsonl'}}}]"], capsys)
     assert "does not encode its end-of-text token's text" in line and "phi2-convert to-hf writes one" in line
+
+
+TEMPLATES_WITHOUT_RESPONSE = [
+    # prints the user turns only: assistant turns render as nothing, so no token would count in the loss
+    "{% for m in messages %}{% if m['role'] == 'user' %}{{ m['content'] }}{% endif %}{% endfor %}",
+    "",  # renders nothing at all (crashed the row packer with a ValueError before)
+]
+
+
+@pytest.mark.parametrize("objective", ["sft", "dpo"])
+@pytest.mark.parametrize("text", TEMPLATES_WITHOUT_RESPONSE)
+def test_a_template_that_renders_no_response_is_refused(task, tmp_path, capsys, text, objective):
+    root, base = task
+    template = tmp_path / "silent.jinja"
+    template.write_text(text)
+    data = tmp_path / "conversations.jsonl"
+    record = {"messages": [{"role": "user", "content": "Hi?"}, {"role": "assistant", "content": "Hello."}]}
+    if objective == "dpo":
+        record = {"prompt": record["messages"][:1], "chosen": record["messages"][1:],
+                  "rejected": [{"role": "assistant", "content": "Go away."}]}
+    data.write_text(json.dumps(record) + "\n")
+    line = refused([f"run_dir={tmp_path / 'run'}", f"train.objective={objective}", f"checkpoint.init_from={base}",
+                    f"data.sources=[{{path: {data}}}]", f"data.chat_template={template}"], capsys)
+    assert line == (f"error: {data} line 1: the chat template ({template}) renders no text for the response; "
+                    f"expected the assistant's content in the rendered conversation.")
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("content,message", [
+    ("{% for m in messages %}{{ m['content'] }\n{% endfor %}",
+     "{template}: the chat template does not parse as jinja (line 1: unexpected '}}')."),
+    (b"\xff\xfe{{ messages }}", "{template} is not UTF-8 text (byte 0); expected a jinja chat template or "
+                                "tokenizer_config.json."),
+])
+def test_a_template_file_that_does_not_parse_is_named(task, tmp_path, capsys, content, message):
+    root, base = task
+    template = tmp_path / "broken.jinja"
+    template.write_bytes(content if isinstance(content, bytes) else content.encode())
+    line = refused([f"run_dir={tmp_path / 'run'}", "train.objective=sft", f"checkpoint.init_from={base}",
+                    f"data.sources=[{{path: {root / 'sft.jsonl'}}}]", f"data.chat_template={template}"], capsys)
+    assert line == "error: " + message.format(template=template)
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_refused_dpo_resume_leaves_the_reference_log_probs_alone(task, tmp_path, capsys):
+    """Full fine-tuning: a resume with other data is refused before the reference pass, which used to recompute
+    and overwrite run_dir/reference_logps.npz and then say 'nothing was changed'."""
+    from phi2_jax.train import main
+
+    root, base = task
+    run_dir, other = tmp_path / "run", tmp_path / "other.jsonl"
+    other.write_text("".join((root / "dpo.jsonl").read_text().splitlines(keepends=True)[:100]))
+    args = [*COMMON, f"run_dir={run_dir}", "train.objective=dpo", f"checkpoint.init_from={base}", "train.steps=1",
+            "checkpoint.every=1", "train.eval_every=100"]
+    main([*args, f"data.sources=[{{path: {root / 'dpo.jsonl'}}}]"])
+    saved = (run_dir / "reference_logps.npz").read_bytes()
+    capsys.readouterr()
+    line = refused([*args, "train.steps=2", f"data.sources=[{{path: {other}}}]"], capsys)
+    assert line.startswith(f"error: this config differs from the run in {run_dir / 'checkpoints' / '1'}: data.sources")
+    assert (run_dir / "reference_logps.npz").read_bytes() == saved
+    # checkpoint.restart=true sets the old log-probs aside with the checkpoints (kept, not overwritten).
+    main([*args, f"data.sources=[{{path: {other}}}]", "checkpoint.restart=true"])
+    (aside,) = run_dir.glob("replaced-*")
+    assert (aside / "reference_logps.npz").read_bytes() == saved
+    assert (run_dir / "reference_logps.npz").read_bytes() != saved
+
+
+def test_a_conversational_pair_with_nothing_shared_and_no_prompt_is_named(task, tmp_path, capsys):
+    """The implicit prompt (the messages chosen and rejected share) is empty: said so, not "'prompt' is list"."""
+    _, base = task
+    data = tmp_path / "pairs.jsonl"
+    data.write_text(json.dumps({"chosen": [{"role": "assistant", "content": "Yes."}],
+                                "rejected": [{"role": "assistant", "content": "No."}]}) + "\n")
+    line = refused([f"run_dir={tmp_path / 'run'}", "train.objective=dpo", f"checkpoint.init_from={base}",
+                    f"data.sources=[{{path: {data}}}]"], capsys)
+    assert line == (f"error: {data} line 1 has no 'prompt' and its 'chosen' and 'rejected' share no first messages "
+                    f"to take as one; expected a 'prompt' field.")
+    assert not (tmp_path / "run").exists()

@@ -79,7 +79,10 @@ class ChatTemplate:
         self.template = template
         self.special_tokens = dict(special_tokens or {})
         self.source = source
-        _compile(template)  # fail on a syntax error now, not at the first example
+        try:
+            _compile(template)  # fail on a syntax error now, not at the first example
+        except ConfigError as error:
+            raise ConfigError(f"{source}: {error}") from None
 
     def render(self, messages: list[dict], add_generation_prompt: bool = False, **kwargs) -> str:
         """The conversation as text, exactly as `tokenizer.apply_chat_template(messages, tokenize=False)` gives it."""
@@ -108,6 +111,15 @@ def save_chat_template(template: ChatTemplate, folder: str | Path) -> Path:
     return path
 
 
+def read_template_text(path: Path) -> str:
+    """A template (or tokenizer_config.json) file's text; a file that is not UTF-8 is refused in one sentence."""
+    try:
+        return Path(path).read_text(encoding="utf-8")
+    except UnicodeDecodeError as error:
+        raise ConfigError(f"{path} is not UTF-8 text (byte {error.start}); expected a jinja chat template or "
+                          f"tokenizer_config.json.") from None
+
+
 def _token_text(value) -> str | None:
     """A special token as tokenizer_config.json writes it: a string or an AddedToken dict {'content': ...}."""
     if isinstance(value, dict):
@@ -127,7 +139,7 @@ def load_chat_template(folder: str | Path | None, eos_token: str = "<|endoftext|
         config_path = folder / "tokenizer_config.json"
         if config_path.is_file():
             try:
-                config = json.loads(config_path.read_text(encoding="utf-8"))
+                config = json.loads(read_template_text(config_path))
             except json.JSONDecodeError as error:
                 raise ConfigError(f"{config_path} is not valid JSON ({error.msg} at line {error.lineno}).") from None
             for name in SPECIAL_TOKEN_NAMES:
@@ -145,5 +157,5 @@ def load_chat_template(folder: str | Path | None, eos_token: str = "<|endoftext|
                 template, source = found, str(config_path)
         jinja_path = folder / "chat_template.jinja"
         if jinja_path.is_file():  # transformers reads this file over the config key
-            template, source = jinja_path.read_text(encoding="utf-8"), str(jinja_path)
+            template, source = read_template_text(jinja_path), str(jinja_path)
     return ChatTemplate(template or PHI2_TEMPLATE, special, source)

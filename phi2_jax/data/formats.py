@@ -116,7 +116,8 @@ def _require(record: dict, names: tuple[str, ...], where: str) -> None:
 
 def _check_messages(messages, where: str, field: str) -> list[dict]:
     if not isinstance(messages, list) or not messages:
-        raise UserInputError(f"{where}: '{field}' is {type(messages).__name__}; expected a non-empty list of messages.")
+        what = "an empty list" if isinstance(messages, list) else type(messages).__name__
+        raise UserInputError(f"{where}: '{field}' is {what}; expected a non-empty list of messages.")
     for index, message in enumerate(messages):
         if not isinstance(message, dict) or "role" not in message or "content" not in message:
             raise UserInputError(f"{where}: '{field}'[{index}] is not a {{'role', 'content'}} message.")
@@ -231,7 +232,10 @@ class Formatter:
                     raise UserInputError(f"{where}: '{f.completion}' is empty; expected a response to learn from.")
                 pieces = [(prompt, False), (self._with_eos(completion), True)]
         example = self._encode_pieces(pieces)
-        prompt_length = int(np.argmax(example.weights > 0)) if example.weights.any() else len(example.ids)
+        if not example.weights.any():  # e.g. a template that leaves the assistant's content out
+            raise UserInputError(f"{where}: the chat template ({self.template.source}) renders no text for the "
+                                 f"response; expected the assistant's content in the rendered conversation.")
+        prompt_length = int(np.argmax(example.weights > 0))
         if self.count_prompt:
             example.weights[:] = 1.0
         return self._fit(example, prompt_length, where)
@@ -252,6 +256,9 @@ class Formatter:
                 shared = 0
                 while shared < min(len(chosen), len(rejected)) - 1 and chosen[shared] == rejected[shared]:
                     shared += 1
+                if not shared:
+                    raise UserInputError(f"{where} has no '{f.prompt}' and its '{f.chosen}' and '{f.rejected}' share no "
+                                         f"first messages to take as one; expected a '{f.prompt}' field.")
                 prompt, chosen, rejected = chosen[:shared], chosen[shared:], rejected[shared:]
             prompt = _check_messages(prompt, where, f.prompt)
             prompt_text, chosen_text = self._prompt_and_response(prompt, chosen, where)
@@ -261,6 +268,9 @@ class Formatter:
                 raise UserInputError(f"{where} has no '{f.prompt}' field; a plain-text preference pair needs one.")
             prompt_text = self._text(prompt, where, f.prompt)
             responses = [self._with_eos(self._text(r, where, n)) for r, n in ((chosen, f.chosen), (rejected, f.rejected))]
+        if not responses[0] or not responses[1]:
+            raise UserInputError(f"{where}: the chat template ({self.template.source}) renders no text for the "
+                                 f"response; expected the assistant's content in the rendered conversation.")
         if responses[0] == responses[1]:
             self.stats.chosen_equals_rejected += 1
             log.warning("%s: '%s' equals '%s'; the pair teaches nothing (its DPO loss gradient is zero).",

@@ -80,6 +80,9 @@ class Splits:
     validation: PackedSequences
     tokenizer: Tokenizer
 
+    # What a too-small validation split's warning advises (post-training has no validation token files).
+    more_validation = "raise data.val_fraction or add a validation token file (format: tokens, split: validation)"
+
 
 def build_splits(sources: list[dict], tokenizer_spec: str, seq_len: int, val_fraction: float, vocab_size: int,
                  max_documents: int = 0, process_index: int = 0, process_count: int = 1,
@@ -267,8 +270,7 @@ def validation_batches(splits: Splits, batch_size: int, num_batches: int, proces
         tokens, shape = val.amount, f"{needed} {val.unit}"
         if count == 0:
             log.warning("the validation split holds %s, fewer than one batch of %s, so no validation loss will "
-                        "be reported; raise data.val_fraction or add a validation token file (format: tokens, split: "
-                        "validation).", tokens, shape)
+                        "be reported; %s.", tokens, shape, splits.more_validation)
         else:
             log.warning("the validation split holds %s, %d of the %d batches of %s asked for "
                         "(train.eval_batches); the validation loss is their mean.", tokens, count, num_batches, shape)

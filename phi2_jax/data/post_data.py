@@ -23,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
-from phi2_jax.data.chat import ChatTemplate, load_chat_template
+from phi2_jax.data.chat import ChatTemplate, load_chat_template, read_template_text
 from phi2_jax.data.formats import FieldNames, Formatter, FormatStats, PreferencePair
 from phi2_jax.data.pipeline import Splits
 from phi2_jax.data.post_batches import pack_examples, preference_rows
@@ -66,6 +66,8 @@ class PostSplits(Splits):
     template: ChatTemplate = None
     stats: FormatStats = None
     sample_prompts: list = None  # a few prompts' ids, held-out ones first, for the trainer's closing samples
+
+    more_validation = "raise data.val_fraction (post-training holds out that share of its records)"
 
 
 def read_records(source: dict) -> Iterator[tuple[str, dict]]:
@@ -127,7 +129,7 @@ def chat_template(spec: str, tokenizer: Tokenizer) -> ChatTemplate:
         return load_chat_template(path, eos_token=eos)
     if path.is_file():
         template = load_chat_template(None, eos_token=eos)
-        return ChatTemplate(path.read_text(encoding="utf-8"), template.special_tokens, str(path))
+        return ChatTemplate(read_template_text(path), template.special_tokens, str(path))
     raise ConfigError(f"data.chat_template {spec} does not exist; expected a .jinja file, a folder holding "
                       f"chat_template.jinja or tokenizer_config.json, or '' for the tokenizer's own.")
 

@@ -184,6 +184,7 @@ def evaluate(model, tokenizer, tasks: dict[str, Path | None], *, ppl_files: list
         if on_result:
             on_result(dict(results))
     for name, pairs in (heldout or {}).items():
+        pairs = pairs[:limit] if limit else pairs
         print(f"{name}: {len(pairs)} held-out pairs", file=sys.stderr)
         results[name] = score_heldout(model, tokenizer, pairs, max_new_tokens, batch_size)
         if on_result:
@@ -287,7 +288,7 @@ def main(argv=None) -> None:
                              "and exact match of the greedy answer, which stops at end-of-text or '\\nInstruct:' "
                              "and at --max-new-tokens (repeatable)")
     parser.add_argument("--num-fewshot", type=int)
-    parser.add_argument("--limit", type=int, help="first N items of each task")
+    parser.add_argument("--limit", type=int, help="first N items of each task and --heldout file (--safety scores all)")
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--max-new-tokens", type=int, default=256)
     parser.add_argument("--code-samples", type=int, default=1, help="completions per code task (pass@k, k <= this)")

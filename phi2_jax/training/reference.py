@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import zipfile
 from collections.abc import Callable
 from pathlib import Path
 
@@ -24,9 +25,10 @@ log = logging.getLogger(__name__)
 FILE = "reference_logps.npz"
 
 
-def _fingerprint(sources) -> str:
-    """Names the rows the log-probs belong to: a change of data or seq_len computes them again."""
-    digest = hashlib.sha256()
+def _fingerprint(sources, start: str = "") -> str:
+    """Names the rows the log-probs belong to and the model that computed them (`start`: its description, e.g.
+    checkpoint.init_from and the model config): a change of data, seq_len or starting model computes them again."""
+    digest = hashlib.sha256(start.encode())
     for source in sources:
         for key in ("chosen_input_ids", "rejected_input_ids", "chosen_weights", "rejected_weights"):
             if key in source.rows:
@@ -35,7 +37,7 @@ def _fingerprint(sources) -> str:
 
 
 def attach_reference_logps(splits, run_dir: Path, initial_params: Callable[[], dict], graphdef, mesh,
-                           batch_size: int, is_main: bool) -> dict | None:
+                           batch_size: int, is_main: bool, start: str = "") -> dict | None:
     """Adds ref_{chosen,rejected}_logps to every row source of `splits` (train sources, then validation).
 
     Reads them from run_dir when they were computed for these rows; else computes them with
@@ -43,18 +45,23 @@ def attach_reference_logps(splits, run_dir: Path, initial_params: Callable[[], d
     computed with (to start training from without loading them twice), or None when it read the file.
     """
     sources = [*splits.train, splits.validation]
-    fingerprint = _fingerprint(sources)
+    fingerprint = _fingerprint(sources, start)
     path = Path(run_dir) / FILE
     if path.is_file():
-        with np.load(path, allow_pickle=False) as saved:
-            if str(saved["fingerprint"]) == fingerprint:
-                for i, source in enumerate(sources):
-                    if len(source):
-                        source.rows["ref_chosen_logps"] = saved[f"chosen_{i}"]
-                        source.rows["ref_rejected_logps"] = saved[f"rejected_{i}"]
-                log.info("DPO reference log-probs read from %s", path)
-                return None
-        log.warning("%s was computed for other rows (the data or data.seq_len changed); computing them again", path)
+        saved = _read(path)
+        if saved is not None and saved.get("fingerprint") != fingerprint:
+            log.warning("%s was computed for other rows or another starting model (the data, data.seq_len, "
+                        "checkpoint.init_from or the model settings changed); computing them again", path)
+        elif saved is None or not _fits(saved, sources):
+            log.warning("%s cannot be read (damaged or not written by phi2_jax); computing the reference log-probs "
+                        "again with the starting weights", path)
+        else:
+            for i, source in enumerate(sources):
+                if len(source):
+                    source.rows["ref_chosen_logps"] = saved[f"chosen_{i}"]
+                    source.rows["ref_rejected_logps"] = saved[f"rejected_{i}"]
+            log.info("DPO reference log-probs read from %s", path)
+            return None
     params = initial_params()
     logps = pair_logps_of_rows(graphdef, params, mesh, sources, batch_size)
     arrays = {"fingerprint": np.asarray(fingerprint)}
@@ -70,6 +77,24 @@ def attach_reference_logps(splits, run_dir: Path, initial_params: Callable[[], d
     log.info("DPO reference log-probs of %d pairs computed with the starting weights and saved to %s",
              sum(len(s) for s in sources), path)
     return params
+
+
+def _read(path: Path) -> dict | None:
+    """The saved arrays ({'fingerprint': str, 'chosen_<i>': ..., ...}), or None when the file is not a readable
+    .npz with a fingerprint (truncated, empty, something else)."""
+    try:
+        with np.load(path, allow_pickle=False) as saved:
+            out = {name: saved[name] for name in saved.files}
+        out["fingerprint"] = str(out["fingerprint"])
+        return out
+    except (OSError, EOFError, ValueError, KeyError, zipfile.BadZipFile):
+        return None
+
+
+def _fits(saved: dict, sources) -> bool:
+    """Whether the saved file holds [N] float log-probs for both sides of every non-empty source."""
+    return all(np.shape(saved.get(f"{side}_{i}")) == (len(source),)
+               for i, source in enumerate(sources) if len(source) for side in ("chosen", "rejected"))
 
 
 def pair_logps_of_rows(graphdef, params: dict, mesh, sources, batch_size: int) -> list[tuple[np.ndarray, np.ndarray]]:

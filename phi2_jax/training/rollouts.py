@@ -151,6 +151,9 @@ def grpo_splits(config, tokenizer):
     for source in d.sources:
         train = []
         for file in source_files(source):
+            if source.get("format", "auto") == "parquet" or Path(file).suffix == ".parquet":
+                raise ConfigError(f"data source file {file} is Parquet; GRPO reads its prompts from JSONL files "
+                                  f"(grpo.task {g.task}); expected .jsonl files.")
             found = read_prompts(Path(file), g.task, prompt_field=g.prompt_field, answer_field=g.answer_field or None)
             for n, record in enumerate(found[:d.max_documents] if d.max_documents else found):
                 ids = tokenizer.encode(record.text)

@@ -361,6 +361,9 @@ def _check_objective(config: RunConfig) -> None:
                               f"per rollout batch.")
         if g.max_prompt_length < 1:
             raise ConfigError(f"grpo.max_prompt_length is {g.max_prompt_length}; expected a positive number of tokens.")
+        if config.data.fields:  # read by SFT and DPO only: silently ignored here before
+            raise ConfigError(f"data.fields {config.data.fields} renames SFT and DPO record fields; GRPO prompt files "
+                              f"name theirs with grpo.prompt_field and grpo.answer_field (grpo.task jsonl).")
     if t.objective != "lm" and any(s.get("format") == "tokens" for s in config.data.sources):
         raise ConfigError(f"train.objective {t.objective} reads records (JSONL or Parquet), not token files; "
                           f"expected data.sources of .jsonl or .parquet files.")

@@ -120,6 +120,16 @@ class Trainer:
         return validation_batches(self.splits, self.local_batch, self.config.train.eval_batches, jax.process_index(),
                                   jax.process_count())
 
+    def _carried_chat_template(self):
+        """GRPO renders no template, but a run it starts from may have trained one (SFT): it is kept with this run
+        so exports still render conversations as the model learned them. None when there is none to carry."""
+        source = self.config.checkpoint.init_from
+        if self.objective != "grpo" or not source or not (Path(source) / "chat_template.jinja").is_file():
+            return None
+        from phi2_jax.data.chat import load_chat_template
+
+        return load_chat_template(source)
+
     def _needs_reference_pass(self) -> bool:
         return self.objective == "dpo" and self.model_config.lora_rank == 0
 
@@ -213,11 +223,14 @@ class Trainer:
         checkpoints = RunCheckpoints(self.run_dir, cfg.checkpoint.keep, cfg.checkpoint.async_save)
         try:
             if self._needs_reference_pass():  # before the iterator reads a row: the log-probs ride in the rows
+                if checkpoints.steps():  # a resume this config may not make is refused before the pass rewrites
+                    self._refuse_other_run(checkpoints)  # the run's reference_logps.npz
                 from phi2_jax.training.reference import attach_reference_logps
 
                 self._starting_params = attach_reference_logps(
                     self.splits, self.run_dir, self._initial_params, self.steps.graphdef, self.mesh, t.batch_size,
-                    self.is_main)
+                    self.is_main, start=json.dumps([cfg.checkpoint.init_from, self.model_config.to_dict()],
+                                                   sort_keys=True, default=str))
                 self.val_batches = self._validation_batches()
             iterator = iter(self.dataset)
             start, params, opt_state = self._resume_or_initialise(checkpoints, iterator)
@@ -237,7 +250,8 @@ class Trainer:
 
     def _set_previous_run_aside(self) -> None:
         """checkpoint.restart: moves an earlier run's checkpoints and logs to run_dir/replaced-<time>/ (kept)."""
-        names = ("checkpoints", "checkpoints_damaged", "metrics.jsonl", "config.json", "events", "loss_curve.png")
+        names = ("checkpoints", "checkpoints_damaged", "metrics.jsonl", "config.json", "events", "loss_curve.png",
+                 "reference_logps.npz")
         present = [name for name in names if (self.run_dir / name).exists()]
         if present:
             aside = self.run_dir / time.strftime("replaced-%Y%m%d-%H%M%S", time.gmtime())
@@ -252,25 +266,12 @@ class Trainer:
             self.run_log.say(f"checkpoint.restart=true: moved the previous run's {', '.join(present)} to {aside}; "
                       f"starting at step 0")
 
-    def _resume_or_initialise(self, checkpoints, iterator):
-        """(start step, params, opt_state): restored from the run's checkpoints, or fresh if there are none.
+    def _refuse_other_run(self, checkpoints) -> tuple[dict, str]:
+        """Raises ConfigError when the run's newest checkpoint cannot be read or was trained with settings this
+        config may not change; else (the saved run config, the remedy sentence for later refusals)."""
+        from phi2_jax.training.resume import describe, fixed_differences
 
-        Checkpoints that do not fit this config, or of which none can be read, are refused with a sentence and
-        left as they are: training afresh would push them out of `keep`.
-        """
-        from phi2_jax.training.resume import describe, fixed_differences, run_time_differences
-
-        cfg = self.config
-        steps = checkpoints.steps()
-        if not steps:
-            stale = self.run_dir / "metrics.jsonl"
-            if stale.exists() and self.is_main:  # an earlier start that saved no checkpoint: kept, out of the way
-                kept = stale.with_name(time.strftime("metrics-unsaved-%Y%m%d-%H%M%S.jsonl", time.gmtime()))
-                stale.rename(kept)
-                log.warning("%s: no checkpoint to resume from; the earlier start's metrics were moved to %s",
-                            self.run_dir, kept.name)
-            params = self._initial_params()
-            return 0, params, self.steps.init_opt(params)
+        cfg, steps = self.config, checkpoints.steps()
         remedy = ("resume with the run's settings, use another run_dir, or pass checkpoint.restart=true to start "
                   f"afresh here (which moves the old checkpoints to {self.run_dir}/replaced-<time>/, deleting nothing)")
         newest = checkpoints.newest_meta()
@@ -288,6 +289,28 @@ class Trainer:
         if fixed:
             raise ConfigError(f"this config differs from the run in {where}: {describe(fixed, 'there', 'here')}; "
                               f"nothing was changed; {remedy}.")
+        return saved_run, remedy
+
+    def _resume_or_initialise(self, checkpoints, iterator):
+        """(start step, params, opt_state): restored from the run's checkpoints, or fresh if there are none.
+
+        Checkpoints that do not fit this config, or of which none can be read, are refused with a sentence and
+        left as they are: training afresh would push them out of `keep`.
+        """
+        from phi2_jax.training.resume import describe, run_time_differences
+
+        cfg = self.config
+        steps = checkpoints.steps()
+        if not steps:
+            stale = self.run_dir / "metrics.jsonl"
+            if stale.exists() and self.is_main:  # an earlier start that saved no checkpoint: kept, out of the way
+                kept = stale.with_name(time.strftime("metrics-unsaved-%Y%m%d-%H%M%S.jsonl", time.gmtime()))
+                stale.rename(kept)
+                log.warning("%s: no checkpoint to resume from; the earlier start's metrics were moved to %s",
+                            self.run_dir, kept.name)
+            params = self._initial_params()
+            return 0, params, self.steps.init_opt(params)
+        saved_run, remedy = self._refuse_other_run(checkpoints)
         restored = checkpoints.restore_latest(self.steps.abstract_params, self.steps.abstract_opt_state)
         if restored is None:
             raise ConfigError(f"none of the checkpoints in {checkpoints.directory} (steps "
@@ -321,7 +344,7 @@ class Trainer:
             (self.run_dir / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
         meta = {"model_config": self.model_config.to_dict(), "run_config": cfg.to_dict(),
                 "tokenizer": self.splits.tokenizer.source}
-        template = getattr(self.splits, "template", None)
+        template = getattr(self.splits, "template", None) or self._carried_chat_template()
         if template is not None:  # exports write it, so apply_chat_template gives the text trained on
             meta["chat_template"] = template.template
             if self.is_main:
