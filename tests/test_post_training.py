@@ -147,9 +147,9 @@ def test_dpo_full_finetune_reference_pass_and_exact_resume(task, tmp_path):
 
     root, base = task
     args = ["train.objective=dpo", f"checkpoint.init_from={base}", f"data.sources=[{{path: {root / 'dpo.jsonl'}}}]",
-            "train.eval_every=100", "optim.lr=1e-3", "checkpoint.every=3", "optim.warmup_steps=0"]
+            "train.eval_every=100", "optim.lr=1e-3", "checkpoint.every=2", "optim.warmup_steps=0"]
     straight, split = tmp_path / "straight", tmp_path / "split"
-    train(straight, *args, "train.steps=6")
+    train(straight, *args, "train.steps=4")
     # The stored reference log-probs are the starting model's, as transformers computes them.
     saved = np.load(straight / "reference_logps.npz", allow_pickle=False)
     tokenizer, hf_model = load_tokenizer(base), transformers.PhiForCausalLM.from_pretrained(base).eval()
@@ -159,11 +159,11 @@ def test_dpo_full_finetune_reference_pass_and_exact_resume(task, tmp_path):
     rejected = _sequence_logps(hf_model, tokenizer, prompt, " " + record["rejected"][0]["content"] + "<|endoftext|>\n")
     found = np.flatnonzero(np.isclose(saved["chosen_0"], chosen, rtol=1e-5))
     assert len(found) and np.isclose(saved["rejected_0"][found], rejected, rtol=1e-5).any()
-    # Stopped at step 3 and resumed: the same parameters as the uninterrupted run, bit for bit.
-    train(split, *args, "train.steps=3")
-    resumed = train(split, *args, "train.steps=6")
+    # Stopped at step 2 and resumed: the same parameters as the uninterrupted run, bit for bit.
+    train(split, *args, "train.steps=2")
+    resumed = train(split, *args, "train.steps=4")
     assert "DPO reference log-probs read from" in resumed.stderr
-    ours, reference = train_runs.final_params(split, 6), train_runs.final_params(straight, 6)
+    ours, reference = train_runs.final_params(split, 4), train_runs.final_params(straight, 4)
     for name in reference:
         np.testing.assert_array_equal(ours[name], reference[name], err_msg=name)
 

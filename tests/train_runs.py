@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -26,7 +27,14 @@ def train_env(devices: int = 1, cache: Path | None = None) -> dict:
     env["JAX_PLATFORMS"] = "cpu"
     if cache is not None:
         env["PHI2_JAX_CACHE"] = str(cache)
+    # The runs of a test (straight, stopped, resumed) compile the same programs: XLA's persistent cache
+    # compiles each once per test session (keyed by the program, so a hit runs the same executable).
+    env.setdefault("JAX_COMPILATION_CACHE_DIR", str(COMPILE_CACHE))
+    env.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
     return env
+
+
+COMPILE_CACHE = Path(tempfile.gettempdir()) / f"phi2_jax_test_xla_cache_{os.getuid()}"
 
 
 def command(run_dir: Path, *overrides: str) -> list[str]:
