@@ -74,7 +74,9 @@ class Trainer:
                               f"of prompts of grpo.num_generations {per_row} completions per process.")
         self.dataset = train_dataset(self.splits, self.local_batch // per_row, d.shuffle_seed, jax.process_index(), pc,
                                      d.workers)
-        self.val_batches = self._validation_batches() if self.objective != "grpo" else []
+        # GRPO scores held-out prompts itself; full-fine-tune DPO builds them after its reference pass (_run).
+        self.val_batches = ([] if self.objective == "grpo" or self._needs_reference_pass()
+                            else self._validation_batches())
         self.tx, self.schedule = make_optimizer(config.optim, t.steps)
         options = objective_options(config)
         self.steps = build_steps(tuned_for_backend(self.model_config, jax.default_backend()), self.mesh, self.tx,
@@ -234,12 +236,13 @@ class Trainer:
                 self.val_batches = self._validation_batches()
             iterator = iter(self.dataset)
             start, params, opt_state = self._resume_or_initialise(checkpoints, iterator)
+            self._starting_params = None  # a resume restored its own: no second copy of the weights held
             if self.objective == "grpo":
                 self.rollouts = self._grpo_rollouts()
             result = {"step": start, "seconds": 0.0, "final_loss": None, "steps_run": 0}
             if start >= t.steps:
-                self.run_log.say(f"{self.run_dir} is already at step {start} (train.steps {t.steps}): nothing to train; "
-                          f"config.json is left as it is.")
+                self.run_log.say(f"{self.run_dir} is already at step {start} (train.steps {t.steps}): nothing to "
+                                 f"train; config.json is left as it is.")
                 return result
             if self.agreement.any(self.stop.requested):
                 self.run_log.say("SIGTERM before the first step: nothing to save; exiting.")
