@@ -411,10 +411,16 @@ class Trainer:
                         self.run_log.held_out(step, held_out, events, history)
                 # Every process reads the vote cast one step earlier, so all stop after the same step; reading
                 # last step's (not this step's) vote keeps the host a step ahead of the device.
-                stopping = self.stop.requested if not self.agreement.multi else (
-                    stop_vote is not None and self.agreement.read(stop_vote))
-                if self.agreement.multi and not stopping:
-                    stop_vote = self.agreement.cast(self.stop.requested)
+                if self.agreement.multi and jax.default_backend() == "cpu":
+                    # gloo: the vote's all-reduce, in flight beside the step's collectives, can pair with them in
+                    # another order on each process ("Received data size doesn't match"): vote after the step.
+                    jax.block_until_ready(metrics)
+                    stopping = self.agreement.any(self.stop.requested)
+                else:
+                    stopping = self.stop.requested if not self.agreement.multi else (
+                        stop_vote is not None and self.agreement.read(stop_vote))
+                    if self.agreement.multi and not stopping:
+                        stop_vote = self.agreement.cast(self.stop.requested)
                 if step % cfg.checkpoint.every == 0 or step == t.steps or stopping:
                     self._refuse_non_finite(metrics, step, checkpoints)
                     checkpoints.save(step, params, opt_state, iterator.get_state(), {**meta, "step": step})
