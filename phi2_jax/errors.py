@@ -10,6 +10,7 @@ a bug and keeps its traceback.
 from __future__ import annotations
 
 import difflib
+import errno
 import sys
 from collections.abc import Iterable
 
@@ -45,3 +46,20 @@ def exit_on_user_error(main):
     wrapped.__doc__ = main.__doc__
     wrapped.__name__ = main.__name__
     return wrapped
+
+
+_DISK_FULL = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+
+
+def is_disk_full(error: BaseException) -> bool:
+    """True if `error`, or one it was raised from, is a full disk (or quota, or file-size limit)."""
+    seen = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        if isinstance(error, OSError) and error.errno in _DISK_FULL:
+            return True
+        text = str(error)  # tensorstore reports the OS error in its message only
+        if any(s in text for s in ("No space left on device", "Disk quota exceeded", "File too large")):
+            return True
+        error = error.__cause__ or error.__context__
+    return False

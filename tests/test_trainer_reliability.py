@@ -15,6 +15,7 @@ import signal
 import socket
 import subprocess
 import sys
+import textwrap
 import time
 
 import numpy as np
@@ -279,6 +280,49 @@ def test_a_full_disk_during_a_save_is_a_sentence(tmp_path, cache, trained):
         f"quota or file-size limit was reached); the newest complete checkpoint is none. Free space and run the same "
         f"command again to resume.")
     assert "Event loop is closed" not in proc.stderr and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+
+
+def test_the_echoes_of_a_failed_save_are_dropped_and_other_reports_kept():
+    """Orbax's write tasks that failed beside the reported one are collected at exit, where asyncio logs each with a
+    traceback (CI once printed those after the sentence); the command drops them, and keeps every other report."""
+    script = textwrap.dedent("""
+        import asyncio, errno, gc, logging
+        from phi2_jax.training.train_command import quiet_repeated_orbax_reports
+        logging.basicConfig()
+        quiet_repeated_orbax_reports()
+        async def write(error):
+            raise error
+        async def start():
+            for error in (ValueError("OUT_OF_RANGE: Failed writing: File too large [os_error_code='27']"),
+                          OSError(errno.ENOSPC, "No space left on device"), KeyError("a real bug")):
+                asyncio.get_running_loop().create_task(write(error))
+            await asyncio.sleep(0.01)
+        loop = asyncio.new_event_loop()
+        loop.run_until_complete(start())
+        loop.close()
+        gc.collect()
+    """)
+    proc = subprocess.run([sys.executable, "-c", script], cwd=train_runs.ROOT, capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stderr.count("Task exception was never retrieved") == 1, proc.stderr
+    assert "KeyError: 'a real bug'" in proc.stderr and "File too large" not in proc.stderr \
+        and "No space left" not in proc.stderr, proc.stderr
+
+
+def test_a_full_disk_while_tokenizing_is_a_sentence_and_leaves_no_partial_token_file(tmp_path):
+    """The first run of a corpus writes the token cache: a full disk there is a sentence, and no half file is kept."""
+    cache = tmp_path / "cache"
+    limited = ["bash", "-c", "trap '' XFSZ; ulimit -f 200; exec \"$@\"", "bash"]  # the tokenizer fits, the tokens do not
+    proc = subprocess.run(limited + train_runs.command(tmp_path / "run", "train.steps=2"), cwd=train_runs.ROOT,
+                          env=train_runs.train_env(1, cache), capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: writing the tokenized ") and last.endswith(
+        f"to {cache / 'tokens'} failed: the disk is full (or a quota or file-size limit was reached); no partial file "
+        f"was kept. Free space there and run the same command again."), last
+    assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    assert list((cache / "tokens").iterdir()) == []
 
 
 def test_resume_differences_name_keys_and_ignore_keys_newer_than_the_run():

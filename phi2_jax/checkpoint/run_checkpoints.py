@@ -14,7 +14,6 @@ A converted checkpoint is a step directory with just `params` and `meta`, so
 
 from __future__ import annotations
 
-import errno
 import functools
 import logging
 import time
@@ -26,7 +25,7 @@ import jax.numpy as jnp
 import orbax.checkpoint as ocp
 from jax.sharding import NamedSharding, PartitionSpec
 
-from phi2_jax.errors import UserInputError
+from phi2_jax.errors import UserInputError, is_disk_full
 
 log = logging.getLogger(__name__)
 
@@ -109,23 +108,6 @@ class RunCheckpoints:
 
     def close(self) -> None:
         self.manager.close()
-
-
-_DISK_FULL = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
-
-
-def is_disk_full(error: BaseException) -> bool:
-    """True if `error`, or one it was raised from, is a full disk (or quota, or file-size limit)."""
-    seen = set()
-    while error is not None and id(error) not in seen:
-        seen.add(id(error))
-        if isinstance(error, OSError) and error.errno in _DISK_FULL:
-            return True
-        text = str(error)  # tensorstore reports the OS error in its message only
-        if any(s in text for s in ("No space left on device", "Disk quota exceeded", "File too large")):
-            return True
-        error = error.__cause__ or error.__context__
-    return False
 
 
 class _DiskErrors:

@@ -102,10 +102,10 @@ def quiet_repeated_orbax_reports() -> None:
 
     When one fails (a damaged checkpoint being set aside, a full disk), Orbax closes its event loop
     while tensorstore still holds callbacks for it, and each prints `RuntimeError: Event loop is
-    closed`, dozens in all; Orbax's worker threads also log the error with a traceback each. The
-    failure itself reaches the main thread, which reports (or handles) it once.
+    closed`, dozens in all; Orbax's worker threads and asyncio's collected tasks also log the error
+    with a traceback each. The failure itself reaches the main thread, which reports (or handles) it once.
     """
-    from phi2_jax.checkpoint.run_checkpoints import is_disk_full
+    from phi2_jax.errors import is_disk_full
 
     def first_report(record: logging.LogRecord) -> bool:
         if "_SignalingThread.run() raised an exception" in record.getMessage():
@@ -113,6 +113,9 @@ def quiet_repeated_orbax_reports() -> None:
         return not (record.exc_info and record.exc_info[1] is not None and is_disk_full(record.exc_info[1]))
 
     logging.getLogger("absl").addFilter(first_report)  # Orbax logs through absl
+    # Orbax's write tasks that failed alongside the reported one are collected at exit, and asyncio
+    # logs each as "Task exception was never retrieved" with its traceback.
+    logging.getLogger("asyncio").addFilter(first_report)
     previous = sys.unraisablehook  # tensorstore reports an exception in its callback as "unraisable"
 
     def hook(report):
