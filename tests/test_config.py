@@ -1,6 +1,7 @@
 """PhiConfig: presets, the three config.json dialects, and refusals (message text, not just type)."""
 
 import json
+import logging
 from pathlib import Path
 
 import pytest
@@ -114,11 +115,29 @@ def test_unknown_preset_suggests_the_close_one():
 
 @pytest.mark.parametrize("path", sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml")),
                          ids=lambda p: p.name)
-def test_every_shipped_config_loads_and_validates(path):
+def test_every_shipped_config_loads_and_validates(path, caplog):
     """What `python -m phi2_jax.train configs/X.yaml` checks before any compute, for each shipped file
     (the architecture of its init_from is the preset's here: the model folder is the user's)."""
     from phi2_jax.training.run_config import load_run_config, validate
 
     config = load_run_config(path)
-    validate(config, 8)
+    with caplog.at_level(logging.WARNING):
+        validate(config, 8)
     assert config.train.objective in ("lm", "sft", "dpo", "grpo")
+    assert "does not read" not in caplog.text  # no setting another objective reads
+
+
+def test_settings_another_objective_reads_are_named_once(caplog):
+    """A config shared between an SFT and a DPO stage keeps dpo.* in the SFT run: said, not refused."""
+    from phi2_jax.training.run_config import load_run_config, validate
+
+    config = load_run_config(None, ["train.objective=sft", "checkpoint.init_from=somewhere", "dpo.beta=0.5",
+                                    "grpo.num_generations=4", "sft.count_prompt=true"])
+    with caplog.at_level(logging.WARNING):
+        validate(config, 1)
+    assert caplog.messages == ["dpo.beta, grpo.num_generations are set, but train.objective is sft, which does not "
+                               "read them"]
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        validate(load_run_config(None, ["data.chat_template=x.jinja"]), 1)
+    assert caplog.messages == ["data.chat_template is set, but train.objective is lm, which does not read it"]

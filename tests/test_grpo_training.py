@@ -15,6 +15,9 @@ import pytest
 from tests import train_runs
 
 CLOSENESS = '''
+import json
+
+
 def closeness(prompts, completions, answer, **_):
     out = []
     for completion, gold in zip(completions, answer):
@@ -25,6 +28,12 @@ def closeness(prompts, completions, answer, **_):
 
 def broken(prompts, completions, **_):
     raise RuntimeError("this reward function is broken")
+
+
+def record(prompts, completions, **columns):
+    with open("seen.jsonl", "a") as f:
+        f.write(json.dumps({"prompts": prompts, "completions": completions, "columns": sorted(columns)}) + "\\n")
+    return [0.0] * len(completions)
 '''
 SUMS = [(a, b) for a in range(5) for b in range(5)]
 COMMON = ["model.compute_dtype=float32", "model.remat=none", "train.log_every=5", "train.samples=false",
@@ -53,10 +62,12 @@ def toy(tmp_path_factory):
         for _ in range(400):
             a, b = rng.choice(SUMS)
             f.write(json.dumps({"prompt": f"{a}+{b}=", "completion": f" {rng.randrange(9)}"}) + "\n")
-    with open(folder / "prompts.jsonl", "w") as f:
+    with open(folder / "prompts.jsonl", "w") as f, open(folder / "chat.jsonl", "w") as chat:
         for _ in range(4):
             for a, b in SUMS:
                 f.write(json.dumps({"prompt": f"{a}+{b}=", "answer": str(a + b)}) + "\n")
+                chat.write(json.dumps({"prompt": [{"role": "user", "content": f"{a}+{b}="}], "answer": str(a + b)})
+                           + "\n")
     (folder / "toy_rewards.py").write_text(CLOSENESS)
     tokenizer = train_byte_level_bpe([f"{a}+{b}= {c}" for a, b in SUMS for c in range(9)], 300, folder / "tok")
     config = phi2_jax.preset("tiny").replace(vocab_size=320, num_hidden_layers=2, hidden_size=64, intermediate_size=256)
@@ -126,6 +137,25 @@ def test_grpo_export_keeps_the_chat_template_of_the_sft_run_it_started_from(toy,
     assert rendered == "Instruct: 1+2=\nOutput:"  # the built-in template the SFT run trained with
 
 
+def test_grpo_on_conversational_prompts_calls_reward_functions_as_trl_does(toy):
+    """Prompts given as message lists are rendered with the chat template (the built-in one here, as the SFT run
+    trained) and user reward functions get them as TRL's GRPOTrainer passes conversational data."""
+    train(toy, "chat", *GRPO, "checkpoint.init_from=sft", "data.sources=[{path: chat.jsonl}]", "train.steps=1",
+          "grpo.max_prompt_length=32",  # "Instruct: 1+2=\nOutput:", byte by byte in the toy tokenizer
+          "grpo.rewards=[math_answer, toy_rewards:record]", "train.eval_every=100", "checkpoint.every=1",
+          "train.batch_size=16")
+    calls = [json.loads(line) for line in (toy / "seen.jsonl").read_text().splitlines()]
+    training = [c for c in calls if len(c["completions"]) == 16]  # 2 prompts x 8; the others are held-out calls
+    assert len(training) == 1 and len(calls) == 3  # held out at steps 0 and 1
+    for call in calls:
+        assert all(len(p) == 1 and p[0]["role"] == "user" and p[0]["content"].endswith("=") for p in call["prompts"])
+        assert all(len(c) == 1 and c[0]["role"] == "assistant" and isinstance(c[0]["content"], str)
+                   for c in call["completions"])
+        assert call["columns"] == ["answer"]
+    assert len(metrics(toy / "chat", "train/rewards/math_answer/mean")) == 1
+    assert (toy / "chat" / "chat_template.jinja").is_file()  # the template the prompts were rendered with
+
+
 @pytest.mark.parametrize("overrides,message", [
     (['grpo.rewards=["toy_rewards:missing"]'], "grpo.rewards[0] 'toy_rewards:missing': module toy_rewards has no "
                                                "attribute 'missing'."),
@@ -160,7 +190,10 @@ def test_grpo_refuses_what_it_would_misread(toy, tmp_path, capsys, monkeypatch):
               "theirs with grpo.prompt_field and grpo.answer_field (grpo.task jsonl)."),
              ([f"data.sources=[{{path: {tmp_path / 'prompts.parquet'}}}]"],
               f"error: data source file {tmp_path / 'prompts.parquet'} is Parquet; GRPO reads its prompts from JSONL "
-              f"files (grpo.task jsonl); expected .jsonl files.")]
+              f"files (grpo.task jsonl); expected .jsonl files."),
+             (["data.sources=[{path: prompts.jsonl}, {path: chat.jsonl}]"],
+              "error: GRPO prompt file chat.jsonl holds message lists but prompts.jsonl holds text; expected one kind "
+              "of prompt in a run.")]
     for overrides, message in cases:
         with pytest.raises(SystemExit) as exit_code:
             main(["run_dir=refused", *COMMON, *GRPO, "checkpoint.init_from=sft", "grpo.task=jsonl", *overrides])

@@ -177,9 +177,45 @@ def test_read_prompts_from_a_prompt_jsonl(tmp_path):
                                                       ("3+3?", {"gold": "6", "source": None})]
 
 
+def test_conversational_prompts_render_with_the_template_and_reach_user_functions_as_trl_passes_them(tmp_path):
+    """TRL's GRPOTrainer on a conversational dataset: the prompt is rendered with the chat template and a generation
+    prompt; reward functions get the prompts' message lists and each completion as [{"role": "assistant", "content":
+    text}]. Our built-ins read text, so they get the rendered prompt and the completion's text."""
+    from phi2_jax.data.chat import load_chat_template
+
+    path = tmp_path / "p.jsonl"
+    conversations = [[{"role": "system", "content": "Be brief."}, {"role": "user", "content": "2+2?"}],
+                     [{"role": "user", "content": "3+3?"}]]
+    path.write_text("".join(json.dumps({"prompt": c, "answer": a}) + "\n" for c, a in zip(conversations, "46")))
+    records = rewards.render_prompts(read_prompts(path, "jsonl"), load_chat_template(None))
+    # The built-in template is Phi-2's model-card QA format, a system turn on its own line before it.
+    assert [r.text for r in records] == ["Be brief.\nInstruct: 2+2?\nOutput:", "Instruct: 3+3?\nOutput:"]
+    assert [r.messages for r in records] == conversations
+    seen = {}
+
+    def spy(prompts, completions, **columns):
+        seen.update(prompts=prompts, completions=completions, columns=columns)
+        return [1.0] * len(completions)
+
+    prompts, columns = rewards.gather_columns(records, repeat=2)
+    result = RewardSet([rewards.math_answer, spy])(prompts, [" 4", " 5", " 6", " 6"], **columns)
+    np.testing.assert_array_equal(result.per_function[0], [1.0, 0.0, 1.0, 1.0])  # text, as before
+    assert seen["prompts"] == [conversations[0]] * 2 + [conversations[1]] * 2
+    assert seen["completions"] == [[{"role": "assistant", "content": c}] for c in (" 4", " 5", " 6", " 6")]
+    assert seen["columns"] == {"answer": ["4", "4", "6", "6"]}
+
+
 @pytest.mark.parametrize("text,message", [
     ('{"prompt": "x"}\n', "{path} line 1 has no field 'answer'; expected the fields prompt, answer."),
-    ('{"prompt": ["x"], "answer": "1"}\n', "{path} line 1 field 'prompt' is a list; expected a string."),
+    ('{"prompt": ["x"], "answer": "1"}\n', "{path} line 1: 'prompt'[0] is not a {{'role', 'content'}} message."),
+    ('{"prompt": {"x": 1}, "answer": "1"}\n', "{path} line 1 field 'prompt' is an object; expected a string or a "
+                                              "list."),
+    ('{"prompt": [{"role": "user", "content": "x"}, {"role": "assistant", "content": "y"}], "answer": "1"}\n',
+     "{path} line 1: 'prompt' ends with an assistant turn; expected a prompt ending with a user (or system) turn for "
+     "the model to answer."),
+    ('{"prompt": [{"role": "user", "content": "x"}], "answer": "1"}\n{"prompt": "y", "answer": "2"}\n',
+     "{path} line 2: 'prompt' is text but the file's first prompt is a message list; expected one kind of prompt "
+     "per file."),
     ('{"prompt": "x", "answer": [1]}\n', "{path} line 1 field 'answer' is a list; expected a string or an integer "
                                          "or a number."),
     ('{"prompt": "", "answer": "1"}\n', "{path} line 1 field 'prompt' is empty; expected a prompt."),

@@ -114,7 +114,7 @@ def _require(record: dict, names: tuple[str, ...], where: str) -> None:
         raise UserInputError(f"{where} has no '{missing[0]}' field; expected all of {list(names)}.")
 
 
-def _check_messages(messages, where: str, field: str) -> list[dict]:
+def check_messages(messages, where: str, field: str) -> list[dict]:
     if not isinstance(messages, list) or not messages:
         what = "an empty list" if isinstance(messages, list) else type(messages).__name__
         raise UserInputError(f"{where}: '{field}' is {what}; expected a non-empty list of messages.")
@@ -213,15 +213,15 @@ class Formatter:
                 raise UserInputError(f"{where}: '{f.text}' is empty; expected some text.")
             return self._fit(self._encode_pieces([(self._with_eos(text), True)]), 0, where)
         if kind == "conversational":
-            messages = _check_messages(record[f.messages], where, f.messages)
+            messages = check_messages(record[f.messages], where, f.messages)
             if not any(m["role"] == "assistant" and m["content"] for m in messages):
                 raise UserInputError(f"{where}: '{f.messages}' has no non-empty assistant turn to learn from.")
             pieces = self._conversation_pieces(messages, where)
         else:
             prompt, completion = record[f.prompt], record[f.completion]
             if isinstance(prompt, list) or isinstance(completion, list):
-                prompt = _check_messages(prompt, where, f.prompt)
-                completion = _check_messages(completion, where, f.completion)
+                prompt = check_messages(prompt, where, f.prompt)
+                completion = check_messages(completion, where, f.completion)
                 if not any(m["content"] for m in completion):
                     raise UserInputError(f"{where}: '{f.completion}' is empty; expected a response to learn from.")
                 # As TRL: only the completion counts, even an assistant turn inside the prompt.
@@ -251,7 +251,7 @@ class Formatter:
             if not value:
                 raise UserInputError(f"{where}: '{name}' is empty; expected a response.")
         if isinstance(chosen, list) or isinstance(rejected, list) or isinstance(prompt, list):
-            chosen, rejected = _check_messages(chosen, where, f.chosen), _check_messages(rejected, where, f.rejected)
+            chosen, rejected = check_messages(chosen, where, f.chosen), check_messages(rejected, where, f.rejected)
             if prompt is None:  # implicit prompt: the messages both responses share
                 shared = 0
                 while shared < min(len(chosen), len(rejected)) - 1 and chosen[shared] == rejected[shared]:
@@ -260,7 +260,7 @@ class Formatter:
                     raise UserInputError(f"{where} has no '{f.prompt}' and its '{f.chosen}' and '{f.rejected}' share no "
                                          f"first messages to take as one; expected a '{f.prompt}' field.")
                 prompt, chosen, rejected = chosen[:shared], chosen[shared:], rejected[shared:]
-            prompt = _check_messages(prompt, where, f.prompt)
+            prompt = check_messages(prompt, where, f.prompt)
             prompt_text, chosen_text = self._prompt_and_response(prompt, chosen, where)
             responses = [chosen_text, self._prompt_and_response(prompt, rejected, where)[1]]
         else:

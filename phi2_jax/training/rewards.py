@@ -14,6 +14,11 @@ Built-ins:
                         as TRL's examples; end the pattern with $ to anchor the end too), else 0.0.
     module:function     a user function, imported with importlib, with the signature above.
 
+Conversational prompts (a prompt given as a list of {role, content} messages, rendered with the chat
+template and a generation prompt) are passed as TRL passes them: to user functions, `prompts` are the
+message lists and each completion is [{"role": "assistant", "content": text}]; the built-ins, which read
+text (`reads_text`), get the rendered prompt and the completion's text either way.
+
 Failures never stop training: a function that raises, runs past `timeout_s` (it runs in a daemon worker
 thread that is abandoned, since Python threads cannot be killed), or returns something other than a list of
 len(completions) numbers or None gets 0.0 for every completion of that call, one warning naming the function
@@ -38,6 +43,7 @@ from pathlib import Path
 
 import numpy as np
 
+from phi2_jax.data.formats import check_messages
 from phi2_jax.errors import ConfigError, UserInputError, did_you_mean
 from phi2_jax.evaluation.sandbox import Limits, run_programs
 from phi2_jax.evaluation.tasks import (CodeTask, Generation, check_field, extract_answer, gsm8k_gold, load_task)
@@ -66,6 +72,9 @@ def math_answer(prompts: list[str], completions: list[str], answer: Sequence, **
     return rewards
 
 
+math_answer.reads_text = True
+
+
 class CodeTests:
     """`code_tests`: 1.0 where prompt + completion + tests passes in the sandbox, else 0.0.
 
@@ -75,6 +84,7 @@ class CodeTests:
     """
 
     __name__ = "code_tests"
+    reads_text = True
 
     def __init__(self, limits: Limits = Limits(), workers: int | None = None):
         self.limits, self.workers = limits, workers
@@ -89,6 +99,8 @@ class CodeTests:
 
 class FormatRegex:
     """`format_regex`: 1.0 where `re.match(pattern, completion, re.DOTALL)` matches, else 0.0."""
+
+    reads_text = True
 
     def __init__(self, pattern: str, where: str = "format_regex"):
         try:
@@ -210,12 +222,20 @@ class RewardSet:
             names.append(_name_of(function))
         return cls(functions, weights, _unique(names), timeout_s, key)
 
-    def __call__(self, prompts: Sequence[str], completions: Sequence[str], **columns: Sequence) -> Rewards:
+    def __call__(self, prompts: Sequence[str], completions: Sequence[str], *,
+                 prompt_messages: Sequence[list] | None = None, **columns: Sequence) -> Rewards:
+        """`prompts` rendered, `completions` as text; `prompt_messages`: the prompts' message lists when the
+        prompts are conversational, which user functions then get with message-shaped completions (TRL's way)."""
         n = len(completions)
         per_function = np.zeros((len(self.functions), n), np.float64)
         failed = []
+        as_messages = None if prompt_messages is None else (
+            list(prompt_messages), [[{"role": "assistant", "content": c}] for c in completions])
         for f, (function, name) in enumerate(zip(self.functions, self.names)):
-            values, why = _call_with_timeout(function, list(prompts), list(completions), columns, self.timeout_s)
+            given = (list(prompts), list(completions))
+            if as_messages is not None and not getattr(function, "reads_text", False):
+                given = as_messages
+            values, why = _call_with_timeout(function, *given, columns, self.timeout_s)
             if why is None:
                 values, why = _as_rewards(values, n)
             if why is not None:
@@ -307,8 +327,9 @@ def _as_rewards(values, n: int) -> tuple[np.ndarray | None, str | None]:
 class PromptRecord:
     """A prompt and the columns its reward functions read (answer, tests, stop, ...)."""
 
-    text: str
+    text: str  # the prompt as the model reads it (a conversational one rendered with the chat template)
     columns: dict
+    messages: list | None = None  # a conversational prompt's messages, as the file gives them
 
 
 PROMPT_TASKS = ("gsm8k", "mbpp", "humaneval", "jsonl")
@@ -320,8 +341,9 @@ def read_prompts(path: Path | None, task: str, *, prompt_field: str = "prompt", 
 
     gsm8k -> columns {answer} (the gold number; `num_fewshot` worked examples before each question);
     mbpp, humaneval -> {task_id, tests, stop} (for `code_tests`);
-    jsonl -> each record's `prompt_field` string is the prompt, `answer_field` (a string or number; None:
-    not required) its answer, and every other field a column too (None where a record lacks it).
+    jsonl -> each record's `prompt_field` is the prompt, a string or (conversational) a list of {role, content}
+    messages ending with a user or system turn (`render_prompts` renders those), `answer_field` (a string or
+    number; None: not required) its answer, and every other field a column too (None where a record lacks it).
     """
     if task not in PROMPT_TASKS:
         raise ConfigError(f"grpo prompt task {task!r} is unknown; expected one of {', '.join(PROMPT_TASKS)}."
@@ -343,24 +365,46 @@ def _read_prompt_jsonl(path: Path, prompt_field: str, answer_field: str | None) 
     records = []
     for n, record in jsonl_objects(path):
         where = f"{path} line {n}"
-        for field, expected in ((prompt_field, str), (answer_field, (str, int, float))):
+        for field, expected in ((prompt_field, (str, list)), (answer_field, (str, int, float))):
             if field is None:
                 continue
             if field not in record:
                 raise UserInputError(f"{where} has no field '{field}'; expected the fields "
                                      f"{', '.join(f for f in (prompt_field, answer_field) if f)}.")
             check_field(record[field], expected, where, field)
-        if not record[prompt_field]:
+        prompt = record[prompt_field]
+        if not prompt:
             raise UserInputError(f"{where} field '{prompt_field}' is empty; expected a prompt.")
-        records.append((record[prompt_field], {k: v for k, v in record.items() if k != prompt_field}))
+        if isinstance(prompt, list):
+            check_messages(prompt, where, prompt_field)
+            if prompt[-1]["role"] == "assistant":
+                raise UserInputError(f"{where}: '{prompt_field}' ends with an assistant turn; expected a prompt "
+                                     f"ending with a user (or system) turn for the model to answer.")
+        if records and isinstance(prompt, list) != isinstance(records[0][0], list):
+            raise UserInputError(f"{where}: '{prompt_field}' is {'a message list' if isinstance(prompt, list) else 'text'}"
+                                 f" but the file's first prompt is {'text' if isinstance(prompt, list) else 'a message list'}"
+                                 f"; expected one kind of prompt per file.")
+        records.append((prompt, {k: v for k, v in record.items() if k != prompt_field}))
     if not records:
         raise UserInputError(f"prompt file {path} holds no records.")
     keys = sorted({k for _, columns in records for k in columns})
-    return [PromptRecord(text, {k: columns.get(k) for k in keys}) for text, columns in records]
+    return [PromptRecord("", {k: columns.get(k) for k in keys}, prompt) if isinstance(prompt, list)
+            else PromptRecord(prompt, {k: columns.get(k) for k in keys}) for prompt, columns in records]
+
+
+def render_prompts(records: list[PromptRecord], template) -> list[PromptRecord]:
+    """The records with each conversational prompt rendered by the chat template, with its generation prompt (as
+    TRL's GRPOTrainer renders them); plain-text prompts as they are."""
+    return [dataclasses.replace(r, text=template.render(r.messages, add_generation_prompt=True))
+            if r.messages is not None else r for r in records]
 
 
 def gather_columns(records: Sequence[PromptRecord], repeat: int = 1) -> tuple[list[str], dict[str, list]]:
-    """(prompts, columns) for reward functions, each record repeated `repeat` times in a row (a GRPO group)."""
+    """(prompts, columns) for reward functions, each record repeated `repeat` times in a row (a GRPO group);
+    conversational prompts' message lists are the column `prompt_messages` (see `RewardSet.__call__`)."""
     prompts = [r.text for r in records for _ in range(repeat)]
     keys = list(records[0].columns) if records else []
-    return prompts, {k: [r.columns.get(k) for r in records for _ in range(repeat)] for k in keys}
+    columns = {k: [r.columns.get(k) for r in records for _ in range(repeat)] for k in keys}
+    if records and records[0].messages is not None:
+        columns["prompt_messages"] = [r.messages for r in records for _ in range(repeat)]
+    return prompts, columns

@@ -144,10 +144,11 @@ def grpo_splits(config, tokenizer):
     from phi2_jax.data.post_data import PostSplits, RowSource
     from phi2_jax.data.sources import Document, is_validation, source_files
     from phi2_jax.errors import ConfigError
-    from phi2_jax.training.rewards import read_prompts
+    from phi2_jax.training.rewards import read_prompts, render_prompts
 
     g, d = config.grpo, config.data
     records, prompt_ids, train_sets, weights, held_out, dropped = [], [], [], [], [], 0
+    template, first_file = None, None
     for source in d.sources:
         train = []
         for file in source_files(source):
@@ -155,6 +156,19 @@ def grpo_splits(config, tokenizer):
                 raise ConfigError(f"data source file {file} is Parquet; GRPO reads its prompts from JSONL files "
                                   f"(grpo.task {g.task}); expected .jsonl files.")
             found = read_prompts(Path(file), g.task, prompt_field=g.prompt_field, answer_field=g.answer_field or None)
+            conversational = found[0].messages is not None
+            if first_file is None:
+                first_file = (file, conversational)
+            elif conversational != first_file[1]:
+                kinds = ("text", "message lists")
+                raise ConfigError(f"GRPO prompt file {file} holds {kinds[conversational]} but {first_file[0]} holds "
+                                  f"{kinds[first_file[1]]}; expected one kind of prompt in a run.")
+            if conversational:  # rendered as TRL renders them: the chat template with its generation prompt
+                if template is None:
+                    from phi2_jax.data.post_data import chat_template
+
+                    template = chat_template(d.chat_template, tokenizer)
+                found = render_prompts(found, template)
             for n, record in enumerate(found[:d.max_documents] if d.max_documents else found):
                 ids = tokenizer.encode(record.text)
                 if len(ids) > g.max_prompt_length:
@@ -173,6 +187,6 @@ def grpo_splits(config, tokenizer):
              len(records), len(held_out), dropped, g.max_prompt_length,
              ", ".join(str(r) for r in g.rewards))
     validation = RowSource({"index": np.asarray(held_out, np.int64)}, "prompts")
-    splits = PostSplits(train_sets, weights, validation, tokenizer,
+    splits = PostSplits(train_sets, weights, validation, tokenizer, template=template,
                         sample_prompts=[prompt_ids[i] for i in (held_out or [int(train_sets[0].rows["index"][0])])[:3]])
     return splits, records, prompt_ids

@@ -45,7 +45,7 @@ class DataSection:
     # Post-training (train.objective sft | dpo): the record fields each TRL convention reads, renamed to match
     # your files (text, prompt, completion, messages, chosen, rejected), and the chat template: "" = the
     # tokenizer folder's (chat_template.jinja or tokenizer_config.json), else Phi-2's built-in QA template;
-    # or a .jinja file / a folder holding one.
+    # or a .jinja file / a folder holding one (GRPO renders conversational prompts with it).
     fields: dict[str, str] = dataclasses.field(default_factory=dict)
     chat_template: str = ""
 
@@ -96,7 +96,7 @@ class DPOSection:
 @dataclasses.dataclass
 class GRPOSection:
     # Prompts: data.sources' files read as `task` (gsm8k | mbpp | humaneval task files, or jsonl: a prompt-only
-    # file with prompt_field and answer_field). train.batch_size counts completions: batch_size / num_generations
+    # file with prompt_field, as text or a list of messages, and answer_field). train.batch_size counts completions: batch_size / num_generations
     # prompts per step. One step = one rollout batch and num_iterations optimiser updates on it.
     task: str = "jsonl"
     prompt_field: str = "prompt"
@@ -364,9 +364,24 @@ def _check_objective(config: RunConfig) -> None:
         if config.data.fields:  # read by SFT and DPO only: silently ignored here before
             raise ConfigError(f"data.fields {config.data.fields} renames SFT and DPO record fields; GRPO prompt files "
                               f"name theirs with grpo.prompt_field and grpo.answer_field (grpo.task jsonl).")
+    _warn_unused_sections(config)
     if t.objective != "lm" and any(s.get("format") == "tokens" for s in config.data.sources):
         raise ConfigError(f"train.objective {t.objective} reads records (JSONL or Parquet), not token files; "
                           f"expected data.sources of .jsonl or .parquet files.")
+
+
+def _warn_unused_sections(config: RunConfig) -> None:
+    """Names settings that another objective reads (a `dpo.beta` in an SFT run), once: a config shared between
+    stages keeps them, so they are said rather than refused."""
+    t = config.train
+    unused = [f"{name}.{key}" for name in ("sft", "dpo", "grpo") if name != t.objective
+              for key, value in dataclasses.asdict(getattr(config, name)).items()
+              if value != dataclasses.asdict(type(getattr(config, name))())[key]]
+    if t.objective == "lm":  # fields and templates shape post-training records (GRPO refuses data.fields)
+        unused += [f"data.{key}" for key in ("fields", "chat_template") if getattr(config.data, key)]
+    if unused:
+        log.warning("%s %s set, but train.objective is %s, which does not read %s", ", ".join(unused),
+                    "is" if len(unused) == 1 else "are", t.objective, "it" if len(unused) == 1 else "them")
 
 
 def _check_sources(sources: Any) -> None:
