@@ -25,13 +25,12 @@ Protocol: one JSON object per line on stdin, one answer per line on stdout.
 from __future__ import annotations
 
 import contextlib
-import json
-import resource
 import sys
 
 import numpy as np
 import torch
 from transformers import PhiForCausalLM
+from worker_loop import serve  # this script's folder (see worker_loop.py)
 
 
 def make_work(model, suite: str, ids: torch.Tensor, new_tokens: int, compute_dtype: torch.dtype):
@@ -69,29 +68,21 @@ def make_work(model, suite: str, ids: torch.Tensor, new_tokens: int, compute_dty
 
 
 def main() -> None:
-    answers, sys.stdout = sys.stdout, sys.stderr  # anything a library prints must not break the protocol
     model_dir, compute_dtype = sys.argv[1], getattr(torch, sys.argv[2])
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     work = None
-    for line in sys.stdin:
-        request = json.loads(line)
+
+    def handle(request: dict, device: torch.device) -> dict:
+        nonlocal work
         if request["op"] == "setup":
             training = request["suite"] == "train"  # trains the weights as written ("auto"), under autocast
             model = PhiForCausalLM.from_pretrained(model_dir, dtype="auto" if training else compute_dtype)
             ids = torch.from_numpy(np.load(request["ids"])).long().to(device)
             work = make_work(model.to(device), request["suite"], ids, request.get("new_tokens", 0), compute_dtype)
-            answer = {"device": device.type}
-        elif request["op"] == "run":
-            work()
-            if device.type == "cuda":
-                torch.cuda.synchronize()  # timed to completion, as the JAX side blocks until ready
-            answer = {"ok": True}
-        else:
-            device_peak = torch.cuda.max_memory_allocated() / 2**20 if device.type == "cuda" else None
-            answer = {"peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-                      "peak_device_mb": device_peak}
-        print(json.dumps(answer), file=answers, flush=True)
+            return {"device": device.type}
+        work()  # "run"
+        return {"ok": True}
 
+    serve(handle)
 
 if __name__ == "__main__":
     main()

@@ -51,10 +51,10 @@ from __future__ import annotations
 
 import json
 import os
-import resource
 import sys
 
 import torch
+from worker_loop import serve  # this script's folder (see worker_loop.py)
 
 
 def word_tokenizer(vocab_size: int):
@@ -179,12 +179,11 @@ def make_step(trainer, inputs, suite: str):
 
 
 def main() -> None:
-    answers, sys.stdout = sys.stdout, sys.stderr  # anything a library prints must not break the protocol
     model_dir, compute_dtype = sys.argv[1], getattr(torch, sys.argv[2])
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    step = None
-    for line in sys.stdin:
-        request = json.loads(line)
+    trainer = step = None
+
+    def handle(request: dict, device: torch.device) -> dict:
+        nonlocal trainer, step
         if request["op"] == "setup":
             os.environ.setdefault("HF_DATASETS_CACHE", os.path.join(request["work_dir"], "datasets"))
             from transformers import PhiForCausalLM
@@ -195,19 +194,12 @@ def main() -> None:
             trainer, inputs = make_trainer(model, request["suite"], examples, request["batch"], request["work_dir"],
                                            compute_dtype, request["checkpointing"])
             step = make_step(trainer, inputs, request["suite"])
-            answer = {"device": device.type}
-        elif request["op"] in ("run", "rollout"):
-            answer = step() if request["op"] == "run" else grpo_rollout(trainer)
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-        elif request["op"] == "check":
-            answer = grpo_check(trainer, request)
-        else:
-            device_peak = torch.cuda.max_memory_allocated() / 2**20 if device.type == "cuda" else None
-            answer = {"peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-                      "peak_device_mb": device_peak}
-        print(json.dumps(answer), file=answers, flush=True)
+            return {"device": device.type}
+        if request["op"] == "check":
+            return grpo_check(trainer, request)
+        return step() if request["op"] == "run" else grpo_rollout(trainer)
 
+    serve(handle)
 
 if __name__ == "__main__":
     main()

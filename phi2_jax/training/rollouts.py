@@ -106,9 +106,12 @@ class GRPORollouts:
     def _score(self, records: list[PromptRecord], completions: list[list[int]]):
         """Rewards of this process's completions (each record's num_generations in a row), text without EOS."""
         prompts, columns = gather_columns(records, self.g.num_generations)
+        return self.rewards(prompts, self._texts(completions), **columns)
+
+    def _texts(self, completions: list[list[int]]) -> list[str]:
+        """The completions as reward functions read them: decoded, without the end-of-text token."""
         eos = self.tokenizer.eos_id
-        texts = [self.tokenizer.decode([t for t in c if t != eos]) for c in completions]
-        return self.rewards(prompts, texts, **columns)
+        return [self.tokenizer.decode([t for t in c if t != eos]) for c in completions]
 
     def _per_function(self, per_function: np.ndarray) -> dict[str, float]:
         out = {}
@@ -130,9 +133,7 @@ class GRPORollouts:
                                             1, g.max_completion_length, 0.0, 1.0, 0, self.tokenizer.eos_id)
         records = [self.records[i] for i in indices]
         prompts, columns = gather_columns(records)
-        eos = self.tokenizer.eos_id
-        scored = self.rewards(prompts, [self.tokenizer.decode([t for t in c if t != eos]) for c in completions],
-                              **columns)
+        scored = self.rewards(prompts, self._texts(completions), **columns)
         return {"reward": float(np.nanmean(scored.total)), **self._per_function(scored.per_function)}
 
 
