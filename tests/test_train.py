@@ -179,6 +179,19 @@ def test_dry_run_compiles_phi2_on_an_abstract_8_device_mesh():
     assert not os.path.exists(train_runs.ROOT / "runs" / "phi2")
 
 
+def test_model_flops_count_dpo_pairs_and_reference_forwards():
+    """MFU's numerator for Phi-2 at 2048 tokens, by hand: N = 2,779,683,840 - 51,200 x 2,560 (the embedding is a
+    lookup) = 2,648,611,840; 6N + 12 L T d = 15,891,671,040 + 12 x 32 x 2,048 x 2,560 = 17,904,936,960 per token."""
+    from phi2_jax import preset
+    from phi2_jax.training.metrics import update_flops
+
+    phi2 = preset("phi-2")
+    assert update_flops(phi2, "lm", 1, 2048) == 17_904_936_960 * 2048 == 36_669_310_894_080
+    # A DPO pair is two sequences; LoRA's adapters-off reference adds a forward (a third of forward + backward).
+    assert update_flops(phi2, "dpo", 1, 2048) == 2 * 36_669_310_894_080
+    assert update_flops(phi2, "dpo", 1, 2048, reference_forward=True) == pytest.approx(97_784_829_050_880, rel=1e-12)
+
+
 REFUSED = [
     (["train.stpes=5"], "unknown config key 'train.stpes'. Did you mean 'steps'?"),
     (["model.hiden_size=64"], "unknown config key 'model.hiden_size'. Did you mean 'hidden_size'?"),

@@ -238,7 +238,7 @@ def compile_train_step(config, model_config, target: Target, devices: int) -> di
     from jax.sharding import NamedSharding, PartitionSpec
 
     from phi2_jax.sharding import make_mesh
-    from phi2_jax.training.metrics import train_flops_per_token
+    from phi2_jax.training.metrics import update_flops
     from phi2_jax.training.optim import make_optimizer
     from phi2_jax.training.run_config import objective_options
     from phi2_jax.training.step import build_steps
@@ -298,7 +298,9 @@ def compile_train_step(config, model_config, target: Target, devices: int) -> di
         "attention_kernels": program.attention_kernels(),
         "collectives": program.collectives(),
         "dots": [dataclasses.asdict(d) for d in program.dots()],
-        "model_flops_per_step": train_flops_per_token(model_config, seq) * t.batch_size * seq,
+        "model_flops_per_step": update_flops(model_config, t.objective, t.batch_size, seq,
+                                             reference_forward=bool(model_config.lora_rank) and (
+                                                 t.objective == "dpo" or (t.objective == "grpo" and g.beta > 0))),
         "lower_seconds": lower_seconds, "compile_seconds": compile_seconds, "hlo": hlo,
     }
 
@@ -361,7 +363,8 @@ def format_report(report: dict, label: str) -> str:
                             for kind, c in report["collectives"].items() if c["count"])
     lines.append(f"  collectives     per step, count (bytes of the full buffers): {collectives or 'none'}")
     lines.append(f"  matmuls         per step, operands -> result: {_dots_line(report)}")
-    lines.append(f"  model FLOPs     {report['model_flops_per_step']:.3e} per step (6N + 12 L T d per token)")
+    lines.append(f"  model FLOPs     {report['model_flops_per_step']:.3e} per step (6N + 12 L T d per token; a DPO "
+                 f"row is two sequences; a reference forward adds a third)")
     return "\n".join(lines)
 
 

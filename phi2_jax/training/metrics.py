@@ -41,6 +41,18 @@ def train_flops_per_token(config: PhiConfig, seq_len: int) -> float:
     return 6.0 * n + 12.0 * config.num_hidden_layers * seq_len * config.hidden_size
 
 
+def update_flops(config: PhiConfig, objective: str, rows: int, seq_len: int, reference_forward: bool = False) -> float:
+    """Model FLOPs of one optimiser update on `rows` rows of `seq_len` tokens, for train.objective `objective`.
+
+    A DPO row is a pair: two sequences through the model. `reference_forward`: the loss also runs the
+    reference forward (LoRA's adapters-off reference for DPO, or GRPO's KL term), a forward being a third
+    of forward + backward.
+    """
+    sequences = rows * (2 if objective == "dpo" else 1)
+    per_token = train_flops_per_token(config, seq_len) * (4 / 3 if reference_forward else 1)
+    return per_token * sequences * seq_len
+
+
 def _fastest_seconds(fn, *args, runs: int = 5) -> float:
     """The fastest of `runs` timed calls of the jitted `fn`, after one untimed call that compiles it."""
     fn(*args).block_until_ready()

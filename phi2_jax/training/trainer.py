@@ -132,6 +132,22 @@ class Trainer:
 
         return load_chat_template(source)
 
+    def _model_flops_per_step(self) -> float:
+        """The model FLOPs of a trainer step, for MFU. GRPO's step is grpo.num_iterations updates on rollout rows
+        (prompt + completion) plus the log-prob passes outside them; sampling's own work is not counted."""
+        from phi2_jax.training.metrics import train_flops_per_token, update_flops
+
+        cfg, lora = self.config, bool(self.model_config.lora_rank)
+        if self.objective != "grpo":
+            return update_flops(self.model_config, self.objective, cfg.train.batch_size, cfg.data.seq_len,
+                                reference_forward=lora and self.objective == "dpo")
+        g = cfg.grpo
+        row = g.max_prompt_length + g.max_completion_length
+        forward = train_flops_per_token(self.model_config, row) / 3 * cfg.train.batch_size * row
+        outside = (g.num_iterations > 1) + (g.beta > 0 and not lora)  # old log-probs; the frozen copy's
+        return (g.num_iterations * update_flops(self.model_config, "grpo", cfg.train.batch_size, row,
+                                                reference_forward=lora and g.beta > 0) + outside * forward)
+
     def _needs_reference_pass(self) -> bool:
         return self.objective == "dpo" and self.model_config.lora_rank == 0
 
@@ -340,7 +356,7 @@ class Trainer:
     def _train(self, checkpoints, iterator, start, params, opt_state) -> dict:
         import numpy as np
 
-        from phi2_jax.training.metrics import EventWriter, device_peak_flops, plot_loss_curve, progress_line, train_flops_per_token
+        from phi2_jax.training.metrics import EventWriter, device_peak_flops, plot_loss_curve, progress_line
 
         jax, cfg, t = self.jax, self.config, self.config.train
         if self.is_main:
@@ -357,10 +373,7 @@ class Trainer:
         events = EventWriter(self.run_dir, self.is_main)
         history = self.run_log.history(start)
         peak, peak_source = device_peak_flops(self.model_config.compute_dtype)
-        # A row is data.seq_len tokens, or for GRPO a rollout row (prompt + completion; sampling's own work uncounted).
-        row = (cfg.grpo.max_prompt_length + cfg.grpo.max_completion_length if self.objective == "grpo"
-               else cfg.data.seq_len)
-        flops_per_step = train_flops_per_token(self.model_config, row) * t.batch_size * row
+        flops_per_step = self._model_flops_per_step()
         self.run_log.say(f"model {self.model_config.num_params():,} params | mesh {dict(self.mesh.shape)} | "
                   f"{jax.device_count()} devices, {jax.process_count()} processes | peak {peak / 1e9:,.1f} GFLOP/s "
                   f"per device ({peak_source})")
