@@ -92,6 +92,23 @@ def test_preference_plain_and_conversational(folder, caplog):
     assert f.stats.chosen_equals_rejected == 1 and "'chosen' equals 'rejected'" in caplog.text
 
 
+def test_pairs_with_chosen_equal_to_rejected_are_named_once_and_counted(folder, tmp_path, caplog):
+    """A file of many such pairs warned once per record; now the first by place, then one count."""
+    from phi2_jax.data.post_data import build_post_splits
+
+    path = tmp_path / "pairs.jsonl"
+    records = [{"prompt": f"p{i}", "chosen": "same" if i % 2 else " yes", "rejected": "same" if i % 2 else " no"}
+               for i in range(7)]  # 3 of 7 with chosen equal to rejected: lines 2, 4 and 6
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    with caplog.at_level(logging.WARNING):
+        splits = build_post_splits([{"path": str(path)}], HFTokenizer(folder), load_chat_template(folder), "dpo", 32,
+                                   0.0)
+    assert splits.stats.chosen_equals_rejected == 3
+    assert [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING] == [
+        f"{path} line 2: 'chosen' equals 'rejected'; the pair teaches nothing (its DPO loss gradient is zero).",
+        "3 preference pairs have chosen equal to rejected (the first is named above); they teach nothing."]
+
+
 def test_length_policy(folder):
     tok = HFTokenizer(folder)
     f = formatter(folder, seq_len=8)

@@ -273,8 +273,9 @@ class Formatter:
                                  f"response; expected the assistant's content in the rendered conversation.")
         if responses[0] == responses[1]:
             self.stats.chosen_equals_rejected += 1
-            log.warning("%s: '%s' equals '%s'; the pair teaches nothing (its DPO loss gradient is zero).",
-                        where, f.chosen, f.rejected)
+            if self.stats.chosen_equals_rejected == 1:  # the first, by place; the rest in build_post_splits' count
+                log.warning("%s: '%s' equals '%s'; the pair teaches nothing (its DPO loss gradient is zero).",
+                            where, f.chosen, f.rejected)
         prompt_ids = np.asarray(self.tokenizer.encode(prompt_text), np.int32)
         if len(prompt_ids) > self.seq_len:
             self.stats.dropped_long_prompt += 1

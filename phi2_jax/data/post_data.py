@@ -164,6 +164,9 @@ def build_post_splits(sources: list[dict], tokenizer: Tokenizer, template: ChatT
              "%d truncated on the right, %d with chosen equal to rejected; chat template: %s", stats.examples,
              objective, len(held_out), stats.dropped_long_prompt, seq_len, stats.truncated,
              stats.chosen_equals_rejected, template.source)
+    if stats.chosen_equals_rejected > 1:
+        log.warning("%d preference pairs have chosen equal to rejected (the first is named above); they teach "
+                    "nothing.", stats.chosen_equals_rejected)
     validation = _rows(held_out, objective, seq_len, tokenizer.eos_id)
     prompts = [p for p in map(_prompt_ids, held_out + train) if p is not None][:3]
     return PostSplits(train_sets, weights, validation, tokenizer, template=template, stats=stats,
