@@ -86,25 +86,46 @@ def partial(prompts, completions, **_):
     return [None, 2.0]
 
 
-@pytest.mark.parametrize("function,why", [
-    (broken, "raised ValueError: boom"),
-    (sleepy, "ran past its 0.3 s timeout (abandoned)"),
-    (stringly, "returned str, not a list of 2 numbers"),
-    (short, "returned 1 rewards for 2 completions"),
-    (letters, "returned 'x' at index 0, not a finite number or None"),
+ABANDONED = "ran past its 0.3 s timeout (abandoned)"
+STILL_RUNNING = "is still running an earlier call that passed its timeout (not called again)"
+
+
+@pytest.mark.parametrize("function,why,why_again", [
+    (broken, "raised ValueError: boom", None),
+    # A hung function is not called again while its abandoned call runs: one stuck thread, not one per batch.
+    (sleepy, ABANDONED, STILL_RUNNING),
+    (stringly, "returned str, not a list of 2 numbers", None),
+    (short, "returned 1 rewards for 2 completions", None),
+    (letters, "returned 'x' at index 0, not a finite number or None", None),
 ])
-def test_a_failing_function_scores_zero_with_one_warning_and_a_count(caplog, function, why):
+def test_a_failing_function_scores_zero_with_one_warning_and_a_count(caplog, function, why, why_again):
     scorer = RewardSet([length, function], weights=[0.5, 2.0], timeout_s=0.3)
     with caplog.at_level(logging.WARNING, logger="phi2_jax.training.rewards"):
         first = scorer(["p", "q"], ["ab", "abcd"])
         second = scorer(["p", "q"], ["ab", "abcd"])
     name = function.__name__
     assert [r.getMessage() for r in caplog.records] == [
-        f"reward function {name} {why}; its rewards for this batch are 0."] * 2
+        f"reward function {name} {w}; its rewards for this batch are 0." for w in (why, why_again or why)]
     np.testing.assert_array_equal(first.per_function, [[2.0, 4.0], [0.0, 0.0]])
     np.testing.assert_array_equal(first.total, [1.0, 2.0])  # the other function still counts
     assert first.failed == second.failed == (name,)
     assert scorer.failures == {"length": 0, name: 2}
+
+
+def test_a_hung_function_is_called_again_once_its_abandoned_call_ends():
+    calls = []
+
+    def slow(prompts, completions, **_):
+        calls.append(1)
+        time.sleep(0.6)
+        return [1.0] * len(completions)
+
+    scorer = RewardSet([slow], timeout_s=0.2)
+    assert scorer(["p"], ["a"]).failed == ("slow",) and scorer(["p"], ["a"]).failed == ("slow",)
+    assert len(calls) == 1  # the second batch did not start another call beside the hung one
+    time.sleep(0.8)  # the abandoned call has ended: the function is tried again
+    scorer(["p"], ["a"])
+    assert len(calls) == 2
 
 
 def test_none_is_left_out_and_all_none_is_unscorable():

@@ -20,7 +20,8 @@ message lists and each completion is [{"role": "assistant", "content": text}]; t
 text (`reads_text`), get the rendered prompt and the completion's text either way.
 
 Failures never stop training: a function that raises, runs past `timeout_s` (it runs in a daemon worker
-thread that is abandoned, since Python threads cannot be killed), or returns something other than a list of
+thread that is abandoned, since Python threads cannot be killed; until that thread ends the function is not
+called again, so a hung function holds one thread, not one per batch), or returns something other than a list of
 len(completions) numbers or None gets 0.0 for every completion of that call, one warning naming the function
 and why, and one more in `RewardSet.failures[name]`. A rollout batch then still trains on the other
 functions' rewards, and the failure count is there to be logged. 0 rather than None: a failing
@@ -204,6 +205,7 @@ class RewardSet:
             raise ConfigError(f"{where} timeout is {timeout_s!r}; expected a positive number of seconds.")
         self.timeout_s = float(timeout_s)
         self.failures = {name: 0 for name in self.names}
+        self._abandoned: dict[str, threading.Thread] = {}  # a call past its timeout, maybe still running
 
     @classmethod
     def from_specs(cls, specs: Sequence[str | dict | RewardSpec], *, timeout_s: float = DEFAULT_TIMEOUT_S,
@@ -235,7 +237,14 @@ class RewardSet:
             given = (list(prompts), list(completions))
             if as_messages is not None and not getattr(function, "reads_text", False):
                 given = as_messages
-            values, why = _call_with_timeout(function, *given, columns, self.timeout_s)
+            stuck = self._abandoned.get(name)
+            if stuck is not None and stuck.is_alive():
+                # One abandoned call per function at most: a hung (or spinning) function must not pile up threads.
+                values, why = None, "is still running an earlier call that passed its timeout (not called again)"
+            else:
+                values, why, worker = _call_with_timeout(function, *given, columns, self.timeout_s)
+                if worker.is_alive():
+                    self._abandoned[name] = worker
             if why is None:
                 values, why = _as_rewards(values, n)
             if why is not None:
@@ -282,8 +291,9 @@ def _unique(names: list[str]) -> list[str]:
     return out
 
 
-def _call_with_timeout(function, prompts, completions, columns, timeout_s) -> tuple[object, str | None]:
-    """(the function's return value, None) or (None, why it failed), the call run in a daemon thread."""
+def _call_with_timeout(function, prompts, completions, columns, timeout_s
+                       ) -> tuple[object, str | None, threading.Thread]:
+    """(the function's return value, None) or (None, why it failed), and the daemon thread the call ran in."""
     outcome: dict = {}
 
     def target():
@@ -296,11 +306,11 @@ def _call_with_timeout(function, prompts, completions, columns, timeout_s) -> tu
     worker.start()
     worker.join(timeout_s)
     if worker.is_alive():
-        return None, f"ran past its {timeout_s:g} s timeout (abandoned)"
+        return None, f"ran past its {timeout_s:g} s timeout (abandoned)", worker
     if "error" in outcome:
         error = outcome["error"]
-        return None, f"raised {type(error).__name__}: {error}"
-    return outcome["value"], None
+        return None, f"raised {type(error).__name__}: {error}", worker
+    return outcome["value"], None, worker
 
 
 def _as_rewards(values, n: int) -> tuple[np.ndarray | None, str | None]:
