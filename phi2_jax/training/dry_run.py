@@ -289,7 +289,7 @@ def compile_train_step(config, model_config, target: Target, devices: int) -> di
         "mesh": dict(mesh.shape), "params": model_config.num_params(), "param_dtype": model_config.param_dtype,
         "compute_dtype": model_config.compute_dtype, "remat": model_config.remat,
         "attention_backend": model_config.attention_backend,
-        "global_batch": t.batch_size, "grad_accum": t.grad_accum, "seq_len": seq,
+        "objective": t.objective, "global_batch": t.batch_size, "grad_accum": t.grad_accum, "seq_len": seq,
         "sequences_per_device": micro // data_parallel,
         "param_bytes_per_device": shard_bytes(steps.abstract_params, steps.param_shardings),
         "optimizer_bytes_per_device": shard_bytes(steps.abstract_opt_state, steps.opt_shardings),
@@ -335,13 +335,15 @@ def format_report(report: dict, label: str) -> str:
     m, cap = report["memory"], report["capacity_bytes"]
     where = (f"{report['devices']} x {report['device_kind']} (target {report['target']})" if report["platform"] != "cpu"
              else f"{report['devices']} fake CPU devices (target cpu)")
+    # A DPO row is a pair (chosen and rejected side by side); GRPO's a completion with its prompt.
+    rows = {"dpo": "pairs", "grpo": "completions"}.get(report["objective"], "sequences")
     lines = [
         f"dry run: {label} on {where}",
         f"  compiled the train step for mesh {report['mesh']} ({report['devices']} devices) in "
         f"{report['compile_seconds']:.1f}s (lowering {report['lower_seconds']:.1f}s), from shapes only, for "
         f"{report['platform']}",
-        f"  batch           {report['global_batch']} sequences x {report['seq_len']} tokens per step, grad_accum "
-        f"{report['grad_accum']}: {report['sequences_per_device']} sequences per device per micro-step",
+        f"  batch           {report['global_batch']} {rows} x {report['seq_len']} tokens per step, grad_accum "
+        f"{report['grad_accum']}: {report['sequences_per_device']} {rows} per device per micro-step",
         f"  parameters      {report['params']:,} ({report['param_dtype']}, compute {report['compute_dtype']}, remat "
         f"{report['remat']}): {_gib(report['param_bytes_per_device'])}/device",
         f"  optimizer state {_gib(report['optimizer_bytes_per_device'])}/device",
