@@ -227,6 +227,33 @@ def test_conversational_prompts_render_with_the_template_and_reach_user_function
     assert seen["columns"] == {"answer": ["4", "4", "6", "6"]}
 
 
+def test_conversational_prompts_render_with_the_template_the_run_started_from_trained_with(tmp_path):
+    """SFT with data.chat_template=chatml.jinja, then GRPO from that run: the run records its tokenizer, whose folder
+    has no template, and carries chatml in chat_template.jinja. The prompts were rendered with Phi-2's built-in
+    template, a format the model never saw (and the GRPO run then saved that one for its exports)."""
+    from phi2_jax.data.tokenizer import HFTokenizer, train_byte_level_bpe
+    from phi2_jax.training.rollouts import grpo_splits
+    from phi2_jax.training.run_config import load_run_config
+
+    tokenizer = HFTokenizer(train_byte_level_bpe(["user: 2+2? assistant: 4"] * 8, 300, tmp_path / "tok"))
+    sft_run = tmp_path / "sft"
+    sft_run.mkdir()
+    chatml = ("{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}\n{% endfor %}"
+              "{% if add_generation_prompt %}<|assistant|>{% endif %}")
+    (sft_run / "chat_template.jinja").write_text(chatml)
+    prompts = tmp_path / "chat.jsonl"
+    prompts.write_text(json.dumps({"prompt": [{"role": "user", "content": "2+2?"}], "answer": "4"}) + "\n")
+    config = load_run_config(None, ["train.objective=grpo", f"checkpoint.init_from={sft_run}",
+                                    f"data.sources=[{{path: {prompts}}}]", "data.val_fraction=0"])
+    splits, records, _ = grpo_splits(config, tokenizer)
+    assert [r.text for r in records] == ["<|user|>2+2?\n<|assistant|>"]
+    assert splits.template.template == chatml and splits.template.source == str(sft_run / "chat_template.jinja")
+    # data.chat_template still names another.
+    (tmp_path / "plain.jinja").write_text("{% for m in messages %}{{ m['content'] }}{% endfor %}")
+    config.data.chat_template = str(tmp_path / "plain.jinja")
+    assert [r.text for r in grpo_splits(config, tokenizer)[1]] == ["2+2?"]
+
+
 @pytest.mark.parametrize("conversational", [False, True])
 def test_a_column_named_like_an_argument_reaches_user_functions_as_it_is(tmp_path, conversational):
     """The prompts' message lists went to RewardSet in a column called prompt_messages: a prompt file's own

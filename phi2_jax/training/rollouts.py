@@ -168,7 +168,7 @@ def grpo_splits(config, tokenizer):
                 if template is None:
                     from phi2_jax.data.post_data import chat_template
 
-                    template = chat_template(d.chat_template, tokenizer)
+                    template = chat_template(d.chat_template, tokenizer, config.checkpoint.init_from)
                 found = render_prompts(found, template)
             for n, record in enumerate(found[:d.max_documents] if d.max_documents else found):
                 ids = tokenizer.encode(record.text)

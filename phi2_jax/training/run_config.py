@@ -43,8 +43,9 @@ class DataSection:
     workers: int = 0  # >0: Grain worker processes; 0: a prefetch thread
     max_documents: int = 0  # 0 = all; a cap for quick runs
     # Post-training (train.objective sft | dpo): the record fields each TRL convention reads, renamed to match
-    # your files (text, prompt, completion, messages, chosen, rejected), and the chat template: "" = the
-    # tokenizer folder's (chat_template.jinja or tokenizer_config.json), else Phi-2's built-in QA template;
+    # your files (text, prompt, completion, messages, chosen, rejected), and the chat template: "" = the one
+    # checkpoint.init_from carries (a run's chat_template.jinja), else the tokenizer folder's (chat_template.jinja
+    # or tokenizer_config.json), else Phi-2's built-in QA template;
     # or a .jinja file / a folder holding one (GRPO renders conversational prompts with it).
     fields: dict[str, str] = dataclasses.field(default_factory=dict)
     chat_template: str = ""

@@ -103,7 +103,8 @@ class Trainer:
 
         cfg, d = self.config, self.config.data
         tokenizer = self._tokenizer(True)
-        return build_post_splits(d.sources, tokenizer, chat_template(d.chat_template, tokenizer), self.objective,
+        template = chat_template(d.chat_template, tokenizer, cfg.checkpoint.init_from)
+        return build_post_splits(d.sources, tokenizer, template, self.objective,
                                  d.seq_len, d.val_fraction, d.fields, cfg.sft.count_prompt, d.max_documents)
 
     def _grpo_rollouts(self):
