@@ -375,6 +375,9 @@ class Trainer:
         history = self.run_log.history(start)
         peak, peak_source = device_peak_flops(self.model_config.compute_dtype)
         flops_per_step = self._model_flops_per_step()
+        # tokens/s: a row is data.seq_len tokens, or for GRPO a rollout row (prompt + completion).
+        row = (cfg.grpo.max_prompt_length + cfg.grpo.max_completion_length if self.objective == "grpo"
+               else cfg.data.seq_len)
         self.run_log.say(f"model {self.model_config.num_params():,} params | mesh {dict(self.mesh.shape)} | "
                   f"{jax.device_count()} devices, {jax.process_count()} processes | peak {peak / 1e9:,.1f} GFLOP/s "
                   f"per device ({peak_source})")
