@@ -254,6 +254,30 @@ def test_conversational_prompts_render_with_the_template_the_run_started_from_tr
     assert [r.text for r in grpo_splits(config, tokenizer)[1]] == ["2+2?"]
 
 
+def test_a_function_that_extends_its_prompts_changes_no_other_call(tmp_path):
+    """TRL's idiom `prompt + completion` copies; `prompt.extend(completion)` changed the record's own messages,
+    shared by its whole group and by every later batch."""
+    from phi2_jax.data.chat import load_chat_template
+
+    path = tmp_path / "p.jsonl"
+    path.write_text(json.dumps({"prompt": [{"role": "user", "content": "2+2?"}]}) + "\n")
+    records = rewards.render_prompts(read_prompts(path, "jsonl", answer_field=None), load_chat_template(None))
+    lengths = []
+
+    def judge(prompts, completions, **_):
+        for prompt, completion in zip(prompts, completions):
+            lengths.append(len(prompt))
+            prompt.extend(completion)
+        return [1.0] * len(completions)
+
+    scorer = RewardSet([judge])
+    for _ in range(2):
+        prompts, messages, columns = rewards.gather_columns(records, repeat=2)
+        scorer(prompts, [" 4", " 5"], messages, **columns)
+    assert lengths == [1, 1, 1, 1]
+    assert records[0].messages == [{"role": "user", "content": "2+2?"}]
+
+
 @pytest.mark.parametrize("conversational", [False, True])
 def test_a_column_named_like_an_argument_reaches_user_functions_as_it_is(tmp_path, conversational):
     """The prompts' message lists went to RewardSet in a column called prompt_messages: a prompt file's own

@@ -32,6 +32,7 @@ number, a pattern that does not compile) are refused up front with a ConfigError
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import importlib
 import logging
@@ -232,12 +233,13 @@ class RewardSet:
         n = len(completions)
         per_function = np.zeros((len(self.functions), n), np.float64)
         failed = []
-        as_messages = None if prompt_messages is None else (
-            list(prompt_messages), [[{"role": "assistant", "content": c}] for c in completions])
         for f, (function, name) in enumerate(zip(self.functions, self.names)):
             given = (list(prompts), list(completions))
-            if as_messages is not None and not getattr(function, "reads_text", False):
-                given = as_messages
+            if prompt_messages is not None and not getattr(function, "reads_text", False):
+                # Each call gets its own copies: a group's prompts are one record's messages, which later
+                # batches and the held-out scoring read too (a function may append the completion to them).
+                given = ([copy.deepcopy(m) for m in prompt_messages],
+                         [[{"role": "assistant", "content": c}] for c in completions])
             stuck = self._abandoned.get(name)
             if stuck is not None and stuck.is_alive():
                 # One abandoned call per function at most: a hung (or spinning) function must not pile up threads.
