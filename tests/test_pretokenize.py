@@ -1,7 +1,9 @@
 """`python -m phi2_jax.pretokenize`: shards that add up to one run, and refusals that leave every file as it was."""
 
+import errno
 import json
 import logging
+import os
 
 import numpy as np
 import pytest
@@ -9,7 +11,7 @@ import pytest
 from phi2_jax import ConfigError
 from phi2_jax.data import pretokenize
 from phi2_jax.data.pipeline import build_splits
-from phi2_jax.data.token_files import TokenArrays
+from phi2_jax.data.token_files import TokenArrays, TokenFile
 from tests.hf_reference import train_bpe_tokenizer
 
 
@@ -134,6 +136,27 @@ def test_a_binary_text_source_is_refused_naming_the_file(tmp_path, tokenizer_dir
         f"{corpus / 'b.txt'} holds NUL bytes, so it is binary, not text; expected text, .jsonl or .parquet files "
         f"(token files are read with format: tokens).")
     assert not (tmp_path / "out").exists() and [p.name for p in tmp_path.iterdir()] == ["corpus"]
+
+
+def test_a_full_disk_names_out_dir_and_leaves_nothing(tmp_path, tokenizer_dir, capsys, monkeypatch):
+    """The token files are written into a hidden staging folder beside OUT_DIR: the sentence named that folder,
+    which is deleted as the command stops, instead of OUT_DIR."""
+    patterns = _corpus(tmp_path / "corpus")
+    flush = TokenFile._flush
+
+    def fills_the_disk(self):
+        flush(self)
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(TokenFile, "_flush", fills_the_disk)
+    out = tmp_path / "out"
+    with pytest.raises(SystemExit) as refused:
+        _run(out, tokenizer_dir, patterns)
+    assert refused.value.code == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        f"error: could not write {out} (No space left on device); free some space or choose another destination. "
+        f"Nothing was changed there.")
+    assert [p.name for p in tmp_path.iterdir()] == ["corpus"]
 
 
 def test_an_empty_validation_file_is_warned_about(tmp_path, tokenizer_dir, caplog):

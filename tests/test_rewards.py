@@ -42,7 +42,7 @@ def test_code_tests_run_prompt_completion_and_tests_in_the_sandbox():
 def test_code_tests_on_mbpp_prompts_with_the_reference_solutions():
     records = read_prompts(None, "mbpp")
     lines = [json.loads(line) for line in (SAMPLES / "mbpp.jsonl").read_text().splitlines() if line.strip()]
-    prompts, columns = rewards.gather_columns(records)
+    prompts, _, columns = rewards.gather_columns(records)
     right = [line["code"] + "\n" for line in lines]
     wrong = ["def unrelated():\n    pass\n"] * len(lines)
     got = rewards.CodeTests(FAST)(prompts * 2, right + wrong, **{k: v * 2 for k, v in columns.items()})
@@ -185,7 +185,8 @@ def test_read_prompts_from_task_files():
     assert mbpp[0].columns["stop"] == ['\n"""', "\nassert", "\n\n\n"]
     humaneval = read_prompts(None, "humaneval")
     assert humaneval[0].columns["tests"].rstrip().endswith(")")  # check(entry_point)
-    prompts, columns = rewards.gather_columns(gsm8k[:2], repeat=3)
+    prompts, messages, columns = rewards.gather_columns(gsm8k[:2], repeat=3)
+    assert messages is None  # text prompts
     assert prompts == [gsm8k[0].text] * 3 + [gsm8k[1].text] * 3
     assert columns == {"answer": ["10"] * 3 + ["36"] * 3}
 
@@ -218,12 +219,104 @@ def test_conversational_prompts_render_with_the_template_and_reach_user_function
         seen.update(prompts=prompts, completions=completions, columns=columns)
         return [1.0] * len(completions)
 
-    prompts, columns = rewards.gather_columns(records, repeat=2)
-    result = RewardSet([rewards.math_answer, spy])(prompts, [" 4", " 5", " 6", " 6"], **columns)
+    prompts, messages, columns = rewards.gather_columns(records, repeat=2)
+    result = RewardSet([rewards.math_answer, spy])(prompts, [" 4", " 5", " 6", " 6"], messages, **columns)
     np.testing.assert_array_equal(result.per_function[0], [1.0, 0.0, 1.0, 1.0])  # text, as before
     assert seen["prompts"] == [conversations[0]] * 2 + [conversations[1]] * 2
     assert seen["completions"] == [[{"role": "assistant", "content": c}] for c in (" 4", " 5", " 6", " 6")]
     assert seen["columns"] == {"answer": ["4", "4", "6", "6"]}
+
+
+def test_conversational_prompts_render_with_the_template_the_run_started_from_trained_with(tmp_path):
+    """SFT with data.chat_template=chatml.jinja, then GRPO from that run: the run records its tokenizer, whose folder
+    has no template, and carries chatml in chat_template.jinja. The prompts were rendered with Phi-2's built-in
+    template, a format the model never saw (and the GRPO run then saved that one for its exports)."""
+    from phi2_jax.data.tokenizer import HFTokenizer, train_byte_level_bpe
+    from phi2_jax.training.rollouts import grpo_splits
+    from phi2_jax.training.run_config import load_run_config
+
+    tokenizer = HFTokenizer(train_byte_level_bpe(["user: 2+2? assistant: 4"] * 8, 300, tmp_path / "tok"))
+    sft_run = tmp_path / "sft"
+    sft_run.mkdir()
+    chatml = ("{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}\n{% endfor %}"
+              "{% if add_generation_prompt %}<|assistant|>{% endif %}")
+    (sft_run / "chat_template.jinja").write_text(chatml)
+    prompts = tmp_path / "chat.jsonl"
+    prompts.write_text(json.dumps({"prompt": [{"role": "user", "content": "2+2?"}], "answer": "4"}) + "\n")
+    config = load_run_config(None, ["train.objective=grpo", f"checkpoint.init_from={sft_run}",
+                                    f"data.sources=[{{path: {prompts}}}]", "data.val_fraction=0"])
+    splits, records, _ = grpo_splits(config, tokenizer)
+    assert [r.text for r in records] == ["<|user|>2+2?\n<|assistant|>"]
+    assert splits.template.template == chatml and splits.template.source == str(sft_run / "chat_template.jinja")
+    # data.chat_template still names another.
+    (tmp_path / "plain.jinja").write_text("{% for m in messages %}{{ m['content'] }}{% endfor %}")
+    config.data.chat_template = str(tmp_path / "plain.jinja")
+    assert [r.text for r in grpo_splits(config, tokenizer)[1]] == ["2+2?"]
+
+
+def test_a_function_that_extends_its_prompts_changes_no_other_call(tmp_path):
+    """TRL's idiom `prompt + completion` copies; `prompt.extend(completion)` changed the record's own messages,
+    shared by its whole group and by every later batch."""
+    from phi2_jax.data.chat import load_chat_template
+
+    path = tmp_path / "p.jsonl"
+    path.write_text(json.dumps({"prompt": [{"role": "user", "content": "2+2?"}]}) + "\n")
+    records = rewards.render_prompts(read_prompts(path, "jsonl", answer_field=None), load_chat_template(None))
+    lengths = []
+
+    def judge(prompts, completions, **_):
+        for prompt, completion in zip(prompts, completions):
+            lengths.append(len(prompt))
+            prompt.extend(completion)
+        return [1.0] * len(completions)
+
+    scorer = RewardSet([judge])
+    for _ in range(2):
+        prompts, messages, columns = rewards.gather_columns(records, repeat=2)
+        scorer(prompts, [" 4", " 5"], messages, **columns)
+    assert lengths == [1, 1, 1, 1]
+    assert records[0].messages == [{"role": "user", "content": "2+2?"}]
+
+
+@pytest.mark.parametrize("conversational", [False, True])
+def test_a_column_named_like_an_argument_reaches_user_functions_as_it_is(tmp_path, conversational):
+    """The prompts' message lists went to RewardSet in a column called prompt_messages: a prompt file's own
+    field of that name replaced a text run's prompts (and turned its completions into messages), or was
+    overwritten by the messages in a conversational run; either way the function never saw the field."""
+    from phi2_jax.data.chat import load_chat_template
+
+    path = tmp_path / "p.jsonl"
+    prompt = [{"role": "user", "content": "2+2?"}] if conversational else "2+2?"
+    path.write_text(json.dumps({"prompt": prompt, "answer": "4", "prompt_messages": "the file's own"}) + "\n")
+    seen = {}
+
+    def spy(prompts, completions, **columns):
+        seen.update(prompts=prompts, completions=completions, columns=columns)
+        return [1.0] * len(completions)
+
+    records = rewards.render_prompts(read_prompts(path, "jsonl"), load_chat_template(None))
+    prompts, messages, columns = rewards.gather_columns(records)
+    assert RewardSet([spy])(prompts, [" 4"], messages, **columns).failed == ()
+    assert seen["prompts"] == [prompt]
+    assert seen["completions"] == ([[{"role": "assistant", "content": " 4"}]] if conversational else [" 4"])
+    assert seen["columns"] == {"answer": ["4"], "prompt_messages": ["the file's own"]}
+
+
+@pytest.mark.parametrize("content,why", [
+    (5, 'can only concatenate str (not "int") to str'),
+    (None, "'dict object' has no attribute 'content'"),  # transformers drops None-valued keys before rendering
+    ([{"type": "text", "text": "hi"}], 'can only concatenate str (not "list") to str'),
+])
+def test_a_conversational_prompt_the_template_cannot_render_is_named_by_file_and_line(tmp_path, content, why):
+    """As SFT and DPO records: the sentence names the record (it named only the template)."""
+    from phi2_jax.data.chat import load_chat_template
+
+    path = tmp_path / "p.jsonl"
+    path.write_text(json.dumps({"prompt": [{"role": "user", "content": "fine"}], "answer": "1"}) + "\n\n"
+                    + json.dumps({"prompt": [{"role": "user", "content": content}], "answer": "2"}) + "\n")
+    with pytest.raises(UserInputError) as error:
+        rewards.render_prompts(read_prompts(path, "jsonl"), load_chat_template(None))
+    assert str(error.value) == f"{path} line 3: the chat template (built-in Phi-2) failed to render a conversation: {why}."
 
 
 @pytest.mark.parametrize("text,message", [

@@ -335,3 +335,16 @@ def test_resume_differences_name_keys_and_ignore_keys_newer_than_the_run():
     assert describe(fixed, "there", "here") == "model.num_hidden_layers (2 there, 3 here), optim.lr (0.003 there, " \
                                                "0.001 here)"
     assert describe(run_time_differences(saved, now)) == "train.steps 10 -> 20"
+
+
+def test_a_resume_may_change_settings_its_objective_does_not_read():
+    """validate warns that an LM run does not read dpo.beta or data.fields (a config shared between stages), but
+    resuming the run with them changed was refused as a change to what trains the weights."""
+    from phi2_jax.training.resume import fixed_differences
+    from phi2_jax.training.run_config import RunConfig
+
+    saved, now = RunConfig().to_dict(), RunConfig().to_dict()
+    now["dpo"]["beta"], now["data"]["fields"], now["grpo"]["rewards"] = 0.5, {"prompt": "question"}, ["x:y"]
+    assert fixed_differences(saved, now, {}, {}) == []
+    now["train"]["objective"] = saved["train"]["objective"] = "dpo"  # read by DPO: fixed
+    assert [key for key, _, _ in fixed_differences(saved, now, {}, {})] == ["data.fields", "dpo.beta"]

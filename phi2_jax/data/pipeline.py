@@ -28,7 +28,7 @@ from pathlib import Path
 import grain
 import numpy as np
 
-from phi2_jax.errors import ConfigError
+from phi2_jax.errors import ConfigError, UserInputError, is_disk_full
 from phi2_jax.model.transformer import default_positions
 from phi2_jax.data.sources import Document, is_validation, read_source, source_files, source_fingerprint
 from phi2_jax.data.token_files import TokenArrays, TokenFile, check_shards_complete, check_token_ids, token_suffix
@@ -181,7 +181,14 @@ def _cached_token_files(texts: dict[int, dict], keys: dict[int, str], tokenizer:
                           f"{folder} is not shared between the hosts; expected $PHI2_JAX_CACHE on a folder every "
                           f"host shares, or token files made beforehand by python -m phi2_jax.pretokenize.")
     if texts:
-        tokenize_sources(texts, tokenizer, val_fraction, train_files, val_file, max_documents)
+        try:
+            tokenize_sources(texts, tokenizer, val_fraction, train_files, val_file, max_documents)
+        except OSError as error:  # said here, not by the token files: pretokenize names its own output folder
+            if not is_disk_full(error):
+                raise
+            raise UserInputError(f"writing the tokenized documents to {folder} failed: the disk is full (or a quota or "
+                                 f"file-size limit was reached); no partial file was kept. Free space there and run "
+                                 f"the same command again.") from None
     return train_files, val_file
 
 

@@ -118,12 +118,19 @@ def post_tokenizer(spec: str, init_from: str, writes_eos_as_text: bool = True) -
     return tokenizer
 
 
-def chat_template(spec: str, tokenizer: Tokenizer) -> ChatTemplate:
-    """data.chat_template: '' = the tokenizer folder's template (or Phi-2's built-in); else a .jinja file or a folder."""
+def chat_template(spec: str, tokenizer: Tokenizer, init_from: str = "") -> ChatTemplate:
+    """data.chat_template: '' = the template the model `init_from` carries (a run's or an export's
+    chat_template.jinja), else the tokenizer folder's (or Phi-2's built-in); else a .jinja file or a folder."""
     eos = tokenizer.decode([tokenizer.eos_id])
     if not spec:
         folder = Path(tokenizer.source)
-        return load_chat_template(folder if folder.is_dir() else folder.parent, eos_token=eos)
+        own = load_chat_template(folder if folder.is_dir() else folder.parent, eos_token=eos)
+        # A run records the tokenizer it read, not the template it trained with (data.chat_template may have
+        # named another): the model renders conversations as it learned them, as evaluate and exports do.
+        carried = Path(init_from) / "chat_template.jinja" if init_from else None
+        if carried is not None and carried.is_file():
+            return ChatTemplate(read_template_text(carried), own.special_tokens, str(carried))
+        return own
     path = Path(spec)
     if path.is_dir():
         return load_chat_template(path, eos_token=eos)

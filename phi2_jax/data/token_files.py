@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from phi2_jax.errors import ConfigError, UserInputError, is_disk_full
+from phi2_jax.errors import ConfigError
 from phi2_jax.data.sources import Document
 from phi2_jax.data.tokenizer import Tokenizer
 
@@ -89,17 +89,8 @@ class TokenFile:
                 os.replace(self.tmp, self.path)  # atomic: a concurrent process sees the whole stream or none
                 log.info("tokenized %s: %d documents, %d tokens in %.1fs", self.label, self.documents, self.tokens,
                          time.perf_counter() - self.start)
-        except OSError as failure:
-            if not is_disk_full(failure):
-                raise
-            error = failure
         finally:
             self.tmp.unlink(missing_ok=True)
-        # An enclosing file's exit sees the sentence already raised for an inner one: it stays as it is.
-        if error is not None and not isinstance(error, UserInputError) and is_disk_full(error):
-            raise UserInputError(f"writing the tokenized {self.label} to {self.path.parent} failed: the disk is full "
-                                 f"(or a quota or file-size limit was reached); no partial file was kept. Free space "
-                                 f"there and run the same command again.") from None
 
 
 class TokenArrays:

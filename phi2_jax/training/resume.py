@@ -13,6 +13,8 @@ from __future__ import annotations
 import json
 from typing import Any
 
+from phi2_jax.training.run_config import ignored_by
+
 UNSET = object()  # a key one of the two configs does not have
 
 # Run-config keys one session of a run may change for the next.
@@ -54,7 +56,11 @@ def fixed_differences(saved_run: dict, current_run: dict, saved_model: dict, cur
     """Differences a resume may not make: the model's parameters and everything that trains them."""
     model = [d for d in differences(saved_model, current_model, "model.")
              if d[0].removeprefix("model.") not in MODEL_RUN_TIME_FIELDS]
-    fixed = model + [d for d in differences(saved_run, current_run) if not _is_run_time(d[0])]
+    objective = current_run.get("train", {}).get("objective", "lm")
+    # Settings this objective never reads (a shared config's dpo.* in an SFT run) are named by validate's
+    # warning; changing them changes nothing here.
+    fixed = model + [d for d in differences(saved_run, current_run)
+                     if not _is_run_time(d[0]) and not ignored_by(objective, d[0])]
     # A key the run's config lacks is newer than the trainer that wrote it; its default keeps the old behaviour.
     return [d for d in fixed if d[1] is not UNSET]
 

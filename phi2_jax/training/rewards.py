@@ -32,6 +32,7 @@ number, a pattern that does not compile) are refused up front with a ConfigError
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import importlib
 import logging
@@ -224,19 +225,21 @@ class RewardSet:
             names.append(_name_of(function))
         return cls(functions, weights, _unique(names), timeout_s, key)
 
-    def __call__(self, prompts: Sequence[str], completions: Sequence[str], *,
-                 prompt_messages: Sequence[list] | None = None, **columns: Sequence) -> Rewards:
+    def __call__(self, prompts: Sequence[str], completions: Sequence[str],
+                 prompt_messages: Sequence[list] | None = None, /, **columns: Sequence) -> Rewards:
         """`prompts` rendered, `completions` as text; `prompt_messages`: the prompts' message lists when the
-        prompts are conversational, which user functions then get with message-shaped completions (TRL's way)."""
+        prompts are conversational, which user functions then get with message-shaped completions (TRL's way).
+        Positional only, so that a prompt file's column of any name reaches the functions as it is."""
         n = len(completions)
         per_function = np.zeros((len(self.functions), n), np.float64)
         failed = []
-        as_messages = None if prompt_messages is None else (
-            list(prompt_messages), [[{"role": "assistant", "content": c}] for c in completions])
         for f, (function, name) in enumerate(zip(self.functions, self.names)):
             given = (list(prompts), list(completions))
-            if as_messages is not None and not getattr(function, "reads_text", False):
-                given = as_messages
+            if prompt_messages is not None and not getattr(function, "reads_text", False):
+                # Each call gets its own copies: a group's prompts are one record's messages, which later
+                # batches and the held-out scoring read too (a function may append the completion to them).
+                given = ([copy.deepcopy(m) for m in prompt_messages],
+                         [[{"role": "assistant", "content": c}] for c in completions])
             stuck = self._abandoned.get(name)
             if stuck is not None and stuck.is_alive():
                 # One abandoned call per function at most: a hung (or spinning) function must not pile up threads.
@@ -340,6 +343,7 @@ class PromptRecord:
     text: str  # the prompt as the model reads it (a conversational one rendered with the chat template)
     columns: dict
     messages: list | None = None  # a conversational prompt's messages, as the file gives them
+    where: str = dataclasses.field(default="", compare=False)  # "FILE line N", for a template that fails on it
 
 
 PROMPT_TASKS = ("gsm8k", "mbpp", "humaneval", "jsonl")
@@ -394,27 +398,35 @@ def _read_prompt_jsonl(path: Path, prompt_field: str, answer_field: str | None) 
             raise UserInputError(f"{where}: '{prompt_field}' is {'a message list' if isinstance(prompt, list) else 'text'}"
                                  f" but the file's first prompt is {'text' if isinstance(prompt, list) else 'a message list'}"
                                  f"; expected one kind of prompt per file.")
-        records.append((prompt, {k: v for k, v in record.items() if k != prompt_field}))
+        records.append((prompt, {k: v for k, v in record.items() if k != prompt_field}, where))
     if not records:
         raise UserInputError(f"prompt file {path} holds no records.")
-    keys = sorted({k for _, columns in records for k in columns})
-    return [PromptRecord("", {k: columns.get(k) for k in keys}, prompt) if isinstance(prompt, list)
-            else PromptRecord(prompt, {k: columns.get(k) for k in keys}) for prompt, columns in records]
+    keys = sorted({k for _, columns, _ in records for k in columns})
+    return [PromptRecord("", {k: columns.get(k) for k in keys}, prompt, where) if isinstance(prompt, list)
+            else PromptRecord(prompt, {k: columns.get(k) for k in keys}) for prompt, columns, where in records]
 
 
 def render_prompts(records: list[PromptRecord], template) -> list[PromptRecord]:
     """The records with each conversational prompt rendered by the chat template, with its generation prompt (as
     TRL's GRPOTrainer renders them); plain-text prompts as they are."""
-    return [dataclasses.replace(r, text=template.render(r.messages, add_generation_prompt=True))
-            if r.messages is not None else r for r in records]
+    return [dataclasses.replace(r, text=_render(r, template)) if r.messages is not None else r for r in records]
 
 
-def gather_columns(records: Sequence[PromptRecord], repeat: int = 1) -> tuple[list[str], dict[str, list]]:
-    """(prompts, columns) for reward functions, each record repeated `repeat` times in a row (a GRPO group);
-    conversational prompts' message lists are the column `prompt_messages` (see `RewardSet.__call__`)."""
+def _render(record: PromptRecord, template) -> str:
+    try:
+        return template.render(record.messages, add_generation_prompt=True)
+    except UserInputError as error:  # which record: the template may fail on one conversation of many
+        raise UserInputError(f"{record.where}: {error}" if record.where else str(error)) from None
+
+
+def gather_columns(records: Sequence[PromptRecord], repeat: int = 1
+                   ) -> tuple[list[str], list[list] | None, dict[str, list]]:
+    """(prompts, prompt messages, columns) for `RewardSet`, each record repeated `repeat` times in a row (a GRPO
+    group); the prompt messages are None unless the prompts are conversational. Kept apart from the columns,
+    which are the file's own fields whatever their names."""
     prompts = [r.text for r in records for _ in range(repeat)]
     keys = list(records[0].columns) if records else []
     columns = {k: [r.columns.get(k) for r in records for _ in range(repeat)] for k in keys}
-    if records and records[0].messages is not None:
-        columns["prompt_messages"] = [r.messages for r in records for _ in range(repeat)]
-    return prompts, columns
+    messages = ([r.messages for r in records for _ in range(repeat)]
+                if records and records[0].messages is not None else None)
+    return prompts, messages, columns

@@ -105,8 +105,8 @@ class GRPORollouts:
 
     def _score(self, records: list[PromptRecord], completions: list[list[int]]):
         """Rewards of this process's completions (each record's num_generations in a row), text without EOS."""
-        prompts, columns = gather_columns(records, self.g.num_generations)
-        return self.rewards(prompts, self._texts(completions), **columns)
+        prompts, messages, columns = gather_columns(records, self.g.num_generations)
+        return self.rewards(prompts, self._texts(completions), messages, **columns)
 
     def _texts(self, completions: list[list[int]]) -> list[str]:
         """The completions as reward functions read them: decoded, without the end-of-text token."""
@@ -132,8 +132,8 @@ class GRPORollouts:
         completions, _ = sample_completions(nnx.merge(self.graphdef, params), [self.prompt_ids[i] for i in indices],
                                             1, g.max_completion_length, 0.0, 1.0, 0, self.tokenizer.eos_id)
         records = [self.records[i] for i in indices]
-        prompts, columns = gather_columns(records)
-        scored = self.rewards(prompts, self._texts(completions), **columns)
+        prompts, messages, columns = gather_columns(records)
+        scored = self.rewards(prompts, self._texts(completions), messages, **columns)
         return {"reward": float(np.nanmean(scored.total)), **self._per_function(scored.per_function)}
 
 
@@ -168,7 +168,7 @@ def grpo_splits(config, tokenizer):
                 if template is None:
                     from phi2_jax.data.post_data import chat_template
 
-                    template = chat_template(d.chat_template, tokenizer)
+                    template = chat_template(d.chat_template, tokenizer, config.checkpoint.init_from)
                 found = render_prompts(found, template)
             for n, record in enumerate(found[:d.max_documents] if d.max_documents else found):
                 ids = tokenizer.encode(record.text)

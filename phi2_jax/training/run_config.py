@@ -43,8 +43,9 @@ class DataSection:
     workers: int = 0  # >0: Grain worker processes; 0: a prefetch thread
     max_documents: int = 0  # 0 = all; a cap for quick runs
     # Post-training (train.objective sft | dpo): the record fields each TRL convention reads, renamed to match
-    # your files (text, prompt, completion, messages, chosen, rejected), and the chat template: "" = the
-    # tokenizer folder's (chat_template.jinja or tokenizer_config.json), else Phi-2's built-in QA template;
+    # your files (text, prompt, completion, messages, chosen, rejected), and the chat template: "" = the one
+    # checkpoint.init_from carries (a run's chat_template.jinja), else the tokenizer folder's (chat_template.jinja
+    # or tokenizer_config.json), else Phi-2's built-in QA template;
     # or a .jinja file / a folder holding one (GRPO renders conversational prompts with it).
     fields: dict[str, str] = dataclasses.field(default_factory=dict)
     chat_template: str = ""
@@ -374,14 +375,24 @@ def _warn_unused_sections(config: RunConfig) -> None:
     """Names settings that another objective reads (a `dpo.beta` in an SFT run), once: a config shared between
     stages keeps them, so they are said rather than refused."""
     t = config.train
-    unused = [f"{name}.{key}" for name in ("sft", "dpo", "grpo") if name != t.objective
-              for key, value in dataclasses.asdict(getattr(config, name)).items()
-              if value != dataclasses.asdict(type(getattr(config, name))())[key]]
-    if t.objective == "lm":  # fields and templates shape post-training records (GRPO refuses data.fields)
-        unused += [f"data.{key}" for key in ("fields", "chat_template") if getattr(config.data, key)]
+    changed = [f"{name}.{key}" for name in ("sft", "dpo", "grpo")
+               for key, value in dataclasses.asdict(getattr(config, name)).items()
+               if value != dataclasses.asdict(type(getattr(config, name))())[key]]
+    changed += [f"data.{key}" for key in ("fields", "chat_template") if getattr(config.data, key)]
+    unused = [key for key in changed if ignored_by(t.objective, key)]
     if unused:
         log.warning("%s %s set, but train.objective is %s, which does not read %s", ", ".join(unused),
                     "is" if len(unused) == 1 else "are", t.objective, "it" if len(unused) == 1 else "them")
+
+
+def ignored_by(objective: str, key: str) -> bool:
+    """Whether a run of train.objective `objective` never reads setting `key` (a dotted name, as 'dpo.beta' or
+    'data.fields.prompt'): another objective's section, or in an LM run the post-training records' field names
+    and chat template (GRPO refuses data.fields)."""
+    section = key.split(".")[0]
+    if section in ("sft", "dpo", "grpo"):
+        return section != objective
+    return objective == "lm" and any(key == k or key.startswith(k + ".") for k in ("data.fields", "data.chat_template"))
 
 
 def _check_sources(sources: Any) -> None:

@@ -103,7 +103,8 @@ class Trainer:
 
         cfg, d = self.config, self.config.data
         tokenizer = self._tokenizer(True)
-        return build_post_splits(d.sources, tokenizer, chat_template(d.chat_template, tokenizer), self.objective,
+        template = chat_template(d.chat_template, tokenizer, cfg.checkpoint.init_from)
+        return build_post_splits(d.sources, tokenizer, template, self.objective,
                                  d.seq_len, d.val_fraction, d.fields, cfg.sft.count_prompt, d.max_documents)
 
     def _grpo_rollouts(self):
@@ -374,6 +375,9 @@ class Trainer:
         history = self.run_log.history(start)
         peak, peak_source = device_peak_flops(self.model_config.compute_dtype)
         flops_per_step = self._model_flops_per_step()
+        # tokens/s: a row is data.seq_len tokens, or for GRPO a rollout row (prompt + completion).
+        row = (cfg.grpo.max_prompt_length + cfg.grpo.max_completion_length if self.objective == "grpo"
+               else cfg.data.seq_len)
         self.run_log.say(f"model {self.model_config.num_params():,} params | mesh {dict(self.mesh.shape)} | "
                   f"{jax.device_count()} devices, {jax.process_count()} processes | peak {peak / 1e9:,.1f} GFLOP/s "
                   f"per device ({peak_source})")
