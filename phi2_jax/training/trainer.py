@@ -355,8 +355,6 @@ class Trainer:
         return start, params, opt_state
 
     def _train(self, checkpoints, iterator, start, params, opt_state) -> dict:
-        import numpy as np
-
         from phi2_jax.training.metrics import EventWriter, device_peak_flops, plot_loss_curve, progress_line
 
         jax, cfg, t = self.jax, self.config, self.config.train
