@@ -325,6 +325,15 @@ def test_a_full_disk_while_tokenizing_is_a_sentence_and_leaves_no_partial_token_
     assert list((cache / "tokens").iterdir()) == []
 
 
+def test_a_renaming_of_fields_is_one_difference_shown_whole():
+    """data.fields went from {} to {'prompt': 'question'}: said as 'data.fields {} -> (unset)' before."""
+    from phi2_jax.training.resume import describe, fixed_differences
+
+    saved = {"train": {"objective": "sft"}, "data": {"fields": {}}}
+    now = {"train": {"objective": "sft"}, "data": {"fields": {"prompt": "question"}}}
+    assert describe(fixed_differences(saved, now, {}, {})) == "data.fields {} -> {'prompt': 'question'}"
+
+
 def test_resume_differences_name_keys_and_ignore_keys_newer_than_the_run():
     from phi2_jax.training.resume import describe, fixed_differences, run_time_differences
 

@@ -29,11 +29,15 @@ MODEL_RUN_TIME_FIELDS = ("compute_dtype", "remat", "attention_backend", "resid_p
                          "attention_dropout")
 
 
+# Settings whose value is a user's mapping, compared whole: {} -> {'prompt': 'question'} is one change.
+WHOLE_MAPPINGS = ("overrides", "fields")
+
+
 def flatten(config: dict, prefix: str = "") -> dict[str, Any]:
-    """{'optim': {'lr': 1}} -> {'optim.lr': 1}; lists (data.sources) stay whole."""
+    """{'optim': {'lr': 1}} -> {'optim.lr': 1}; lists (data.sources) and WHOLE_MAPPINGS stay whole."""
     out = {}
     for key, value in config.items():
-        if isinstance(value, dict) and value and key != "overrides":
+        if isinstance(value, dict) and value and key not in WHOLE_MAPPINGS:
             out.update(flatten(value, f"{prefix}{key}."))
         else:
             out[f"{prefix}{key}"] = value
