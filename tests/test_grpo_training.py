@@ -121,6 +121,36 @@ def test_grpo_resume_repeats_the_uninterrupted_run(toy):
         np.testing.assert_array_equal(ours[name], reference[name], err_msg=name)
 
 
+def test_grpo_in_two_processes_follows_the_one_process_run(toy):
+    """A pod's path: two processes (gloo, 2 fake devices each) sample from the sharded policy, each scores its
+    own prompts' completions, rewards and held-out scores are gathered; the run equals one process driving the
+    same 4 devices. (Two bugs of this path were found by hand before: generate's output not gathered across
+    processes, and a device of the other process read while freeing memory.)"""
+    import socket
+    import subprocess
+    import sys
+
+    args = [*COMMON, *GRPO, "checkpoint.init_from=sft", "data.sources=[{path: prompts.jsonl}]", "grpo.beta=0.04",
+            'grpo.rewards=[math_answer, {name: "toy_rewards:closeness", weight: 0.2}]', "train.steps=2",
+            "train.eval_every=2", "checkpoint.every=2", "train.batch_size=16", "train.log_every=1",
+            "optim.warmup_steps=0"]
+    train_runs.run_in(toy, "one", *args, devices=4)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    procs = [subprocess.Popen([sys.executable, "-m", "phi2_jax.train", "run_dir=two", *args,
+                               f"distributed.coordinator=127.0.0.1:{port}", "distributed.num_processes=2",
+                               f"distributed.process_id={i}"], cwd=toy, env=train_runs.train_env(2),
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for i in range(2)]
+    outputs = [p.communicate(timeout=400)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outputs[0][-3000:] + outputs[1][-3000:]
+    assert "4 devices, 2 processes" in outputs[0]
+    for key in ("train/loss", "train/grad_norm", "train/reward", "train/kl", "val/reward"):
+        one, two = metrics(toy / "one", key), metrics(toy / "two", key)
+        assert one.keys() == two.keys() and one, key
+        np.testing.assert_allclose(list(two.values()), list(one.values()), rtol=1e-4, atol=1e-6, err_msg=key)
+
+
 def test_grpo_export_keeps_the_chat_template_of_the_sft_run_it_started_from(toy, tmp_path):
     """GRPO renders no template, but exporting SFT -> GRPO used to drop the SFT run's, so transformers'
     apply_chat_template on the export raised (no template) instead of rendering the format SFT taught."""
