@@ -282,6 +282,34 @@ def test_a_full_disk_during_a_save_is_a_sentence(tmp_path, cache, trained):
     assert "Event loop is closed" not in proc.stderr and "Traceback" not in proc.stderr, proc.stderr[-3000:]
 
 
+def test_a_full_disk_in_a_two_process_job_stops_every_process_with_the_sentence(tmp_path, cache, trained):
+    """A pod's full disk: one process's write fails while the other's succeeds, and Orbax's threads then waited at
+    different barriers (20 minutes, its timeout); both processes hung. Now the failed process tells the other
+    through the coordination service, and both stop within seconds with the sentence."""
+    run_dir = tmp_path / "run"
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    limited = ["bash", "-c", "trap '' XFSZ; ulimit -f 976; exec \"$@\"", "bash"]
+    procs = [subprocess.Popen(limited + train_runs.command(
+        run_dir, "train.steps=10", "mesh.data=2", "mesh.fsdp=2", "mesh.tensor=1", "distributed.num_processes=2",
+        f"distributed.coordinator=127.0.0.1:{port}", f"distributed.process_id={i}"), cwd=train_runs.ROOT,
+        env=train_runs.train_env(2, cache), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        for i in range(2)]
+    try:
+        outputs = [p.communicate(timeout=240)[0] for p in procs]
+    finally:
+        for p in procs:
+            p.kill()
+    sentence = (f"to {run_dir.absolute()}/checkpoints failed: the disk is full (or a quota or file-size limit was "
+                f"reached); the newest complete checkpoint is ")
+    for p, out in zip(procs, outputs):
+        assert p.returncode != 0 and any(line.startswith("error: writing a checkpoint") and sentence in line
+                                         for line in out.splitlines()), out[-3000:]
+    # The one that exits last may be ended by the coordination service (SIGABRT) once its sentence is out.
+    assert 2 in [p.returncode for p in procs], [p.returncode for p in procs]
+
+
 def test_the_echoes_of_a_failed_save_are_dropped_and_other_reports_kept():
     """Orbax's write tasks that failed beside the reported one are collected at exit, where asyncio logs each with a
     traceback (CI once printed those after the sentence); the command drops them, and keeps every other report."""

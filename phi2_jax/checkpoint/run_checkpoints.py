@@ -40,6 +40,10 @@ class RunCheckpoints:
         options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True, enable_async_checkpointing=async_save,
                                                cleanup_tmp_directories=True)
         self.manager = ocp.CheckpointManager(self.directory, options=options, item_names=TRAIN_ITEMS)
+        self.failed = False  # a save failed: the manager's threads are not to be waited for
+        self._background = _BackgroundFailures()
+        # Orbax logs through absl; first in line, as a filter that drops the report (the command's) stops the rest.
+        logging.getLogger("absl").filters.insert(0, self._background)
 
     def steps(self) -> list[int]:
         return sorted(self.manager.all_steps())
@@ -47,6 +51,7 @@ class RunCheckpoints:
     def save(self, step: int, params: Any, opt_state: Any, data_state: dict, meta: dict) -> None:
         """Starts saving `step` (asynchronously if so configured); a full disk is one sentence, not a traceback."""
         with self._disk_errors(step):
+            self._await_previous_save()
             self.manager.save(step, args=ocp.args.Composite(
                 params=ocp.args.StandardSave(split_layers(params)), opt_state=ocp.args.StandardSave(opt_state),
                 data=ocp.args.JsonSave(data_state), meta=ocp.args.JsonSave(meta)), force=True)
@@ -104,14 +109,107 @@ class RunCheckpoints:
 
     def wait(self) -> None:
         with self._disk_errors(-1):
+            self._await_previous_save()
             self.manager.wait_until_finished()
 
     def close(self) -> None:
+        logging.getLogger("absl").removeFilter(self._background)
+        if self.failed and jax.process_count() > 1:  # Orbax's threads may wait at a barrier for processes that
+            return                                      # have stopped: not joined
         self.manager.close()
+
+    def _await_previous_save(self) -> None:
+        """Several processes, asynchronous saves: waits for the save in flight by polling, so that a process whose
+        write failed raises at once, and one whose write succeeded stops when another's failed.
+
+        Orbax's own wait joins its background threads, and after a one-sided failure those wait at different
+        barriers (the failed process's at the finalising one, the others' at the write-complete one) until
+        Orbax's 20-minute barrier timeout: a two-process run with a full disk hung there. The failed process's
+        error is then held by a thread that waits at that barrier, so it is read from Orbax's report of it.
+        """
+        if jax.process_count() == 1 or not self.manager.is_saving_in_progress():
+            return
+        while self.manager.is_saving_in_progress():
+            self.manager.check_for_errors()  # this process's background error, if not yet taken by Orbax
+            if self._background.error is not None:
+                raise self._background.error
+            reported = failure_reported()
+            if reported is not None:
+                raise CheckpointWriteError(reported)
+            time.sleep(0.2)
+        self.manager.check_for_errors()
+
+
+class _BackgroundFailures(logging.Filter):
+    """Keeps the error of a failed background write, which Orbax logs (with the exception) as it happens."""
+
+    def __init__(self):
+        super().__init__()
+        self.error: BaseException | None = None
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if (record.exc_info and record.exc_info[1] is not None and self.error is None
+                and "in background save thread" in record.getMessage()):
+            self.error = record.exc_info[1]
+        return True
+
+
+class CheckpointWriteError(UserInputError):
+    """A checkpoint could not be written. In a multi-process job every process stops with the same sentence, and
+    the command ends the process without joining Orbax's threads (training/train_command.py)."""
+
+
+_FAILURE_KEY = "phi2_jax/checkpoint_write_failed"  # in the job's coordination service
+
+
+def _coordination_client():
+    from jax._src import distributed  # the key-value store jax.distributed's coordination service keeps
+
+    return distributed.global_state.client
+
+
+def report_failure(sentence: str) -> None:
+    """Tells the job's other processes that a checkpoint write failed, with the sentence they should stop with."""
+    client = _coordination_client()
+    if client is not None:
+        try:
+            client.key_value_set(_FAILURE_KEY, sentence)
+        except Exception:  # noqa: BLE001 - another process reported first; theirs is the one everyone reads
+            pass
+        client.key_value_set(f"{_FAILURE_KEY}/seen/{jax.process_index()}", "1")  # it knows: no wait for it
+
+
+def failure_reported() -> str | None:
+    """The sentence of a checkpoint write another process reported as failed, if any (then acknowledged)."""
+    client = _coordination_client()
+    if client is None:
+        return None
+    try:
+        sentence = client.key_value_try_get(_FAILURE_KEY)
+    except Exception:  # noqa: BLE001 - NOT_FOUND: nothing reported
+        return None
+    client.key_value_set(f"{_FAILURE_KEY}/seen/{jax.process_index()}", "1")
+    return sentence
+
+
+def await_acknowledgements(seconds: float = 10.0) -> None:
+    """Waits (a bounded time) until every other process has read the reported failure: the coordination service
+    ends the others as soon as one process exits, which would cut their sentence off."""
+    client = _coordination_client()
+    deadline = time.monotonic() + seconds
+    while client is not None and time.monotonic() < deadline:
+        try:
+            seen = client.key_value_dir_get(f"{_FAILURE_KEY}/seen/")
+        except Exception:  # noqa: BLE001 - none yet
+            seen = []
+        if len(seen) >= jax.process_count():
+            return
+        time.sleep(0.1)
 
 
 class _DiskErrors:
-    """Turns a save's full-disk error into one sentence naming the folder and what to do."""
+    """Turns a save's full-disk error into one sentence naming the folder and what to do; with several processes,
+    any write error, told to the other processes so that they stop too."""
 
     def __init__(self, checkpoints: RunCheckpoints, step: int):
         self.checkpoints, self.step = checkpoints, step
@@ -120,15 +218,26 @@ class _DiskErrors:
         return self
 
     def __exit__(self, kind, error, tb):
-        if error is None or not is_disk_full(error):
+        several = jax.process_count() > 1
+        if error is None or not (is_disk_full(error) or several) or isinstance(error, CheckpointWriteError):
+            if isinstance(error, CheckpointWriteError):
+                self.checkpoints.failed = True
             return False
+        self.checkpoints.failed = True
         saved = [s for s in self.checkpoints.steps() if s != self.step]
         # An asynchronous save's error surfaces at the next save or wait: name the step it surfaced at.
         which = f" (by step {self.step})" if self.step >= 0 else ""
-        raise UserInputError(f"writing a checkpoint{which} to {self.checkpoints.directory} failed: the disk is full (or a quota "
-                             f"or file-size limit was reached); the newest complete checkpoint is "
-                             f"{saved[-1] if saved else 'none'}. Free space and run the same command again to "
-                             f"resume.") from None
+        newest = f"the newest complete checkpoint is {saved[-1] if saved else 'none'}"
+        if is_disk_full(error):
+            sentence = (f"writing a checkpoint{which} to {self.checkpoints.directory} failed: the disk is full (or a "
+                        f"quota or file-size limit was reached); {newest}. Free space and run the same command again "
+                        f"to resume.")
+        else:
+            sentence = (f"writing a checkpoint{which} to {self.checkpoints.directory} failed on process "
+                        f"{jax.process_index()}: {type(error).__name__}: {error}; {newest}.")
+        if several:
+            report_failure(sentence)
+        raise CheckpointWriteError(sentence) from None
 
 
 # ----------------------------------------------------------------------------- model-only reads

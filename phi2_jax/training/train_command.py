@@ -18,6 +18,7 @@ import os
 import sys
 from pathlib import Path
 
+from phi2_jax.checkpoint.run_checkpoints import CheckpointWriteError, await_acknowledgements
 from phi2_jax.config import RUNTIME_FIELDS
 from phi2_jax.errors import ConfigError, exit_on_user_error
 from phi2_jax.training.preemption import StopRequest, install_sigterm_handler
@@ -159,7 +160,18 @@ def main(argv=None) -> None:
         install_sigterm_handler(stop)  # from here on a SIGTERM stops at an agreed step (or before the first)
         if jax.process_index() != 0:  # one process's INFO lines speak for the job
             logging.getLogger("phi2_jax").setLevel(logging.WARNING)
-    result = Trainer(config, model_config, stop).run()
+    try:
+        result = Trainer(config, model_config, stop).run()
+    except CheckpointWriteError as error:
+        if not command_line or jax.process_count() == 1:
+            raise
+        # Every process stops with the same sentence (checkpoint/run_checkpoints.py). The failed save's Orbax
+        # threads may wait at a barrier for processes that have stopped, and Python would join them at exit:
+        # the process ends here instead, its logs closed and its run lock released on the way out of run().
+        print(f"error: {error}", file=sys.stderr, flush=True)
+        sys.stdout.flush()
+        await_acknowledgements()
+        os._exit(2)
     if jax.process_index() == 0 and result["steps_run"]:
         print(f"done: {result['step']} steps in {result['seconds']:.0f}s, final loss {result['final_loss']}")
 
