@@ -37,7 +37,11 @@ class RunCheckpoints:
 
     def __init__(self, run_dir: str | Path, keep: int, async_save: bool = True):
         self.directory = Path(run_dir).absolute() / "checkpoints"
-        options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True, enable_async_checkpointing=async_save,
+        # Several processes save through Orbax's asynchronous path even when asked to block (save then waits), so
+        # that a failed write is noticed by polling (`_await_previous_save`), not inside one of Orbax's barriers.
+        self.blocking = not async_save
+        options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
+                                               enable_async_checkpointing=async_save or jax.process_count() > 1,
                                                cleanup_tmp_directories=True)
         self.manager = ocp.CheckpointManager(self.directory, options=options, item_names=TRAIN_ITEMS)
         self.failed = False  # a save failed: the manager's threads are not to be waited for
@@ -55,6 +59,9 @@ class RunCheckpoints:
             self.manager.save(step, args=ocp.args.Composite(
                 params=ocp.args.StandardSave(split_layers(params)), opt_state=ocp.args.StandardSave(opt_state),
                 data=ocp.args.JsonSave(data_state), meta=ocp.args.JsonSave(meta)), force=True)
+            if self.blocking and jax.process_count() > 1:
+                self._await_previous_save()
+                self.manager.wait_until_finished()
 
     def newest_meta(self) -> tuple[int, dict] | None:
         """(step, meta) of the newest checkpoint whose `meta` item reads, or None."""
