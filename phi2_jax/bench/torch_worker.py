@@ -84,5 +84,6 @@ def main() -> None:
 
     serve(handle)
 
+
 if __name__ == "__main__":
     main()

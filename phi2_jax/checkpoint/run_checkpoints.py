@@ -60,8 +60,7 @@ class RunCheckpoints:
                 params=ocp.args.StandardSave(split_layers(params)), opt_state=ocp.args.StandardSave(opt_state),
                 data=ocp.args.JsonSave(data_state), meta=ocp.args.JsonSave(meta)), force=True)
             if self.blocking and jax.process_count() > 1:
-                self._await_previous_save()
-                self.manager.wait_until_finished()
+                self._finish_saving()
 
     def newest_meta(self) -> tuple[int, dict] | None:
         """(step, meta) of the newest checkpoint whose `meta` item reads, or None."""
@@ -116,8 +115,11 @@ class RunCheckpoints:
 
     def wait(self) -> None:
         with self._disk_errors(-1):
-            self._await_previous_save()
-            self.manager.wait_until_finished()
+            self._finish_saving()
+
+    def _finish_saving(self) -> None:
+        self._await_previous_save()
+        self.manager.wait_until_finished()
 
     def close(self) -> None:
         logging.getLogger("absl").removeFilter(self._background)
@@ -134,7 +136,7 @@ class RunCheckpoints:
         Orbax's 20-minute barrier timeout: a two-process run with a full disk hung there. The failed process's
         error is then held by a thread that waits at that barrier, so it is read from Orbax's report of it.
         """
-        if jax.process_count() == 1 or not self.manager.is_saving_in_progress():
+        if jax.process_count() == 1:
             return
         while self.manager.is_saving_in_progress():
             self.manager.check_for_errors()  # this process's background error, if not yet taken by Orbax
@@ -183,7 +185,7 @@ def report_failure(sentence: str) -> None:
             client.key_value_set(_FAILURE_KEY, sentence)
         except Exception:  # noqa: BLE001 - another process reported first; theirs is the one everyone reads
             pass
-        client.key_value_set(f"{_FAILURE_KEY}/seen/{jax.process_index()}", "1")  # it knows: no wait for it
+        _acknowledge(client)  # it knows: no one waits for it to read the report
 
 
 def failure_reported() -> str | None:
@@ -195,8 +197,13 @@ def failure_reported() -> str | None:
         sentence = client.key_value_try_get(_FAILURE_KEY)
     except Exception:  # noqa: BLE001 - NOT_FOUND: nothing reported
         return None
-    client.key_value_set(f"{_FAILURE_KEY}/seen/{jax.process_index()}", "1")
+    _acknowledge(client)
     return sentence
+
+
+def _acknowledge(client) -> None:
+    """Marks this process as knowing of the reported failure (`await_acknowledgements` counts the marks)."""
+    client.key_value_set(f"{_FAILURE_KEY}/seen/{jax.process_index()}", "1")
 
 
 def await_acknowledgements(seconds: float = 10.0) -> None:
@@ -226,9 +233,10 @@ class _DiskErrors:
 
     def __exit__(self, kind, error, tb):
         several = jax.process_count() > 1
-        if error is None or not (is_disk_full(error) or several) or isinstance(error, CheckpointWriteError):
-            if isinstance(error, CheckpointWriteError):
-                self.checkpoints.failed = True
+        if isinstance(error, CheckpointWriteError):  # another process's failure, reported: already a sentence
+            self.checkpoints.failed = True
+            return False
+        if error is None or not (is_disk_full(error) or several):
             return False
         self.checkpoints.failed = True
         saved = [s for s in self.checkpoints.steps() if s != self.step]

@@ -238,15 +238,15 @@ def compile_train_step(config, model_config, target: Target, devices: int) -> di
     from jax.sharding import NamedSharding, PartitionSpec
 
     from phi2_jax.sharding import make_mesh
-    from phi2_jax.training.metrics import update_flops
+    from phi2_jax.training.metrics import run_update_flops
     from phi2_jax.training.optim import make_optimizer
-    from phi2_jax.training.run_config import objective_options
+    from phi2_jax.training.run_config import objective_options, row_length
     from phi2_jax.training.step import build_steps
 
     model_config = model_for_target(model_config, target)
     mesh = make_mesh(config.mesh,
                      devices=target_devices(target, devices))
-    t, seq = config.train, config.data.seq_len
+    t = config.train
     micro = t.batch_size // t.grad_accum
     data_parallel = mesh.shape["data"] * mesh.shape["fsdp"]
     if micro % data_parallel:
@@ -255,9 +255,7 @@ def compile_train_step(config, model_config, target: Target, devices: int) -> di
     tx, schedule = make_optimizer(config.optim, t.steps)
     steps = build_steps(model_config, mesh, tx, schedule, t.seed, t.grad_accum, config.optim.z_loss, t.objective,
                         objective_options(config))
-    g = config.grpo
-    if t.objective == "grpo":  # rollout rows: prompt and completion
-        seq = g.max_prompt_length + g.max_completion_length
+    g, seq = config.grpo, row_length(config)
     batch = abstract_batch(t.objective, (t.grad_accum, micro, seq), mesh,
                            with_reference=not model_config.lora_rank and (t.objective == "dpo" or g.beta > 0),
                            with_old_logps=g.num_iterations > 1)
@@ -298,9 +296,7 @@ def compile_train_step(config, model_config, target: Target, devices: int) -> di
         "attention_kernels": program.attention_kernels(),
         "collectives": program.collectives(),
         "dots": [dataclasses.asdict(d) for d in program.dots()],
-        "model_flops_per_step": update_flops(model_config, t.objective, t.batch_size, seq,
-                                             reference_forward=bool(model_config.lora_rank) and (
-                                                 t.objective == "dpo" or (t.objective == "grpo" and g.beta > 0))),
+        "model_flops_per_step": run_update_flops(config, model_config),
         "lower_seconds": lower_seconds, "compile_seconds": compile_seconds, "hlo": hlo,
     }
 

@@ -53,6 +53,18 @@ def update_flops(config: PhiConfig, objective: str, rows: int, seq_len: int, ref
     return per_token * sequences * seq_len
 
 
+def run_update_flops(config, model_config: PhiConfig) -> float:
+    """`update_flops` of one compiled train step of run config `config`: its objective, batch and row length
+    (run_config.row_length). The loss runs a reference forward with LoRA (the adapters off) for DPO, and for
+    GRPO when grpo.beta > 0; a full fine-tune's reference is computed outside the step."""
+    from phi2_jax.training.run_config import row_length
+
+    t = config.train
+    in_loss = t.objective == "dpo" or (t.objective == "grpo" and config.grpo.beta > 0)
+    reference = bool(model_config.lora_rank) and in_loss
+    return update_flops(model_config, t.objective, t.batch_size, row_length(config), reference)
+
+
 def _fastest_seconds(fn, *args, runs: int = 5) -> float:
     """The fastest of `runs` timed calls of the jitted `fn`, after one untimed call that compiles it."""
     fn(*args).block_until_ready()

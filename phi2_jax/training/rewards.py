@@ -395,9 +395,9 @@ def _read_prompt_jsonl(path: Path, prompt_field: str, answer_field: str | None) 
                 raise UserInputError(f"{where}: '{prompt_field}' ends with an assistant turn; expected a prompt "
                                      f"ending with a user (or system) turn for the model to answer.")
         if records and isinstance(prompt, list) != isinstance(records[0][0], list):
-            raise UserInputError(f"{where}: '{prompt_field}' is {'a message list' if isinstance(prompt, list) else 'text'}"
-                                 f" but the file's first prompt is {'text' if isinstance(prompt, list) else 'a message list'}"
-                                 f"; expected one kind of prompt per file.")
+            this, first = ("a message list", "text") if isinstance(prompt, list) else ("text", "a message list")
+            raise UserInputError(f"{where}: '{prompt_field}' is {this} but the file's first prompt is {first}; "
+                                 f"expected one kind of prompt per file.")
         records.append((prompt, {k: v for k, v in record.items() if k != prompt_field}, where))
     if not records:
         raise UserInputError(f"prompt file {path} holds no records.")

@@ -22,6 +22,7 @@ import numpy as np
 
 from phi2_jax.training.grpo import group_advantages, rollout_batch, rollout_metrics, sample_completions
 from phi2_jax.training.rewards import PromptRecord, RewardSet, gather_columns
+from phi2_jax.training.run_config import row_length
 
 log = logging.getLogger(__name__)
 
@@ -56,7 +57,7 @@ class GRPORollouts:
         self.records, self.prompt_ids, self.tokenizer = records, prompt_ids, tokenizer
         self.graphdef, self.reference = graphdef, reference_params
         self.rewards = rewards
-        self.length = self.g.max_prompt_length + self.g.max_completion_length
+        self.length = row_length(config)
         temperature = self.g.temperature
 
         def logps(params, batch):  # [grad_accum, micro, T] per-token log-probs at the sampling temperature

@@ -97,8 +97,9 @@ class DPOSection:
 @dataclasses.dataclass
 class GRPOSection:
     # Prompts: data.sources' files read as `task` (gsm8k | mbpp | humaneval task files, or jsonl: a prompt-only
-    # file with prompt_field, as text or a list of messages, and answer_field). train.batch_size counts completions: batch_size / num_generations
-    # prompts per step. One step = one rollout batch and num_iterations optimiser updates on it.
+    # file with prompt_field, as text or a list of messages, and answer_field). train.batch_size counts
+    # completions: batch_size / num_generations prompts per step. One step = one rollout batch and
+    # num_iterations optimiser updates on it.
     task: str = "jsonl"
     prompt_field: str = "prompt"
     answer_field: str = "answer"
@@ -307,11 +308,18 @@ def validate(config: RunConfig, num_devices: int, model: PhiConfig | None = None
         raise ConfigError(f"data.val_fraction must be in [0, 1), got {d.val_fraction}.")
     _check_objective(config)
     g = config.grpo
-    if t.objective == "grpo" and g.max_prompt_length + g.max_completion_length > model.max_position_embeddings:
+    if t.objective == "grpo" and row_length(config) > model.max_position_embeddings:
         raise ConfigError(f"grpo.max_prompt_length {g.max_prompt_length} + grpo.max_completion_length "
                           f"{g.max_completion_length} exceeds the model's max_position_embeddings "
                           f"{model.max_position_embeddings}.")
     return model
+
+
+def row_length(config: RunConfig) -> int:
+    """Tokens per batch row: data.seq_len, or for GRPO a rollout row (grpo.max_prompt_length +
+    grpo.max_completion_length, a fixed length so that the step compiles once)."""
+    g = config.grpo
+    return g.max_prompt_length + g.max_completion_length if config.train.objective == "grpo" else config.data.seq_len
 
 
 def objective_options(config: RunConfig) -> dict:
@@ -375,9 +383,11 @@ def _warn_unused_sections(config: RunConfig) -> None:
     """Names settings that another objective reads (a `dpo.beta` in an SFT run), once: a config shared between
     stages keeps them, so they are said rather than refused."""
     t = config.train
-    changed = [f"{name}.{key}" for name in ("sft", "dpo", "grpo")
-               for key, value in dataclasses.asdict(getattr(config, name)).items()
-               if value != dataclasses.asdict(type(getattr(config, name))())[key]]
+    changed = []
+    for name in ("sft", "dpo", "grpo"):
+        section = getattr(config, name)
+        defaults = dataclasses.asdict(type(section)())
+        changed += [f"{name}.{key}" for key, value in dataclasses.asdict(section).items() if value != defaults[key]]
     changed += [f"data.{key}" for key in ("fields", "chat_template") if getattr(config.data, key)]
     unused = [key for key in changed if ignored_by(t.objective, key)]
     if unused:

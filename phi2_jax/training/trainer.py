@@ -20,7 +20,7 @@ from pathlib import Path
 from phi2_jax.config import RUNTIME_FIELDS
 from phi2_jax.errors import ConfigError, UserInputError
 from phi2_jax.training.preemption import StopAgreement, StopRequest
-from phi2_jax.training.run_config import RunConfig, objective_options
+from phi2_jax.training.run_config import RunConfig, objective_options, row_length
 from phi2_jax.training.run_lock import RunLock
 from phi2_jax.training.run_log import PLOTTED_REWARDS, RunLog, reward_summary
 
@@ -136,18 +136,15 @@ class Trainer:
     def _model_flops_per_step(self) -> float:
         """The model FLOPs of a trainer step, for MFU. GRPO's step is grpo.num_iterations updates on rollout rows
         (prompt + completion) plus the log-prob passes outside them; sampling's own work is not counted."""
-        from phi2_jax.training.metrics import train_flops_per_token, update_flops
+        from phi2_jax.training.metrics import run_update_flops, train_flops_per_token
 
-        cfg, lora = self.config, bool(self.model_config.lora_rank)
+        cfg = self.config
         if self.objective != "grpo":
-            return update_flops(self.model_config, self.objective, cfg.train.batch_size, cfg.data.seq_len,
-                                reference_forward=lora and self.objective == "dpo")
-        g = cfg.grpo
-        row = g.max_prompt_length + g.max_completion_length
+            return run_update_flops(cfg, self.model_config)
+        g, row = cfg.grpo, row_length(cfg)
         forward = train_flops_per_token(self.model_config, row) / 3 * cfg.train.batch_size * row
-        outside = (g.num_iterations > 1) + (g.beta > 0 and not lora)  # old log-probs; the frozen copy's
-        return (g.num_iterations * update_flops(self.model_config, "grpo", cfg.train.batch_size, row,
-                                                reference_forward=lora and g.beta > 0) + outside * forward)
+        outside = (g.num_iterations > 1) + (g.beta > 0 and not self.model_config.lora_rank)  # old; frozen copy's
+        return g.num_iterations * run_update_flops(cfg, self.model_config) + outside * forward
 
     def _needs_reference_pass(self) -> bool:
         return self.objective == "dpo" and self.model_config.lora_rank == 0
@@ -373,9 +370,7 @@ class Trainer:
         history = self.run_log.history(start)
         peak, peak_source = device_peak_flops(self.model_config.compute_dtype)
         flops_per_step = self._model_flops_per_step()
-        # tokens/s: a row is data.seq_len tokens, or for GRPO a rollout row (prompt + completion).
-        row = (cfg.grpo.max_prompt_length + cfg.grpo.max_completion_length if self.objective == "grpo"
-               else cfg.data.seq_len)
+        row = row_length(cfg)  # tokens/s counts every token of a row
         self.run_log.say(f"model {self.model_config.num_params():,} params | mesh {dict(self.mesh.shape)} | "
                   f"{jax.device_count()} devices, {jax.process_count()} processes | peak {peak / 1e9:,.1f} GFLOP/s "
                   f"per device ({peak_source})")
